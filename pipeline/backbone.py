@@ -1,0 +1,155 @@
+"""A frozen backbone graph as a batched feature function.
+
+The same :func:`backbone_features` builds the features for bottleneck extraction and inside the
+exported SavedModel, so training and serving run one graph with one normalisation.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import functools
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.errors import GraphError
+from pipeline.types import BackboneSpec
+
+
+def load_graph_def(path: Path):
+    """Reads a frozen GraphDef.
+
+    Raises:
+        GraphError: the file is missing or is not a serialized GraphDef.
+    """
+    import tensorflow as tf
+
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise GraphError(f"cannot read graph {path}: {err.strerror}") from None
+    graph_def = tf.compat.v1.GraphDef()
+    try:
+        graph_def.ParseFromString(data)
+    except Exception:  # protobuf raises DecodeError or RuntimeWarning-like errors
+        raise GraphError(
+            f"{path} is not a frozen TensorFlow GraphDef (.pb); export your model with "
+            "tf.compat.v1.graph_util.convert_variables_to_constants or pass a catalog --backbone"
+        ) from None
+    if not graph_def.node:
+        raise GraphError(f"{path} holds an empty GraphDef; is it the right file?")
+    return graph_def
+
+
+def _node_name(tensor: str) -> str:
+    return tensor.split(":")[0]
+
+
+def _closest(name: str, graph_def, n: int = 5) -> str:
+    names = [node.name for node in graph_def.node]
+    close = difflib.get_close_matches(_node_name(name), names, n=n, cutoff=0.4)
+    return ", ".join(f"{c}:0" for c in close) or "none similar"
+
+
+def resolve_spec(graph_def, spec: BackboneSpec) -> BackboneSpec:
+    """Checks the spec's tensors exist and fills in the feature size.
+
+    The first of ``bottleneck_tensor`` and ``alternates`` that exists in the graph is used (some
+    graphs renamed their pooled feature between TensorFlow versions).
+
+    Raises:
+        GraphError: the input or bottleneck tensor is not in the graph (closest names suggested).
+    """
+    names = {node.name for node in graph_def.node}
+    if _node_name(spec.input_tensor) not in names:
+        raise GraphError(
+            f"input tensor {spec.input_tensor!r} is not in the graph; closest: "
+            f"{_closest(spec.input_tensor, graph_def)} (set --input-tensor)"
+        )
+    for candidate in (spec.bottleneck_tensor, *spec.alternates):
+        if _node_name(candidate) in names:
+            break
+    else:
+        raise GraphError(
+            f"bottleneck tensor {spec.bottleneck_tensor!r} is not in the graph; closest: "
+            f"{_closest(spec.bottleneck_tensor, graph_def)} (set --bottleneck-tensor)"
+        )
+    spec = dataclasses.replace(spec, bottleneck_tensor=candidate)
+    feature_size = _probe_feature_size(graph_def, spec)
+    if spec.feature_size and spec.feature_size != feature_size:
+        raise GraphError(
+            f"bottleneck {candidate} has {feature_size} features, the catalog says "
+            f"{spec.feature_size}; is this the right graph for {spec.name}?"
+        )
+    return dataclasses.replace(spec, feature_size=feature_size)
+
+
+def _probe_feature_size(graph_def, spec: BackboneSpec) -> int:
+    import tensorflow as tf
+
+    size = spec.preprocessing.size
+
+    @tf.function
+    def probe(x):
+        return backbone_features(graph_def, spec, x)
+
+    out = probe.get_concrete_function(tf.TensorSpec([None, size, size, 3], tf.float32))
+    dim = out.structured_outputs.shape[-1]
+    if dim is None:
+        dim = int(probe(tf.zeros([1, size, size, 3])).shape[-1])
+    return int(dim)
+
+
+def backbone_features(graph_def, spec: BackboneSpec, images):
+    """Normalises float32 RGB 0..255 images and runs the backbone; returns ``[N, features]``.
+
+    Call inside a ``tf.function``: the graph is imported into the function being traced, with
+    ``input_map`` replacing the input placeholder, whose batch is fixed to 1 in the MobileNet v1
+    graphs, by the batched, normalised tensor.
+    """
+    import tensorflow as tf
+
+    prep = spec.preprocessing
+    x = (images - prep.mean) / prep.std
+    (bottleneck,) = tf.graph_util.import_graph_def(
+        graph_def,
+        input_map={spec.input_tensor: x},
+        return_elements=[spec.bottleneck_tensor],
+        name="backbone",
+    )
+    # Pooled features come as [N,1,1,C] in TF-slim graphs and [N,C] elsewhere.
+    return tf.reshape(bottleneck, [tf.shape(bottleneck)[0], -1])
+
+
+class FeatureExtractor:
+    """Loaded once per process (or Beam worker); maps image batches to features.
+
+    Args:
+        graph_path: the frozen graph.
+        spec: the backbone spec (tensors, preprocessing).
+    """
+
+    def __init__(self, graph_path: Path, spec: BackboneSpec):
+        import tensorflow as tf
+
+        self.graph_def = load_graph_def(graph_path)
+        self.spec = resolve_spec(self.graph_def, spec)
+        size = self.spec.preprocessing.size
+        graph_def, resolved = self.graph_def, self.spec
+
+        @tf.function(input_signature=[tf.TensorSpec([None, size, size, 3], tf.float32)])
+        def run(images):
+            return backbone_features(graph_def, resolved, images)
+
+        self._run = run
+
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        """float32 ``[N, H, W, 3]`` in 0..255 → float32 ``[N, feature_size]``."""
+        return self._run(np.asarray(images, np.float32)).numpy()
+
+
+@functools.lru_cache(maxsize=4)
+def get_extractor(graph_path: str, spec: BackboneSpec) -> FeatureExtractor:
+    """The per-process extractor for a graph (what a Beam ``DoFn.setup`` would hold)."""
+    return FeatureExtractor(Path(graph_path), spec)

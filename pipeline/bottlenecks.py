@@ -1,0 +1,145 @@
+"""Bottleneck features: batched extraction with a content-addressed on-disk cache.
+
+The per-batch work is a pure function of (graph, image bytes) → features
+(:func:`features_from_bytes`), with the model loaded once per process, and cache writes are
+idempotent (the file name is the hash of what it depends on). The same code can therefore run
+inside an Apache Beam ``DoFn`` for millions of images.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from tqdm import tqdm
+
+from pipeline.backbone import get_extractor
+from pipeline.images import ImageError, load_image
+from pipeline.rundir import atomic_write_bytes
+from pipeline.types import BackboneSpec
+
+
+def backbone_key(graph_sha256: str, spec: BackboneSpec) -> str:
+    """Identifies what a feature depends on besides the image: graph, tensors, preprocessing."""
+    blob = json.dumps(
+        [graph_sha256, spec.input_tensor, spec.bottleneck_tensor, spec.preprocessing.to_dict()],
+        sort_keys=True,
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+
+class BottleneckCache:
+    """``<root>/<backbone key>/<ab>/<image sha256>.npy``; writes are atomic and idempotent."""
+
+    def __init__(self, root: Path, key: str):
+        self.dir = Path(root) / key
+
+    def _path(self, image_sha: str) -> Path:
+        return self.dir / image_sha[:2] / f"{image_sha}.npy"
+
+    def get(self, image_sha: str) -> np.ndarray | None:
+        path = self._path(image_sha)
+        try:
+            return np.load(path, allow_pickle=False)
+        except FileNotFoundError:
+            return None
+        except (ValueError, OSError, EOFError):
+            # A file that is not a valid .npy cannot come from our atomic writes; treat it as
+            # missing and overwrite it rather than failing the run.
+            return None
+
+    def put(self, image_sha: str, feature: np.ndarray) -> None:
+        import io
+
+        buf = io.BytesIO()
+        np.save(buf, np.asarray(feature, np.float32), allow_pickle=False)
+        atomic_write_bytes(self._path(image_sha), buf.getvalue())
+
+
+def features_from_bytes(graph_path: str, spec: BackboneSpec, images: Sequence[bytes]) -> np.ndarray:
+    """The pure per-batch function: encoded images → float32 ``[N, feature_size]``.
+
+    Raises:
+        ImageError: an image cannot be decoded.
+    """
+    extractor = get_extractor(str(graph_path), spec)
+    batch = np.stack([load_image(b, extractor.spec.preprocessing) for b in images])
+    return extractor(batch)
+
+
+@dataclass
+class ExtractionResult:
+    features: np.ndarray            # [n_ok, F], rows in the order of `ok`
+    ok: list[int]                   # indices of the inputs that decoded
+    skipped: dict[int, str] = field(default_factory=dict)  # index → reason
+    computed: int = 0
+    cached: int = 0
+
+
+def extract(
+    paths: Sequence[Path], graph_path: Path, spec: BackboneSpec, graph_sha256: str,
+    cache_root: Path, batch_size: int = 64, progress: bool = True, workers: int | None = None,
+) -> ExtractionResult:
+    """Features for every path, from the cache where present, else computed in batches.
+
+    Decoding of the next batch overlaps with inference on the current one; memory stays bounded
+    by two batches whatever the number of images.
+    """
+    extractor = get_extractor(str(graph_path), spec)
+    prep = extractor.spec.preprocessing
+    cache = BottleneckCache(cache_root, backbone_key(graph_sha256, extractor.spec))
+    result_rows: dict[int, np.ndarray] = {}
+    skipped: dict[int, str] = {}
+    hashes: list[str] = []
+    misses: list[int] = []
+    for i, p in enumerate(paths):
+        try:
+            data = Path(p).read_bytes()
+        except OSError as err:
+            skipped[i] = f"cannot read ({err.strerror})"
+            hashes.append("")
+            continue
+        sha = hashlib.sha256(data).hexdigest()
+        hashes.append(sha)
+        hit = cache.get(sha)
+        if hit is not None:
+            result_rows[i] = hit
+        else:
+            misses.append(i)
+    n_cached = len(result_rows)
+
+    def decode(i: int):
+        try:
+            return load_image(Path(paths[i]).read_bytes(), prep, str(paths[i]))
+        except (ImageError, OSError) as err:
+            return err
+
+    bar = tqdm(total=len(misses), desc="bottlenecks", unit="img", disable=not progress or not misses,
+               file=sys.stderr)
+    chunks = [misses[k:k + batch_size] for k in range(0, len(misses), batch_size)]
+    with ThreadPoolExecutor(max_workers=workers or min(8, (os.cpu_count() or 2) * 2)) as pool:
+        pending = [pool.submit(decode, i) for i in chunks[0]] if chunks else []
+        for c, chunk in enumerate(chunks):
+            decoded = [f.result() for f in pending]
+            pending = [pool.submit(decode, i) for i in chunks[c + 1]] if c + 1 < len(chunks) else []
+            good = [(i, arr) for i, arr in zip(chunk, decoded) if isinstance(arr, np.ndarray)]
+            for i, arr in zip(chunk, decoded):
+                if not isinstance(arr, np.ndarray):
+                    skipped[i] = str(arr)
+            if good:
+                feats = extractor(np.stack([a for _, a in good]))
+                for (i, _), f in zip(good, feats):
+                    cache.put(hashes[i], f)
+                    result_rows[i] = f
+            bar.update(len(chunk))
+    bar.close()
+    ok = sorted(result_rows)
+    dim = extractor.spec.feature_size
+    feats = np.stack([result_rows[i] for i in ok]).astype(np.float32) if ok else np.zeros((0, dim), np.float32)
+    return ExtractionResult(feats, ok, skipped, computed=len(ok) - n_cached, cached=n_cached)

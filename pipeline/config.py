@@ -1,0 +1,146 @@
+"""The resolved configuration of a run, validated before any expensive work."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pipeline.catalog import DEFAULT_BACKBONE, custom_backbone, get_backbone
+from pipeline.errors import ConfigError, PipelineError
+from pipeline.retrain import TrainConfig
+from pipeline.types import BackboneSpec, QuantMode, TfjsMode
+from pipeline.verify import DEFAULT_GATES
+
+ALL_RUNTIMES = ("tflite-runtime", "ai-edge-litert", "tfjs-wasm")
+
+
+@dataclass(frozen=True)
+class CustomGraph:
+    """A user's own frozen graph (``--graph``) and how to feed it."""
+
+    path: Path
+    input_tensor: str
+    bottleneck_tensor: str
+    input_size: int
+    mean: float = 127.5
+    std: float = 127.5
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    out: Path
+    images: Path | None = None
+    test_images: Path | None = None
+    backbone: str = DEFAULT_BACKBONE
+    graph: CustomGraph | None = None
+    validation_pct: float = 10.0
+    test_pct: float = 10.0
+    train: TrainConfig = field(default_factory=TrainConfig)
+    quant_modes: tuple[QuantMode, ...] = tuple(QuantMode)
+    tfjs_modes: tuple[TfjsMode, ...] = (TfjsMode.FLOAT32, TfjsMode.FLOAT16)
+    runtimes: tuple[str, ...] = ALL_RUNTIMES
+    gates: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_GATES))
+    calibration_images: int = 100
+    runtime_timeout_s: float = 600.0
+    cache_dir: Path | None = None
+    mirror: str | None = None
+    offline: bool = False
+    progress: bool = True
+
+    def backbone_spec(self) -> BackboneSpec:
+        if self.graph:
+            g = self.graph
+            return custom_backbone(g.path, g.input_tensor, g.bottleneck_tensor, g.input_size, g.mean, g.std)
+        return get_backbone(self.backbone)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["quant_modes"] = [m.value for m in self.quant_modes]
+        d["tfjs_modes"] = [m.value for m in self.tfjs_modes]
+        return {k: (str(v) if isinstance(v, Path) else v) for k, v in d.items()}
+
+
+def parse_gates(items: list[str]) -> dict[str, float]:
+    """``["tflite-int8=0.95", ...]`` → gates merged over the defaults.
+
+    Raises:
+        ConfigError: a malformed item, an unknown artifact or a value outside 0..1.
+    """
+    gates = dict(DEFAULT_GATES)
+    for item in items:
+        name, sep, value = item.partition("=")
+        try:
+            number = float(value)
+        except ValueError:
+            number = -1.0
+        if not sep or name not in DEFAULT_GATES or not 0.0 <= number <= 1.0:
+            raise ConfigError(
+                f"--gate {item!r}: expected ARTIFACT=VALUE with VALUE in 0..1 and ARTIFACT one of "
+                f"{', '.join(DEFAULT_GATES)}"
+            )
+        gates[name] = number
+    return gates
+
+
+def validate(cfg: RunConfig, needs_images: bool = True) -> None:
+    """Checks every option at once and raises one ConfigError listing all problems."""
+    problems: list[str] = []
+    if needs_images:
+        if cfg.images is None:
+            problems.append("--images DIR is required (one sub-folder per class)")
+        elif not Path(cfg.images).is_dir():
+            problems.append(f"--images {cfg.images}: no such folder")
+        if cfg.test_images is not None and not Path(cfg.test_images).is_dir():
+            problems.append(f"--test-images {cfg.test_images}: no such folder")
+    if cfg.graph is None:
+        try:
+            get_backbone(cfg.backbone)
+        except PipelineError as err:
+            problems.append(str(err))
+    else:
+        if not Path(cfg.graph.path).is_file():
+            problems.append(f"--graph {cfg.graph.path}: no such file")
+        if cfg.graph.input_size <= 0:
+            problems.append(f"--input-size {cfg.graph.input_size}: must be a positive number of pixels")
+        if cfg.graph.std == 0:
+            problems.append("--std 0: would divide by zero; use 127.5 for [-1,1] or 255 for [0,1] inputs")
+    if cfg.validation_pct < 0 or cfg.test_pct < 0 or cfg.validation_pct + cfg.test_pct >= 100:
+        problems.append(
+            f"--validation-pct {cfg.validation_pct} and --test-pct {cfg.test_pct} must be ≥ 0 and add up to < 100"
+        )
+    t = cfg.train
+    if t.epochs < 1:
+        problems.append(f"--epochs {t.epochs}: must be at least 1")
+    if t.batch_size < 1:
+        problems.append(f"--batch-size {t.batch_size}: must be at least 1")
+    if not t.learning_rate > 0:
+        problems.append(f"--learning-rate {t.learning_rate}: must be positive")
+    unknown = [r for r in cfg.runtimes if r not in ALL_RUNTIMES]
+    if unknown:
+        problems.append(f"--runtime {', '.join(unknown)}: unknown; choose from {', '.join(ALL_RUNTIMES)}")
+    if cfg.calibration_images < 1:
+        problems.append(f"--calibration-images {cfg.calibration_images}: must be at least 1")
+    if problems:
+        raise ConfigError("; ".join(problems))
+
+
+
+
+def from_dict(d: dict) -> RunConfig:
+    """Inverse of :meth:`RunConfig.to_dict` (used to reuse a run directory's configuration)."""
+    d = dict(d)
+    for key in ("out", "images", "test_images", "cache_dir"):
+        if d.get(key) not in (None, "None"):
+            d[key] = Path(d[key])
+        else:
+            d[key] = None
+    if d.get("graph"):
+        g = dict(d["graph"])
+        g["path"] = Path(g["path"])
+        d["graph"] = CustomGraph(**g)
+    d["train"] = TrainConfig(**d.get("train", {}))
+    d["quant_modes"] = tuple(QuantMode(m) for m in d.get("quant_modes", [m.value for m in QuantMode]))
+    d["tfjs_modes"] = tuple(TfjsMode(m) for m in d.get("tfjs_modes", ["float32", "float16"]))
+    d["runtimes"] = tuple(d.get("runtimes", ALL_RUNTIMES))
+    known = {f.name for f in dataclasses.fields(RunConfig)}
+    return RunConfig(**{k: v for k, v in d.items() if k in known})

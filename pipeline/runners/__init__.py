@@ -1,0 +1,1 @@
+"""One module per runtime behind :class:`pipeline.runners.base.Runner`."""

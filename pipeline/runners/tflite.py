@@ -1,0 +1,80 @@
+"""TFLite models in tflite-runtime and ai-edge-litert, each in its own subprocess.
+
+A subprocess per (model, runtime) keeps the two TFLite builds and TensorFlow out of one address
+space, and turns a crash or a hang in a runtime into a reported failure instead of a dead verify.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.runners.base import Prediction, RuntimeFailed
+
+RUNTIME_MODULES = {
+    "tflite-runtime": "tflite_runtime.interpreter",
+    "ai-edge-litert": "ai_edge_litert.interpreter",
+}
+
+
+class TfliteRunner:
+    """Runs a .tflite file image by image in one TFLite runtime (see :data:`RUNTIME_MODULES`)."""
+
+    def __init__(self, name: str):
+        if name not in RUNTIME_MODULES:
+            raise ValueError(f"unknown TFLite runtime {name!r}; known: {sorted(RUNTIME_MODULES)}")
+        self.name = name
+
+    def predict(self, artifact: Path, images: np.ndarray, timeout_s: float = 600.0) -> Prediction:
+        with tempfile.TemporaryDirectory(prefix="edgepipe-tflite-") as tmp:
+            inp, out = Path(tmp) / "in.npy", Path(tmp) / "out.npy"
+            np.save(inp, np.asarray(images, np.float32))
+            argv = [sys.executable, "-m", "pipeline.runners.tflite", self.name, str(artifact), str(inp), str(out)]
+            try:
+                proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout_s,
+                                      cwd=Path(__file__).resolve().parents[2])
+            except subprocess.TimeoutExpired:
+                raise RuntimeFailed(f"{self.name} timed out after {timeout_s:.0f} s on {artifact.name}") from None
+            if proc.returncode != 0:
+                tail = _reason(proc.stderr)
+                raise RuntimeFailed(f"{self.name} failed on {artifact.name} (exit {proc.returncode}): {tail}")
+            try:
+                info = json.loads(proc.stdout.strip().splitlines()[-1])
+                probs = np.load(out)
+            except (ValueError, IndexError, OSError) as err:
+                raise RuntimeFailed(f"{self.name} gave unreadable output on {artifact.name}: {err}") from None
+        return Prediction(probs.astype(np.float32), float(info["latency_ms"]))
+
+
+def _reason(stderr: str) -> str:
+    """The most telling line of a runtime's stderr: the last exception message, else the last line."""
+    lines = [ln.strip() for ln in stderr.strip().splitlines() if ln.strip()]
+    errors = [ln for ln in lines if ln.split(":")[0].endswith(("Error", "Exception"))]
+    return (errors or lines or ["no output"])[-1][:300]
+
+
+def _worker(runtime: str, model: str, inp: str, out: str) -> None:
+    import importlib
+    import time
+
+    interpreter_mod = importlib.import_module(RUNTIME_MODULES[runtime])
+    interp = interpreter_mod.Interpreter(model_path=model, num_threads=1)
+    runner = interp.get_signature_runner("serving_default")
+    images = np.load(inp)
+    input_name = next(iter(runner.get_input_details()))
+    outputs = []
+    runner(**{input_name: images[:1]})  # warm-up: first call allocates and prepares kernels
+    start = time.perf_counter()
+    for img in images:
+        outputs.append(runner(**{input_name: img[None]})["probabilities"][0])
+    elapsed = time.perf_counter() - start
+    np.save(out, np.stack(outputs).astype(np.float32))
+    print(json.dumps({"latency_ms": 1000 * elapsed / max(len(images), 1)}))
+
+
+if __name__ == "__main__":
+    _worker(*sys.argv[1:5])

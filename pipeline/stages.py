@@ -1,0 +1,417 @@
+"""The ordered table of stages and the runner that skips what is up to date.
+
+Each stage reads what it needs from the run directory and the manifest (never from another
+stage's memory), so any stage can be run alone on an existing run directory. A stage is skipped
+when its fingerprint (everything it depends on: options, upstream output hashes) matches the
+manifest and its recorded outputs still hash the same.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import sys
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from pipeline import __version__
+from pipeline.config import RunConfig
+from pipeline.dataset import Dataset, build_dataset
+from pipeline.errors import DatasetError, PipelineError, VerificationFailed
+from pipeline.rundir import (
+    RunDir, atomic_write_bytes, atomic_write_json, atomic_write_text, read_json, sha256_tree,
+)
+from pipeline.types import BackboneSpec, Preprocessing, QuantMode, TfjsMode
+
+VERSIONED_PACKAGES = (
+    "tensorflow", "tensorflowjs", "numpy", "keras", "tflite-runtime", "ai-edge-litert",
+    "protobuf", "pillow", "scikit-learn",
+)
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+@dataclass
+class Context:
+    cfg: RunConfig
+    run: RunDir
+    manifest: dict
+
+    def stage_info(self, name: str) -> dict:
+        info = self.manifest.get("stages", {}).get(name)
+        if not info or info.get("status") != "done":
+            raise PipelineError(f"stage {name!r} has not completed in {self.run.root}; run `edgepipe {name} --out {self.run.root}` first")
+        return info
+
+    def spec(self) -> BackboneSpec:
+        d = dict(self.stage_info("fetch")["info"]["spec"])
+        d["preprocessing"] = Preprocessing(**d["preprocessing"])
+        d["alternates"] = tuple(d.get("alternates", ()))
+        return BackboneSpec(**d)
+
+    def graph_path(self) -> Path:
+        return Path(self.stage_info("fetch")["outputs"]["graph"]["path"])
+
+    def dataset(self) -> Dataset:
+        return Dataset.from_dict(read_json(self.run.stage("retrain") / "split.json"))
+
+
+def _digest(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _listing_digest(folder: Path | None) -> str | None:
+    """Cheap change detector for an image folder: names, sizes and modification times."""
+    if folder is None:
+        return None
+    h = hashlib.sha256()
+    for p in sorted(Path(folder).rglob("*")):
+        if p.is_file():
+            st = p.stat()
+            h.update(f"{p.relative_to(folder)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+def _upstream(ctx: Context, *names: str) -> dict:
+    return {n: {k: v["sha256"] for k, v in ctx.stage_info(n)["outputs"].items()} for n in names}
+
+
+# --- fetch -------------------------------------------------------------------------------------
+
+def _fetch_fingerprint(ctx: Context) -> dict:
+    return {"spec": ctx.cfg.backbone_spec().to_dict()}
+
+
+def _fetch_run(ctx: Context) -> tuple[dict[str, Path], dict]:
+    from pipeline.backbone import load_graph_def, resolve_spec
+    from pipeline.fetch import fetch
+
+    spec = ctx.cfg.backbone_spec()
+    got = fetch(spec, cache_dir=ctx.cfg.cache_dir, mirror=ctx.cfg.mirror,
+                offline=ctx.cfg.offline, progress=ctx.cfg.progress)
+    resolved = resolve_spec(load_graph_def(got.graph_path), spec)
+    if resolved.bottleneck_tensor != spec.bottleneck_tensor:
+        log(f"note: bottleneck {spec.bottleneck_tensor} not in the graph; using {resolved.bottleneck_tensor}")
+    info = {"spec": resolved.to_dict(), "source": got.source, "checksum": got.checksum,
+            "archive_sha256": got.archive_sha256}
+    return {"graph": Path(got.graph_path)}, info
+
+
+# --- retrain -----------------------------------------------------------------------------------
+
+def _retrain_fingerprint(ctx: Context) -> dict:
+    c = ctx.cfg
+    return {
+        "fetch": _upstream(ctx, "fetch"), "spec": ctx.spec().to_dict(),
+        "images": [str(c.images), _listing_digest(c.images)],
+        "test_images": [str(c.test_images), _listing_digest(c.test_images)],
+        "split": [c.validation_pct, c.test_pct], "train": c.train.to_dict(),
+    }
+
+
+def _retrain_run(ctx: Context) -> tuple[dict[str, Path], dict]:
+    from pipeline.bottlenecks import backbone_key, extract
+    from pipeline.fetch import default_cache_dir
+    from pipeline.report import plot_training
+    from pipeline.retrain import evaluate_head, train_head
+
+    c, out = ctx.cfg, ctx.run.stage("retrain")
+    if c.images is None:
+        raise PipelineError("retrain needs --images DIR (one sub-folder per class)")
+    ds = build_dataset(c.images, c.test_images, c.validation_pct, c.test_pct)
+    spec, graph = ctx.spec(), ctx.graph_path()
+    counts = ds.counts()
+    for name, n in counts["train"].items():
+        if n < 20:
+            log(f"warning: class {name!r} has only {n} training images; 20 or more give a usable head")
+    graph_sha = ctx.stage_info("fetch")["outputs"]["graph"]["sha256"]
+    cache_root = Path(c.cache_dir or default_cache_dir()) / "bottlenecks"
+    t0 = time.perf_counter()
+    ext = extract([e.path for e in ds.examples], graph, spec, graph_sha, cache_root,
+                  progress=c.progress)
+    extract_s = time.perf_counter() - t0
+    skipped = {ds.examples[i].path: why for i, why in sorted(ext.skipped.items())}
+    for path, why in skipped.items():
+        log(f"skipped {path}: {why}")
+    ok = set(ext.ok)
+    kept = [e for i, e in enumerate(ds.examples) if i in ok]
+    ds = Dataset(ds.classes, tuple(kept))
+    feats = ext.features
+    y = np.array([e.label for e in kept], np.int64)
+    split = np.array([e.split for e in kept])
+    train = split == "train"
+    if len(set(y[train])) < 2:
+        raise DatasetError(f"{c.images}: fewer than two classes have readable training images")
+    head = train_head(feats[train], y[train], len(ds.classes), c.train,
+                      feats[split == "validation"], y[split == "validation"], progress=c.progress)
+    metrics = {s: evaluate_head(head, feats[split == s], y[split == s], len(ds.classes))
+               for s in ("train", "validation", "test")}
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "split.json", ds.to_dict())
+    atomic_write_text(out / "labels.txt", "\n".join(ds.classes) + "\n")
+    import io
+
+    buf = io.BytesIO()
+    np.savez(buf, weights=head.weights, bias=head.bias)
+    atomic_write_bytes(out / "head.npz", buf.getvalue())
+    atomic_write_json(out / "metrics.json", {
+        "counts": counts, "skipped": skipped,
+        "bottlenecks": {"computed": ext.computed, "cached": ext.cached, "seconds": round(extract_s, 2)},
+        "history": head.history, **metrics,
+    })
+    plot_training(out / "training.png", head.history)
+    for s in ("validation", "test"):
+        m = metrics[s]
+        if m["n"]:
+            log(f"retrain: {s} accuracy {m['accuracy']:.4f}, macro F1 {m['macro_f1']:.4f} on {m['n']} images")
+    outputs = {k: out / f for k, f in (("split", "split.json"), ("labels", "labels.txt"),
+                                       ("head", "head.npz"), ("metrics", "metrics.json"))}
+    return outputs, {"bottlenecks": {"computed": ext.computed, "cached": ext.cached,
+                                     "skipped": len(ext.skipped), "seconds": round(extract_s, 2)}}
+
+
+# --- export ------------------------------------------------------------------------------------
+
+def _export_fingerprint(ctx: Context) -> dict:
+    return {"fetch": _upstream(ctx, "fetch"), "retrain": _upstream(ctx, "retrain"), "spec": ctx.spec().to_dict()}
+
+
+def _export_run(ctx: Context) -> tuple[dict[str, Path], dict]:
+    from pipeline.backbone import load_graph_def
+    from pipeline.export import export_savedmodel
+
+    head = np.load(ctx.run.stage("retrain") / "head.npz")
+    classes = list(ctx.dataset().classes)
+    out = ctx.run.stage("export")
+    sm = export_savedmodel(load_graph_def(ctx.graph_path()), ctx.spec(), head["weights"], head["bias"], classes, out)
+    return {"savedmodel": sm, "labels": out / "labels.txt", "preprocessing": out / "preprocessing.json"}, {}
+
+
+# --- quantize ----------------------------------------------------------------------------------
+
+def _calibration_paths(ctx: Context) -> list[str]:
+    """A fixed sample of the training split (never validation or test), spread over classes."""
+    train = sorted(ctx.dataset().split("train"), key=lambda e: hashlib.sha1(e.path.encode()).hexdigest())
+    return [e.path for e in train[: ctx.cfg.calibration_images]]
+
+
+def _quantize_fingerprint(ctx: Context) -> dict:
+    return {"export": _upstream(ctx, "export"), "modes": [m.value for m in ctx.cfg.quant_modes],
+            "calibration": _calibration_paths(ctx)}
+
+
+def _quantize_run(ctx: Context) -> tuple[dict[str, Path], dict]:
+    from pipeline.images import load_files
+    from pipeline.quantize import convert_tflite, write_tflite
+
+    sm = ctx.run.stage("export") / "savedmodel"
+    prep = ctx.spec().preprocessing
+    calib = _calibration_paths(ctx)
+
+    def representative():
+        for k in range(0, len(calib), 16):
+            for img in load_files(calib[k:k + 16], prep):
+                yield img[None]
+
+    outputs = {}
+    for mode in ctx.cfg.quant_modes:
+        t0 = time.perf_counter()
+        path = ctx.run.stage("quantize") / f"{mode.value}.tflite"
+        write_tflite(path, convert_tflite(sm, mode, representative))
+        log(f"quantize: {path.name} {path.stat().st_size / 1e6:.2f} MB in {time.perf_counter() - t0:.1f} s")
+        outputs[f"tflite-{mode.value}"] = path
+    return outputs, {"calibration_images": len(calib)}
+
+
+# --- tfjs --------------------------------------------------------------------------------------
+
+def _tfjs_fingerprint(ctx: Context) -> dict:
+    return {"export": _upstream(ctx, "export"), "modes": [m.value for m in ctx.cfg.tfjs_modes]}
+
+
+def _tfjs_run(ctx: Context) -> tuple[dict[str, Path], dict]:
+    from pipeline.tfjs import bundle_size, convert_tfjs
+
+    sm = ctx.run.stage("export") / "savedmodel"
+    meta = {
+        "labels": list(ctx.dataset().classes),
+        "preprocessing": read_json(ctx.run.stage("export") / "preprocessing.json"),
+        "backbone": ctx.spec().name,
+    }
+    outputs = {}
+    for mode in ctx.cfg.tfjs_modes:
+        t0 = time.perf_counter()
+        bundle = convert_tfjs(sm, ctx.run.stage("tfjs") / mode.value, mode, meta)
+        log(f"tfjs: {mode.value} bundle {bundle_size(bundle) / 1e6:.2f} MB in {time.perf_counter() - t0:.1f} s")
+        outputs[f"tfjs-{mode.value}"] = bundle
+    return outputs, {}
+
+
+# --- verify ------------------------------------------------------------------------------------
+
+def _verify_fingerprint(ctx: Context) -> dict:
+    c = ctx.cfg
+    return {"upstream": _upstream(ctx, "retrain", "export", "quantize", "tfjs"),
+            "runtimes": list(c.runtimes), "gates": c.gates}
+
+
+def _verify_run(ctx: Context) -> tuple[dict[str, Path], dict]:
+    from pipeline.images import ImageError, load_image
+    from pipeline.report import plot_confusion_matrices, plot_tradeoffs, write_reports
+    from pipeline.runners.tflite import TfliteRunner
+    from pipeline.runners.tfjs_node import TfjsWasmRunner
+    from pipeline.tfjs import bundle_size
+    from pipeline.verify import Artifact, SavedModelRunner, evaluate, run_one
+
+    ds = ctx.dataset()
+    test = ds.split("test")
+    if not test:
+        raise DatasetError("the test split is empty: raise --test-pct or pass --test-images DIR")
+    prep = ctx.spec().preprocessing
+    images, labels, skipped = [], [], []
+    for e in test:
+        try:
+            images.append(load_image(Path(e.path).read_bytes(), prep, e.path))
+            labels.append(e.label)
+        except (ImageError, OSError) as err:
+            skipped.append({"path": e.path, "reason": str(err)})
+    x = np.stack(images).astype(np.float32)
+    y = np.array(labels)
+    n_cls = len(ds.classes)
+    sm_dir = ctx.run.stage("export") / "savedmodel"
+    sm = Artifact("savedmodel", sm_dir, sum(p.stat().st_size for p in sm_dir.rglob("*") if p.is_file()))
+    log(f"verify: reference SavedModel on {len(x)} test images")
+    ref_pred = SavedModelRunner().predict(sm.path, x)
+    ref = ref_pred.probabilities
+    gates = ctx.cfg.gates
+    results = [evaluate(sm, "tensorflow", ref_pred, ref, y, n_cls, gates["savedmodel"])]
+    pairs = []
+    for name, o in ctx.stage_info("quantize")["outputs"].items():
+        art = Artifact(name, Path(o["path"]), Path(o["path"]).stat().st_size)
+        pairs += [(art, TfliteRunner(r)) for r in ("tflite-runtime", "ai-edge-litert") if r in ctx.cfg.runtimes]
+    if "tfjs-wasm" in ctx.cfg.runtimes:
+        for name, o in ctx.stage_info("tfjs")["outputs"].items():
+            pairs.append((Artifact(name, Path(o["path"]), bundle_size(Path(o["path"]))), TfjsWasmRunner()))
+    for art, runner in pairs:
+        pred, err = run_one(runner, art, x, ctx.cfg.runtime_timeout_s)
+        row = evaluate(art, runner.name, pred, ref, y, n_cls, gates.get(art.name, 1.0), err)
+        results.append(row)
+        status = "ok" if row.passed else "FAILED"
+        detail = row.error or f"agreement {row.top1_agreement:.4f}, acc {row.accuracy:.4f}, {row.latency_ms:.2f} ms/img"
+        log(f"verify: {art.name:15s} {runner.name:15s} {status}: {detail}")
+    out = ctx.run.stage("verify")
+    out.mkdir(parents=True, exist_ok=True)
+    rows = [r.to_dict() for r in results]
+    report = {
+        "backbone": ctx.spec().name, "classes": list(ds.classes), "n_test": int(len(x)),
+        "test_images": [e.path for e in test if e.path not in {s["path"] for s in skipped}],
+        "skipped_images": skipped, "results": rows,
+        "passed": all(r.passed for r in results),
+    }
+    write_reports(ctx.run.root, report)
+    plot_confusion_matrices(out / "confusion_matrices.png", rows, list(ds.classes))
+    plot_tradeoffs(out / "tradeoffs.png", rows)
+    np.savez_compressed(out / "reference.npz", probabilities=ref, labels=y)
+    outputs = {"report": ctx.run.root / "report.json", "report_md": ctx.run.root / "report.md"}
+    return outputs, {"passed": report["passed"], "failed": [f"{r.artifact}/{r.runtime}" for r in results if not r.passed]}
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    fingerprint: Callable[[Context], dict]
+    run: Callable[[Context], tuple[dict[str, Path], dict]]
+
+
+STAGES: tuple[Stage, ...] = (
+    Stage("fetch", _fetch_fingerprint, _fetch_run),
+    Stage("retrain", _retrain_fingerprint, _retrain_run),
+    Stage("export", _export_fingerprint, _export_run),
+    Stage("quantize", _quantize_fingerprint, _quantize_run),
+    Stage("tfjs", _tfjs_fingerprint, _tfjs_run),
+    Stage("verify", _verify_fingerprint, _verify_run),
+)
+STAGE_NAMES = tuple(s.name for s in STAGES)
+
+
+def library_versions() -> dict[str, str | None]:
+    out: dict[str, str | None] = {"python": platform.python_version(), "edgepipe": __version__}
+    for pkg in VERSIONED_PACKAGES:
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            out[pkg] = None
+    pkg_json = Path(__file__).parent / "runners" / "tfjs" / "package.json"
+    if pkg_json.exists():
+        out["@tensorflow/tfjs"] = json.loads(pkg_json.read_text())["dependencies"].get("@tensorflow/tfjs")
+    return out
+
+
+def _up_to_date(info: dict | None, fingerprint: str) -> bool:
+    if not info or info.get("status") != "done" or info.get("fingerprint") != fingerprint:
+        return False
+    for o in info.get("outputs", {}).values():
+        p = Path(o["path"])
+        if not p.exists() or sha256_tree(p) != o["sha256"]:
+            return False
+    return True
+
+
+def run_stages(cfg: RunConfig, until: str = "verify") -> dict:
+    """Runs the stages up to and including ``until``, skipping those that are up to date.
+
+    Returns:
+        The final manifest.
+
+    Raises:
+        PipelineError: bad input in any stage (the manifest records the failure).
+        VerificationFailed: a converted model failed its gate (after the reports are written).
+    """
+    run = RunDir(cfg.out)
+    run.root.mkdir(parents=True, exist_ok=True)
+    manifest = run.load_manifest()
+    manifest.update({"edgepipe": __version__, "config": cfg.to_dict(), "versions": library_versions()})
+    manifest.setdefault("stages", {})
+    ctx = Context(cfg, run, manifest)
+    for stage in STAGES[: STAGE_NAMES.index(until) + 1]:
+        fp = _digest(stage.fingerprint(ctx))
+        info = manifest["stages"].get(stage.name)
+        if _up_to_date(info, fp):
+            log(f"{stage.name}: up to date, skipped")
+            continue
+        log(f"{stage.name}: running")
+        started = time.perf_counter()
+        manifest["stages"][stage.name] = {"status": "running", "fingerprint": fp}
+        run.save_manifest(manifest)
+        try:
+            outputs, extra = stage.run(ctx)
+        except BaseException as err:
+            manifest["stages"][stage.name].update(status="failed", error=str(err)[:500])
+            run.save_manifest(manifest)
+            raise
+        entry = {
+            "status": "done", "fingerprint": fp,
+            "seconds": round(time.perf_counter() - started, 2),
+            "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "outputs": {k: {"path": str(p), "sha256": sha256_tree(p)} for k, p in outputs.items()},
+            "info": extra,
+        }
+        if stage.name == "verify" and not extra.get("passed", True):
+            entry["status"] = "failed"
+        manifest["stages"][stage.name] = entry
+        run.save_manifest(manifest)
+        log(f"{stage.name}: done in {entry['seconds']:.1f} s")
+    verify = manifest["stages"].get("verify")
+    if until == "verify" and verify and verify.get("status") == "failed":
+        raise VerificationFailed(
+            f"verification failed for {', '.join(verify['info']['failed'])}; see {run.root / 'report.md'}"
+        )
+    return manifest
