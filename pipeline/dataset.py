@@ -81,7 +81,9 @@ def scan_classes(root: Path) -> dict[str, list[Path]]:
     if not root.is_dir():
         raise DatasetError(f"image folder {root} does not exist; pass --images DIR with one sub-folder per class")
     classes: dict[str, list[Path]] = {}
-    for sub in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+    subs = [p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    # Label order follows the normalised names, so renaming "Roses" to "roses" keeps the labels.
+    for sub in sorted(subs, key=lambda p: (normalise_class_name(p.name), p.name)):
         files = sorted(
             p for p in sub.iterdir()
             if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES
