@@ -16,7 +16,7 @@ class TrainConfig:
 
     epochs: int = 200
     batch_size: int = 64
-    learning_rate: float = 0.003
+    learning_rate: float = 0.01
     l2: float = 1e-4
     seed: int = 0
 

@@ -15,6 +15,9 @@ from pipeline.errors import ConversionError
 from pipeline.rundir import atomic_dir
 from pipeline.types import TfjsMode
 
+# TF-DF (imported by tensorflowjs) imports IPython for a banner when stdout is not a tty.
+os.environ.setdefault("TFDF_DISABLE_WELCOME_MESSAGE", "1")
+
 # Weight dtype maps for the converter; "*" matches every weight.
 QUANTIZATION = {
     TfjsMode.FLOAT32: None,

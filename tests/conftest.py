@@ -10,6 +10,8 @@ import os
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# tensorflowjs imports TF-DF, which imports IPython for a banner when stdout is not a tty.
+os.environ.setdefault("TFDF_DISABLE_WELCOME_MESSAGE", "1")
 
 import numpy as np
 import pytest
@@ -32,7 +34,10 @@ def build_tiny_graph(path: Path, size: int = TINY_SIZE, channels: int = 16, seed
     with graph.as_default():
         x = tf.compat.v1.placeholder(tf.float32, [1, size, size, 3], name="input")
         k = tf.constant(rng.normal(0, 0.5, (3, 3, 3, channels)).astype(np.float32))
-        h = tf.nn.relu6(tf.nn.conv2d(x, k, strides=2, padding="SAME") + 1.0)
+        # A per-channel bias, as real graphs have: tfjs fuses conv+bias into FusedConv2D, whose
+        # wasm kernel rejects a scalar (rank-0) bias.
+        bias = tf.constant(np.full(channels, 1.0, np.float32))
+        h = tf.nn.relu6(tf.nn.conv2d(x, k, strides=2, padding="SAME") + bias)
         k2 = tf.constant(rng.normal(0, 0.3, (3, 3, channels, channels)).astype(np.float32))
         h = tf.nn.relu6(tf.nn.conv2d(h, k2, strides=2, padding="SAME"))
         pool = tf.nn.avg_pool2d(h, ksize=size // 4, strides=1, padding="VALID",
