@@ -1,0 +1,54 @@
+"""The real MobileNet v1 graphs and photos from ../shared, reached through the mirror."""
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+
+from pipeline.backbone import FeatureExtractor
+from pipeline.catalog import get_backbone
+from pipeline.fetch import fetch
+from pipeline.images import load_files
+from tests.conftest import FLOWERS, MIRROR, SHARED, needs_shared
+from tests.test_cli import edgepipe
+
+pytestmark = pytest.mark.slow
+
+# ../shared/images/GOLDEN.md: the unmodified 0.25_224 backbone's answers with correct preprocessing.
+GOLDEN = [("parrot.jpg", 89, 0.964), ("bird.bmp", 20, 0.837), ("sunflower.bmp", 986, 0.970),
+          ("dragonfly.bmp", 320, 0.691)]
+
+
+def test_backbone_answers_match_golden(tmp_path):
+    needs_shared(MIRROR)
+    spec = get_backbone("mobilenet_v1_0.25_224")
+    got = fetch(spec, cache_dir=tmp_path / "cache", mirror=str(MIRROR), progress=False)
+    softmax = dataclasses.replace(spec, bottleneck_tensor="MobilenetV1/Predictions/Reshape_1:0", feature_size=0)
+    probs = FeatureExtractor(got.graph_path, softmax)(
+        load_files([SHARED / "images" / name for name, _, _ in GOLDEN], spec.preprocessing))
+    for (name, index, p), row in zip(GOLDEN, probs):
+        assert int(row.argmax()) == index, name
+        assert abs(float(row[index]) - p) <= 0.02, (name, float(row[index]))
+
+
+def test_whole_chain_on_real_mobilenet_v1_0_25_128(tmp_path):
+    needs_shared(FLOWERS)
+    out = tmp_path / "run"
+    proc = edgepipe("run", "--images", FLOWERS / "train", "--test-images", FLOWERS / "test",
+                    "--backbone", "mobilenet_v1_0.25_128", "--out", out, "--quiet",
+                    env={"EDGEPIPE_MIRROR": str(MIRROR), "EDGEPIPE_CACHE_DIR": str(tmp_path / "cache")})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    assert report["n_test"] == 160 and len(report["classes"]) == 8
+    rows = {(r["artifact"], r["runtime"]): r for r in report["results"]}
+    assert len(rows) == 11 and all(r["passed"] for r in rows.values())
+    assert rows[("savedmodel", "tensorflow")]["accuracy"] >= 0.88
+    assert rows[("tflite-float32", "ai-edge-litert")]["max_abs_diff"] < 1e-4
+    assert rows[("tfjs-float32", "tfjs-wasm")]["max_abs_diff"] < 1e-4
+    # The SavedModel must say what the trained head said on the same test images.
+    metrics = json.loads((out / "retrain" / "metrics.json").read_text())
+    assert abs(metrics["test"]["accuracy"] - rows[("savedmodel", "tensorflow")]["accuracy"]) < 0.01
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["stages"]["fetch"]["info"]["checksum"] == "pinned"
