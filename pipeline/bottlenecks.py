@@ -19,9 +19,11 @@ from typing import Sequence
 import numpy as np
 from tqdm import tqdm
 
+from pipeline.augment import AugmentConfig, augmented_image
 from pipeline.backbone import get_extractor
-from pipeline.images import ImageError, load_image
+from pipeline.images import ImageError, load_image, read_image_file
 from pipeline.rundir import atomic_write_bytes
+from pipeline.testhook import pause_point
 from pipeline.types import BackboneSpec
 
 
@@ -80,43 +82,61 @@ class ExtractionResult:
     skipped: dict[int, str] = field(default_factory=dict)  # index → reason
     computed: int = 0
     cached: int = 0
+    hashes: list[str] = field(default_factory=list)  # sha256 of each input's bytes ("" if unreadable)
+    augmented: np.ndarray | None = None  # [n_ok, copies, F] for the paths in `augment_indices`
 
 
 def extract(
     paths: Sequence[Path], graph_path: Path, spec: BackboneSpec, graph_sha256: str,
     cache_root: Path, batch_size: int = 64, progress: bool = True, workers: int | None = None,
+    augment: AugmentConfig | None = None, augment_indices: Sequence[int] = (),
 ) -> ExtractionResult:
     """Features for every path, from the cache where present, else computed in batches.
 
     Decoding of the next batch overlaps with inference on the current one; memory stays bounded
     by two batches whatever the number of images.
+
+    Args:
+        augment: when enabled, ``augment.copies`` augmented copies of each path in
+            ``augment_indices`` (the training split) are extracted and cached too.
     """
     extractor = get_extractor(str(graph_path), spec)
     prep = extractor.spec.preprocessing
     cache = BottleneckCache(cache_root, backbone_key(graph_sha256, extractor.spec))
-    result_rows: dict[int, np.ndarray] = {}
+    copies = augment.copies if augment is not None and augment.enabled else 0
+    aug_set = set(augment_indices) if copies else set()
+    # An item is (path index, variant): variant 0 is the plain image, 1..copies augmented copies.
+    result_rows: dict[tuple[int, int], np.ndarray] = {}
     skipped: dict[int, str] = {}
     hashes: list[str] = []
-    misses: list[int] = []
+    misses: list[tuple[int, int]] = []
+
+    def cache_key(i: int, v: int) -> str:
+        return hashes[i] if v == 0 else f"{hashes[i]}-aug{augment.key()}-{v}"
+
     for i, p in enumerate(paths):
         try:
-            data = Path(p).read_bytes()
-        except OSError as err:
-            skipped[i] = f"cannot read ({err.strerror})"
+            data = read_image_file(p)
+        except ImageError as err:
+            skipped[i] = err.reason
             hashes.append("")
             continue
-        sha = hashlib.sha256(data).hexdigest()
-        hashes.append(sha)
-        hit = cache.get(sha)
-        if hit is not None:
-            result_rows[i] = hit
-        else:
-            misses.append(i)
+        hashes.append(hashlib.sha256(data).hexdigest())
+        for v in range(1 + (copies if i in aug_set else 0)):
+            hit = cache.get(cache_key(i, v))
+            if hit is not None:
+                result_rows[(i, v)] = hit
+            else:
+                misses.append((i, v))
     n_cached = len(result_rows)
 
-    def decode(i: int):
+    def decode(item: tuple[int, int]):
+        i, v = item
         try:
-            return load_image(Path(paths[i]).read_bytes(), prep, str(paths[i]))
+            data = read_image_file(paths[i])
+            if v == 0:
+                return load_image(data, prep, str(paths[i]))
+            return augmented_image(data, prep, augment, hashes[i], v, str(paths[i]))
         except (ImageError, OSError) as err:
             return err
 
@@ -128,18 +148,28 @@ def extract(
         for c, chunk in enumerate(chunks):
             decoded = [f.result() for f in pending]
             pending = [pool.submit(decode, i) for i in chunks[c + 1]] if c + 1 < len(chunks) else []
-            good = [(i, arr) for i, arr in zip(chunk, decoded) if isinstance(arr, np.ndarray)]
-            for i, arr in zip(chunk, decoded):
+            good = [(item, arr) for item, arr in zip(chunk, decoded) if isinstance(arr, np.ndarray)]
+            for (i, _), arr in zip(chunk, decoded):
                 if not isinstance(arr, np.ndarray):
-                    skipped[i] = str(arr)
+                    skipped[i] = arr.reason if isinstance(arr, ImageError) else f"cannot read ({arr.strerror or arr})"
             if good:
                 feats = extractor(np.stack([a for _, a in good]))
-                for (i, _), f in zip(good, feats):
-                    cache.put(hashes[i], f)
-                    result_rows[i] = f
+                for (item, _), f in zip(good, feats):
+                    cache.put(cache_key(*item), f)
+                    result_rows[item] = f
             bar.update(len(chunk))
+            pause_point("bottlenecks")
     bar.close()
-    ok = sorted(result_rows)
+    ok = sorted(i for (i, v) in result_rows if v == 0 and i not in skipped)
     dim = extractor.spec.feature_size
-    feats = np.stack([result_rows[i] for i in ok]).astype(np.float32) if ok else np.zeros((0, dim), np.float32)
-    return ExtractionResult(feats, ok, skipped, computed=len(ok) - n_cached, cached=n_cached)
+    feats = np.stack([result_rows[(i, 0)] for i in ok]).astype(np.float32) if ok else np.zeros((0, dim), np.float32)
+    augmented = None
+    if copies:
+        augmented = np.zeros((len(ok), copies, dim), np.float32)
+        for row, i in enumerate(ok):
+            for v in range(1, copies + 1):
+                if (i, v) in result_rows:
+                    augmented[row, v - 1] = result_rows[(i, v)]
+    computed = len(result_rows) - n_cached
+    return ExtractionResult(feats, ok, skipped, computed=computed, cached=n_cached,
+                            hashes=hashes, augmented=augmented)

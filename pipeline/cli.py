@@ -35,7 +35,24 @@ TestPct = Annotated[Optional[float], typer.Option(help="Test percentage when no 
 Epochs = Annotated[Optional[int], typer.Option(help="Training epochs over the cached bottlenecks.")]
 LearningRate = Annotated[Optional[float], typer.Option(help="Adam learning rate.")]
 BatchSize = Annotated[Optional[int], typer.Option(help="Training batch size.")]
-Seed = Annotated[Optional[int], typer.Option(help="Seed for initialisation and shuffling.")]
+Seed = Annotated[Optional[int], typer.Option(help="Seed for initialisation, shuffling and dropout.")]
+Steps = Annotated[Optional[int], typer.Option(help="Optimizer steps; replaces --epochs.")]
+ValBatchSize = Annotated[Optional[int], typer.Option(help="Batch size for evaluation.")]
+HiddenUnits = Annotated[Optional[int], typer.Option(help="Add one hidden ReLU layer of this width (0 = softmax only).")]
+Dropout = Annotated[Optional[float], typer.Option(help="Dropout rate on the hidden layer.")]
+LabelSmoothing = Annotated[Optional[float], typer.Option(help="Label smoothing, 0..1.")]
+ClassWeights = Annotated[Optional[str], typer.Option(help="'balanced' weighs classes inversely to their size; 'none'.")]
+EarlyStopping = Annotated[Optional[int], typer.Option(help="Stop after N evaluations without a lower validation loss (0 = off).")]
+EvalEvery = Annotated[Optional[int], typer.Option(help="Evaluate (history, summaries, early stopping) every N epochs.")]
+CheckpointEvery = Annotated[Optional[int], typer.Option(help="Save the head every N epochs under retrain/checkpoints/.")]
+SummariesDir = Annotated[Optional[Path], typer.Option(help="TensorBoard summaries; one sub-folder per run.")]
+PrintMisclassified = Annotated[Optional[bool], typer.Option("--print-misclassified", help="List misclassified test images.")]
+AugmentCopies = Annotated[Optional[int], typer.Option(help="Cache N augmented copies of each training image (0 = off).")]
+FlipLeftRight = Annotated[Optional[bool], typer.Option("--flip-left-right", help="Augment: mirror half of the copies.")]
+RandomCrop = Annotated[Optional[float], typer.Option(help="Augment: crop margin in percent.")]
+RandomScale = Annotated[Optional[float], typer.Option(help="Augment: random enlargement up to this percent.")]
+RandomBrightness = Annotated[Optional[float], typer.Option(help="Augment: brightness factor within ±percent.")]
+RuntimeTimeout = Annotated[Optional[float], typer.Option(help="Seconds one runtime may take on one artifact before verify reports it failed.")]
 Quant = Annotated[Optional[list[QuantMode]], typer.Option("--quant", help="TFLite variants (repeat; default all).")]
 Tfjs = Annotated[Optional[list[TfjsMode]], typer.Option("--tfjs", help="TF.js variants (repeat; default float32, float16).")]
 Runtime = Annotated[Optional[list[str]], typer.Option("--runtime", help="Runtimes to verify in (repeat; default all).")]
@@ -51,12 +68,21 @@ def _fail(err: PipelineError) -> None:
     raise typer.Exit(code=err.exit_code) from None
 
 
+TRAIN_KEYS = ("epochs", "steps", "learning_rate", "batch_size", "validation_batch_size", "hidden_units",
+              "dropout", "label_smoothing", "class_weights", "early_stopping", "eval_every",
+              "checkpoint_every", "seed")
+AUGMENT_KEYS = {"augment_copies": "copies", "flip_left_right": "flip", "random_crop": "crop",
+                "random_scale": "scale", "random_brightness": "brightness"}
+GRAPH_KEYS = ("graph", "input_tensor", "input_size", "mean", "std")
+
+
 def _build_config(out: Path, **given) -> RunConfig:
     """Options given on the command line, over the run directory's saved configuration, over defaults."""
     base = read_json(out / "manifest.json", default={}) or {}
     cfg = from_dict({**base.get("config", {}), "out": str(out)}) if base.get("config") else RunConfig(out=out)
-    graph_opts = {k: given.pop(k) for k in ("graph", "input_tensor", "bottleneck_tensor", "input_size", "mean", "std")}
-    train = {k: given.pop(k) for k in ("epochs", "learning_rate", "batch_size", "seed")}
+    graph_opts = {k: given.pop(k) for k in GRAPH_KEYS}
+    train = {k: given.pop(k) for k in TRAIN_KEYS}
+    augment = {AUGMENT_KEYS[k]: given.pop(k) for k in AUGMENT_KEYS}
     gates = given.pop("gate")
     changes = {k: v for k, v in given.items() if v is not None}
     for key in ("quant_modes", "tfjs_modes", "runtimes"):
@@ -65,20 +91,26 @@ def _build_config(out: Path, **given) -> RunConfig:
             if not changes[key]:
                 changes.pop(key)
     if graph_opts["graph"] is not None:
-        missing = [f"--{k.replace('_', '-')}" for k in ("input_tensor", "bottleneck_tensor", "input_size")
-                   if graph_opts[k] is None]
+        bottleneck = changes.pop("bottleneck_tensor", None)
+        missing = [flag for flag, v in (("--input-tensor", graph_opts["input_tensor"]),
+                                        ("--bottleneck-tensor", bottleneck),
+                                        ("--input-size", graph_opts["input_size"])) if v is None]
         if missing:
             raise ConfigError(f"--graph {graph_opts['graph']} also needs {', '.join(missing)} (see `edgepipe inspect`)")
         changes["graph"] = CustomGraph(
             path=Path(graph_opts["graph"]), input_tensor=graph_opts["input_tensor"],
-            bottleneck_tensor=graph_opts["bottleneck_tensor"], input_size=graph_opts["input_size"],
+            bottleneck_tensor=bottleneck, input_size=graph_opts["input_size"],
             mean=127.5 if graph_opts["mean"] is None else graph_opts["mean"],
             std=127.5 if graph_opts["std"] is None else graph_opts["std"],
         )
     if "backbone" in changes and "graph" not in changes:
         changes["graph"] = None
     cfg = dataclasses.replace(cfg, **changes)
-    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **{k: v for k, v in train.items() if v is not None}))
+    cfg = dataclasses.replace(
+        cfg,
+        train=dataclasses.replace(cfg.train, **{k: v for k, v in train.items() if v is not None}),
+        augment=dataclasses.replace(cfg.augment, **{k: v for k, v in augment.items() if v is not None}),
+    )
     if gates:
         cfg = dataclasses.replace(cfg, gates=parse_gates(gates))
     return cfg
@@ -102,17 +134,25 @@ def _stage_command(until: str, doc: str):
         out: Out, images: Images = None, test_images: TestImages = None, backbone: Backbone = None,
         graph: Graph = None, input_tensor: InputTensor = None, bottleneck_tensor: BottleneckTensor = None,
         input_size: InputSize = None, mean: Mean = None, std: Std = None,
-        validation_pct: ValPct = None, test_pct: TestPct = None, epochs: Epochs = None,
-        learning_rate: LearningRate = None, batch_size: BatchSize = None, seed: Seed = None,
+        validation_pct: ValPct = None, test_pct: TestPct = None,
+        epochs: Epochs = None, steps: Steps = None, learning_rate: LearningRate = None,
+        batch_size: BatchSize = None, validation_batch_size: ValBatchSize = None,
+        hidden_units: HiddenUnits = None, dropout: Dropout = None, label_smoothing: LabelSmoothing = None,
+        class_weights: ClassWeights = None, early_stopping: EarlyStopping = None, eval_every: EvalEvery = None,
+        checkpoint_every: CheckpointEvery = None, seed: Seed = None, summaries_dir: SummariesDir = None,
+        print_misclassified: PrintMisclassified = None,
+        augment_copies: AugmentCopies = None, flip_left_right: FlipLeftRight = None,
+        random_crop: RandomCrop = None, random_scale: RandomScale = None, random_brightness: RandomBrightness = None,
         quant: Quant = None, tfjs: Tfjs = None, runtime: Runtime = None, gate: Gate = None,
+        runtime_timeout: RuntimeTimeout = None,
         mirror: Mirror = None, cache_dir: CacheDir = None, offline: Offline = False, quiet: Quiet = False,
     ) -> None:
-        _run(until, out, images=images, test_images=test_images, backbone=backbone, graph=graph,
-             input_tensor=input_tensor, bottleneck_tensor=bottleneck_tensor, input_size=input_size,
-             mean=mean, std=std, validation_pct=validation_pct, test_pct=test_pct, epochs=epochs,
-             learning_rate=learning_rate, batch_size=batch_size, seed=seed, quant_modes=quant,
-             tfjs_modes=tfjs, runtimes=runtime, gate=gate, mirror=mirror, cache_dir=cache_dir,
-             offline=offline or None, progress=False if quiet else None)
+        opts = dict(locals())
+        renamed = {"quant": "quant_modes", "tfjs": "tfjs_modes", "runtime": "runtimes",
+                   "runtime_timeout": "runtime_timeout_s"}
+        opts = {renamed.get(k, k): v for k, v in opts.items()
+                if k not in ("out", "quiet", "offline", "until", "doc")}
+        _run(until, out, offline=offline or None, progress=False if quiet else None, **opts)
 
     command.__doc__ = doc
     return command

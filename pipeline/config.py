@@ -5,6 +5,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pipeline.augment import AugmentConfig
 from pipeline.catalog import DEFAULT_BACKBONE, custom_backbone, get_backbone
 from pipeline.errors import ConfigError, PipelineError
 from pipeline.retrain import TrainConfig
@@ -36,6 +37,10 @@ class RunConfig:
     validation_pct: float = 10.0
     test_pct: float = 10.0
     train: TrainConfig = field(default_factory=TrainConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    bottleneck_tensor: str | None = None
+    summaries_dir: Path | None = None
+    print_misclassified: bool = False
     quant_modes: tuple[QuantMode, ...] = tuple(QuantMode)
     tfjs_modes: tuple[TfjsMode, ...] = (TfjsMode.FLOAT32, TfjsMode.FLOAT16)
     runtimes: tuple[str, ...] = ALL_RUNTIMES
@@ -51,7 +56,11 @@ class RunConfig:
         if self.graph:
             g = self.graph
             return custom_backbone(g.path, g.input_tensor, g.bottleneck_tensor, g.input_size, g.mean, g.std)
-        return get_backbone(self.backbone)
+        spec = get_backbone(self.backbone)
+        if self.bottleneck_tensor:
+            # A catalog graph with another feature tensor (e.g. poets' 1001 logits for comparison).
+            spec = dataclasses.replace(spec, bottleneck_tensor=self.bottleneck_tensor, feature_size=0, alternates=())
+        return spec
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -115,6 +124,24 @@ def validate(cfg: RunConfig, needs_images: bool = True) -> None:
         problems.append(f"--batch-size {t.batch_size}: must be at least 1")
     if not t.learning_rate > 0:
         problems.append(f"--learning-rate {t.learning_rate}: must be positive")
+    if t.steps is not None and t.steps < 1:
+        problems.append(f"--steps {t.steps}: must be at least 1")
+    if not 0 <= t.dropout < 1:
+        problems.append(f"--dropout {t.dropout}: must be in [0, 1)")
+    if t.dropout and not t.hidden_units:
+        problems.append(f"--dropout {t.dropout} needs --hidden-units N (dropout applies to the hidden layer)")
+    if not 0 <= t.label_smoothing < 1:
+        problems.append(f"--label-smoothing {t.label_smoothing}: must be in [0, 1)")
+    if t.class_weights not in ("none", "balanced"):
+        problems.append(f"--class-weights {t.class_weights!r}: use 'none' or 'balanced'")
+    if t.eval_every < 1:
+        problems.append(f"--eval-every {t.eval_every}: must be at least 1")
+    a = cfg.augment
+    if a.copies < 0 or a.crop < 0 or a.scale < 0 or not 0 <= a.brightness < 100:
+        problems.append("augmentation: --augment-copies, --random-crop and --random-scale must be ≥ 0, "
+                        "--random-brightness in [0, 100)")
+    if (a.flip or a.crop or a.scale or a.brightness) and a.copies == 0:
+        problems.append("augmentation options need --augment-copies N (how many augmented copies to cache per image)")
     unknown = [r for r in cfg.runtimes if r not in ALL_RUNTIMES]
     if unknown:
         problems.append(f"--runtime {', '.join(unknown)}: unknown; choose from {', '.join(ALL_RUNTIMES)}")
@@ -129,7 +156,7 @@ def validate(cfg: RunConfig, needs_images: bool = True) -> None:
 def from_dict(d: dict) -> RunConfig:
     """Inverse of :meth:`RunConfig.to_dict` (used to reuse a run directory's configuration)."""
     d = dict(d)
-    for key in ("out", "images", "test_images", "cache_dir"):
+    for key in ("out", "images", "test_images", "cache_dir", "summaries_dir"):
         if d.get(key) not in (None, "None"):
             d[key] = Path(d[key])
         else:
@@ -139,6 +166,7 @@ def from_dict(d: dict) -> RunConfig:
         g["path"] = Path(g["path"])
         d["graph"] = CustomGraph(**g)
     d["train"] = TrainConfig(**d.get("train", {}))
+    d["augment"] = AugmentConfig(**d.get("augment", {}))
     d["quant_modes"] = tuple(QuantMode(m) for m in d.get("quant_modes", [m.value for m in QuantMode]))
     d["tfjs_modes"] = tuple(TfjsMode(m) for m in d.get("tfjs_modes", ["float32", "float16"]))
     d["runtimes"] = tuple(d.get("runtimes", ALL_RUNTIMES))

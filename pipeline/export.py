@@ -20,8 +20,12 @@ INPUT_KEY = "images"
 OUTPUT_KEY = "probabilities"
 
 
-def build_module(graph_def, spec: BackboneSpec, weights: np.ndarray, bias: np.ndarray):
-    """A ``tf.Module`` whose ``serve`` is the full classifier (see module docstring)."""
+def build_module(graph_def, spec: BackboneSpec, layers: list[tuple[np.ndarray, np.ndarray]]):
+    """A ``tf.Module`` whose ``serve`` is the full classifier (see module docstring).
+
+    Args:
+        layers: the head's dense layers ``[(weights, bias), ...]``; ReLU between them.
+    """
     import tensorflow as tf
 
     size = spec.preprocessing.size
@@ -31,20 +35,27 @@ def build_module(graph_def, spec: BackboneSpec, weights: np.ndarray, bias: np.nd
             super().__init__(name="edgepipe_classifier")
             # Plain tracked tf.Variables (not Keras layers): the TFLite converter folds them into
             # constants; Keras-3 layers here would leave VAR_HANDLE ops in the .tflite.
-            self.head_weights = tf.Variable(weights.astype(np.float32), trainable=False)
-            self.head_bias = tf.Variable(bias.astype(np.float32), trainable=False)
+            self.head = [
+                (tf.Variable(w.astype(np.float32), trainable=False),
+                 tf.Variable(b.astype(np.float32), trainable=False))
+                for w, b in layers
+            ]
 
         @tf.function(input_signature=[tf.TensorSpec([None, size, size, 3], tf.float32, name=INPUT_KEY)])
         def serve(self, images):
-            features = backbone_features(graph_def, spec, images)
-            logits = tf.matmul(features, self.head_weights) + self.head_bias
+            x = backbone_features(graph_def, spec, images)
+            for i, (w, b) in enumerate(self.head):
+                x = tf.matmul(x, w) + b
+                if i < len(self.head) - 1:
+                    x = tf.nn.relu(x)
+            logits = x
             return {"probabilities": tf.nn.softmax(logits), "logits": logits}
 
     return Classifier()
 
 
 def export_savedmodel(
-    graph_def, spec: BackboneSpec, weights: np.ndarray, bias: np.ndarray,
+    graph_def, spec: BackboneSpec, layers: list[tuple[np.ndarray, np.ndarray]],
     classes: list[str], out_dir: Path,
 ) -> Path:
     """Writes ``out_dir/savedmodel``, ``labels.txt`` and ``preprocessing.json`` atomically.
@@ -54,7 +65,7 @@ def export_savedmodel(
     """
     import tensorflow as tf
 
-    module = build_module(graph_def, spec, weights, bias)
+    module = build_module(graph_def, spec, layers)
     target = Path(out_dir) / "savedmodel"
     with atomic_dir(target) as tmp:
         tf.saved_model.save(module, str(tmp), signatures={SIGNATURE_KEY: module.serve})

@@ -130,10 +130,11 @@ def plot_training(path: Path, history: dict) -> None:
     import matplotlib.pyplot as plt
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    epochs = history.get("epoch") or list(range(1, len(history["train_loss"]) + 1))
     for key, ax in (("loss", a), ("accuracy", b)):
-        ax.plot(history[f"train_{key}"], label="train")
+        ax.plot(epochs, history[f"train_{key}"], label="train")
         if history.get(f"val_{key}"):
-            ax.plot(history[f"val_{key}"], label="validation")
+            ax.plot(epochs, history[f"val_{key}"], label="validation")
         ax.set_xlabel("epoch")
         ax.set_ylabel(key)
         ax.legend()

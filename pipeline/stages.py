@@ -114,13 +114,14 @@ def _retrain_fingerprint(ctx: Context) -> dict:
         "images": [str(c.images), _listing_digest(c.images)],
         "test_images": [str(c.test_images), _listing_digest(c.test_images)],
         "split": [c.validation_pct, c.test_pct], "train": c.train.to_dict(),
+        "augment": c.augment.to_dict(),
     }
 
 
 def _retrain_run(ctx: Context) -> tuple[dict[str, Path], dict]:
     from pipeline.bottlenecks import backbone_key, extract
     from pipeline.fetch import default_cache_dir
-    from pipeline.report import plot_training
+    from pipeline.report import plot_confusion_matrices, plot_training
     from pipeline.retrain import evaluate_head, train_head
 
     c, out = ctx.cfg, ctx.run.stage("retrain")
@@ -136,7 +137,8 @@ def _retrain_run(ctx: Context) -> tuple[dict[str, Path], dict]:
     cache_root = Path(c.cache_dir or default_cache_dir()) / "bottlenecks"
     t0 = time.perf_counter()
     ext = extract([e.path for e in ds.examples], graph, spec, graph_sha, cache_root,
-                  progress=c.progress)
+                  progress=c.progress, augment=c.augment,
+                  augment_indices=[i for i, e in enumerate(ds.examples) if e.split == "train"])
     extract_s = time.perf_counter() - t0
     skipped = {ds.examples[i].path: why for i, why in sorted(ext.skipped.items())}
     for path, why in skipped.items():
@@ -150,24 +152,49 @@ def _retrain_run(ctx: Context) -> tuple[dict[str, Path], dict]:
     train = split == "train"
     if len(set(y[train])) < 2:
         raise DatasetError(f"{c.images}: fewer than two classes have readable training images")
-    head = train_head(feats[train], y[train], len(ds.classes), c.train,
-                      feats[split == "validation"], y[split == "validation"], progress=c.progress)
+    x_train, y_train = feats[train], y[train]
+    if ext.augmented is not None:
+        # Augmented copies join the training set only; validation and test stay untouched.
+        extra = ext.augmented[train]
+        x_train = np.concatenate([x_train, extra.reshape(-1, extra.shape[-1])])
+        y_train = np.concatenate([y_train, np.repeat(y[train], extra.shape[1])])
+    summaries = None
+    if c.summaries_dir:
+        # One sub-folder per run, kept between runs, as TensorBoard expects.
+        stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+        summaries = Path(c.summaries_dir) / f"{Path(c.out).name}-{stamp}"
+    head = train_head(x_train, y_train, len(ds.classes), c.train,
+                      feats[split == "validation"], y[split == "validation"], progress=c.progress,
+                      summaries_dir=summaries,
+                      checkpoint_dir=out / "checkpoints" if c.train.checkpoint_every else None)
     metrics = {s: evaluate_head(head, feats[split == s], y[split == s], len(ds.classes))
                for s in ("train", "validation", "test")}
+    test_idx = np.nonzero(split == "test")[0]
+    test_pred = head.logits(feats[test_idx]).argmax(1) if len(test_idx) else np.zeros(0, int)
+    misclassified = [
+        {"path": kept[i].path, "true": ds.classes[y[i]], "predicted": ds.classes[p]}
+        for i, p in zip(test_idx, test_pred) if p != y[i]
+    ]
+    if c.print_misclassified:
+        for m in misclassified:
+            log(f"misclassified: {m['path']} (true {m['true']!r}, predicted {m['predicted']!r})")
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "split.json", ds.to_dict())
     atomic_write_text(out / "labels.txt", "\n".join(ds.classes) + "\n")
     import io
 
     buf = io.BytesIO()
-    np.savez(buf, weights=head.weights, bias=head.bias)
+    np.savez(buf, **head.to_npz())
     atomic_write_bytes(out / "head.npz", buf.getvalue())
     atomic_write_json(out / "metrics.json", {
         "counts": counts, "skipped": skipped,
         "bottlenecks": {"computed": ext.computed, "cached": ext.cached, "seconds": round(extract_s, 2)},
-        "history": head.history, **metrics,
+        "history": head.history, "misclassified": misclassified,
+        "augmented_training_examples": int(len(x_train) - train.sum()), **metrics,
     })
     plot_training(out / "training.png", head.history)
+    plot_confusion_matrices(out / "confusion_matrix.png",
+                            [{"artifact": "head", "runtime": "test split", **metrics["test"]}], list(ds.classes))
     for s in ("validation", "test"):
         m = metrics[s]
         if m["n"]:
@@ -188,10 +215,12 @@ def _export_run(ctx: Context) -> tuple[dict[str, Path], dict]:
     from pipeline.backbone import load_graph_def
     from pipeline.export import export_savedmodel
 
-    head = np.load(ctx.run.stage("retrain") / "head.npz")
+    from pipeline.retrain import Head
+
+    head = Head.from_npz(np.load(ctx.run.stage("retrain") / "head.npz"))
     classes = list(ctx.dataset().classes)
     out = ctx.run.stage("export")
-    sm = export_savedmodel(load_graph_def(ctx.graph_path()), ctx.spec(), head["weights"], head["bias"], classes, out)
+    sm = export_savedmodel(load_graph_def(ctx.graph_path()), ctx.spec(), head.layers, classes, out)
     return {"savedmodel": sm, "labels": out / "labels.txt", "preprocessing": out / "preprocessing.json"}, {}
 
 

@@ -1,0 +1,23 @@
+"""A test hook that stops a run at a named point, so a test can kill it there deterministically.
+
+Never set in normal use. With ``EDGEPIPE_TEST_PAUSE_AT=<point>`` the process logs
+``test hook: paused at <point>`` on stderr and sleeps until it is killed. Points:
+
+  bottlenecks  after the first batch of bottlenecks is in the cache
+  train        every bottleneck extracted, before the head is trained and written
+  quantize     after the first .tflite file is written
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+ENV = "EDGEPIPE_TEST_PAUSE_AT"
+
+
+def pause_point(name: str) -> None:
+    if os.environ.get(ENV) == name:
+        print(f"test hook: paused at {name}", file=sys.stderr, flush=True)
+        while True:
+            time.sleep(60)
