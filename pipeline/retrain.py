@@ -7,6 +7,7 @@ stopping on validation loss. The same seed gives the same weights.
 """
 from __future__ import annotations
 
+import io
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -15,6 +16,7 @@ import numpy as np
 from tqdm import tqdm
 
 from pipeline.metrics import classification_metrics
+from pipeline.rundir import atomic_write_bytes
 
 
 @dataclass(frozen=True)
@@ -174,6 +176,10 @@ def train_head(
             step(x_train[idx], y_train[idx])
             done_steps += 1
         bar.update(1)
+        if checkpoint_dir and cfg.checkpoint_every and epoch % cfg.checkpoint_every == 0:
+            buf = io.BytesIO()
+            np.savez(buf, **snapshot().to_npz())
+            atomic_write_bytes(Path(checkpoint_dir) / f"epoch_{epoch:04d}.npz", buf.getvalue())
         last = epoch == epochs
         if epoch % cfg.eval_every and not last:
             continue
@@ -193,13 +199,6 @@ def train_head(
                 if has_val:
                     tf.summary.scalar("loss/validation", vl)
                     tf.summary.scalar("accuracy/validation", va)
-        if checkpoint_dir and cfg.checkpoint_every and epoch % cfg.checkpoint_every == 0:
-            from pipeline.rundir import atomic_write_bytes
-            import io
-
-            buf = io.BytesIO()
-            np.savez(buf, **head.to_npz())
-            atomic_write_bytes(Path(checkpoint_dir) / f"epoch_{epoch:04d}.npz", buf.getvalue())
         if cfg.early_stopping and has_val:
             if vl < best[0] - 1e-6:
                 best, waited = (vl, head, epoch), 0
