@@ -61,7 +61,8 @@ class BottleneckCache:
 
         buf = io.BytesIO()
         np.save(buf, np.asarray(feature, np.float32), allow_pickle=False)
-        atomic_write_bytes(self._path(image_sha), buf.getvalue())
+        # Not fsynced: a torn entry after a power cut fails np.load and is recomputed.
+        atomic_write_bytes(self._path(image_sha), buf.getvalue(), durable=False)
 
 
 def features_from_bytes(graph_path: str, spec: BackboneSpec, images: Sequence[bytes]) -> np.ndarray:

@@ -7,6 +7,7 @@ then ``os.replace``d, so a killed process never leaves a half-written artifact u
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -36,19 +37,34 @@ def sha256_tree(path: Path) -> str:
     return h.hexdigest()
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
+def atomic_write_bytes(path: Path, data: bytes, durable: bool = True) -> None:
+    """Writes ``path`` whole or not at all (a temporary file renamed into place).
+
+    Args:
+        durable: fsync before the rename, so the file survives a power cut. Cache entries that
+            are checked on read and cheap to recompute pass False (fsync costs about 1 ms each).
+
+    Raises:
+        OSError: naming ``path`` (not the temporary file), e.g. ENOSPC on a full disk.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         with os.fdopen(fd, "wb") as f:
             f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+    except BaseException as err:
+        if tmp is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+        if isinstance(err, OSError) and (err.filename is None or str(err.filename).startswith(str(path.parent / "."))):
+            # A failed write() carries no file name, a failed mkstemp our temporary one.
+            err.filename = str(path)
         raise
 
 
@@ -80,8 +96,13 @@ def atomic_dir(final: Path) -> Iterator[Path]:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, final)
-    except BaseException:
+    except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+            err.filename = str(final)
+        elif not isinstance(err, OSError) and "No space left on device" in str(err):
+            # TensorFlow and the converters report a full disk in their own exception types.
+            raise OSError(errno.ENOSPC, "No space left on device", str(final)) from err
         raise
 
 
