@@ -5,11 +5,12 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.edgepipe-installed
 NODE_DIR := pipeline/runners/tfjs
 NODE_STAMP := $(NODE_DIR)/node_modules/.package-lock.json
+CHROMIUM := /usr/bin/chromium
 PYTEST_ARGS ?=
 
 .PHONY: setup demo test clean
 
-setup: $(STAMP) $(NODE_STAMP)
+setup: $(STAMP) $(NODE_STAMP) $(CHROMIUM)
 
 $(STAMP): pyproject.toml requirements.lock
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -19,6 +20,13 @@ $(STAMP): pyproject.toml requirements.lock
 
 $(NODE_STAMP): $(NODE_DIR)/package.json $(NODE_DIR)/package-lock.json
 	npm ci --prefix $(NODE_DIR) --no-audit --no-fund --loglevel=error
+
+# Headless Chromium for tests/test_browser.py (each TF.js bundle's demo page). Debian's package, as
+# Playwright's own browser download needs a network CI does not have; apt-get needs root, as in CI.
+# The file is the target: installed once, never again while it exists.
+$(CHROMIUM):
+	apt-get update -qq
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium
 
 demo: setup
 	$(PY) scripts/demo.py

@@ -13,11 +13,15 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.errors import GraphError
+from pipeline.graphfix import Fix, feature_subgraph, legacy_ops_rewritten
 from pipeline.types import BackboneSpec
 
 
-def load_graph_def(path: Path):
-    """Reads a frozen GraphDef.
+def load_graph_def(path: Path, *, fix: bool = True):
+    """Reads a frozen GraphDef, with ops that TensorFlow or a converter rejects rewritten.
+
+    Args:
+        fix: rewrite legacy ops (``graphfix.legacy_ops_rewritten``); False returns the file as is.
 
     Raises:
         GraphError: the file is missing or is not a serialized GraphDef.
@@ -39,7 +43,19 @@ def load_graph_def(path: Path):
         ) from None
     if not graph_def.node:
         raise GraphError(f"{path} holds an empty GraphDef; is it the right file?")
+    if fix:
+        graph_def, _ = legacy_ops_rewritten(graph_def)
     return graph_def
+
+
+def graph_fixes(path: Path, spec: BackboneSpec) -> list[Fix]:
+    """What :func:`load_graph_def` and :func:`backbone_features` change in this graph.
+
+    For the manifest and the notes the fetch stage prints; ``spec`` must be resolved.
+    """
+    graph_def, fixes = legacy_ops_rewritten(load_graph_def(path, fix=False))
+    _, trimmed = feature_subgraph(graph_def, spec.input_tensor, spec.bottleneck_tensor)
+    return fixes + trimmed
 
 
 def _node_name(tensor: str) -> str:
@@ -56,7 +72,9 @@ def resolve_spec(graph_def, spec: BackboneSpec) -> BackboneSpec:
     """Checks the spec's tensors exist and fills in the feature size.
 
     The first of ``bottleneck_tensor`` and ``alternates`` that exists in the graph is used (some
-    graphs renamed their pooled feature between TensorFlow versions).
+    graphs renamed their pooled feature between TensorFlow versions). When none does and the
+    feature size is known, the tensor shaped ``[N,1,1,C]`` or ``[N,C]`` with that ``C`` is used,
+    pooling ops first (``inspect.best_bottleneck``); the returned spec names it.
 
     Raises:
         GraphError: the input or bottleneck tensor is not in the graph (closest names suggested).
@@ -71,10 +89,12 @@ def resolve_spec(graph_def, spec: BackboneSpec) -> BackboneSpec:
         if _node_name(candidate) in names:
             break
     else:
-        raise GraphError(
-            f"bottleneck tensor {spec.bottleneck_tensor!r} is not in the graph; closest: "
-            f"{_closest(spec.bottleneck_tensor, graph_def)} (set --bottleneck-tensor)"
-        )
+        candidate = _bottleneck_by_shape(graph_def, spec)
+        if candidate is None:
+            raise GraphError(
+                f"bottleneck tensor {spec.bottleneck_tensor!r} is not in the graph; closest: "
+                f"{_closest(spec.bottleneck_tensor, graph_def)} (set --bottleneck-tensor)"
+            )
     spec = dataclasses.replace(spec, bottleneck_tensor=candidate)
     feature_size = _probe_feature_size(graph_def, spec)
     if spec.feature_size and spec.feature_size != feature_size:
@@ -83,6 +103,17 @@ def resolve_spec(graph_def, spec: BackboneSpec) -> BackboneSpec:
             f"{spec.feature_size}; is this the right graph for {spec.name}?"
         )
     return dataclasses.replace(spec, feature_size=feature_size)
+
+
+def _bottleneck_by_shape(graph_def, spec: BackboneSpec) -> str | None:
+    """The pooled or flat tensor with ``spec.feature_size`` features computed from the input."""
+    from pipeline.inspect import best_bottleneck, bottleneck_candidates
+
+    if not spec.feature_size:
+        return None
+    found = best_bottleneck(bottleneck_candidates(graph_def, spec.input_tensor),
+                            spec.feature_size, like=spec.bottleneck_tensor)
+    return found.name if found else None
 
 
 def _probe_feature_size(graph_def, spec: BackboneSpec) -> int:
@@ -112,6 +143,11 @@ def backbone_features(graph_def, spec: BackboneSpec, images):
 
     prep = spec.preprocessing
     x = (images - prep.mean) / prep.std
+    # Only what the bottleneck needs: a preprocessing head in front of the input (Inception v3's
+    # DecodeJpeg) and the logits after the bottleneck stay out of every exported model. It is
+    # plain Python on protos, so autograph must leave it alone (its conversion broke it).
+    graph_def, _ = tf.autograph.experimental.do_not_convert(feature_subgraph)(
+        graph_def, spec.input_tensor, spec.bottleneck_tensor)
     (bottleneck,) = tf.graph_util.import_graph_def(
         graph_def,
         input_map={spec.input_tensor: x},

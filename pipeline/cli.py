@@ -12,8 +12,9 @@ import typer
 
 from pipeline.catalog import DEFAULT_BACKBONE, load_catalog
 from pipeline.config import CustomGraph, RunConfig, from_dict, parse_gates, validate
-from pipeline.errors import ConfigError, PipelineError
+from pipeline.errors import ConfigError, PipelineError, disk_error
 from pipeline.retrain import TrainConfig
+from pipeline.stress import parse_app_preprocessing
 from pipeline.rundir import read_json
 from pipeline.types import QuantMode, TfjsMode
 
@@ -53,9 +54,11 @@ RandomCrop = Annotated[Optional[float], typer.Option(help="Augment: crop margin 
 RandomScale = Annotated[Optional[float], typer.Option(help="Augment: random enlargement up to this percent.")]
 RandomBrightness = Annotated[Optional[float], typer.Option(help="Augment: brightness factor within ±percent.")]
 RuntimeTimeout = Annotated[Optional[float], typer.Option(help="Seconds one runtime may take on one artifact before verify reports it failed.")]
+Stress = Annotated[Optional[bool], typer.Option("--stress/--no-stress", help="Also run the reference with the usual preprocessing mistakes and report the damage.")]
+AppPrep = Annotated[Optional[list[str]], typer.Option("--app-preprocessing", help="How your app prepares pixels, KEY=VALUE (repeat): channel_order=BGR, value_range=0-1, resize=nearest, antialias=true, crop=0.875. Converted models are verified with it.")]
 Quant = Annotated[Optional[list[QuantMode]], typer.Option("--quant", help="TFLite variants (repeat; default all).")]
 Tfjs = Annotated[Optional[list[TfjsMode]], typer.Option("--tfjs", help="TF.js variants (repeat; default float32, float16).")]
-Runtime = Annotated[Optional[list[str]], typer.Option("--runtime", help="Runtimes to verify in (repeat; default all).")]
+Runtime = Annotated[Optional[list[str]], typer.Option("--runtime", help="Runtimes to verify in (repeat): tflite-runtime, ai-edge-litert, tfjs-wasm (the default), mediapipe-tasks.")]
 Gate = Annotated[Optional[list[str]], typer.Option("--gate", help="Minimum top-1 agreement, ARTIFACT=VALUE (repeat).")]
 Mirror = Annotated[Optional[str], typer.Option(help="Mirror folder or base URL laid out <host>/<path> (default $EDGEPIPE_MIRROR).")]
 CacheDir = Annotated[Optional[Path], typer.Option(help="Cache folder (default $EDGEPIPE_CACHE_DIR or ~/.cache/edgepipe).")]
@@ -84,6 +87,7 @@ def _build_config(out: Path, **given) -> RunConfig:
     train = {k: given.pop(k) for k in TRAIN_KEYS}
     augment = {AUGMENT_KEYS[k]: given.pop(k) for k in AUGMENT_KEYS}
     gates = given.pop("gate")
+    app = given.pop("app_preprocessing")
     changes = {k: v for k, v in given.items() if v is not None}
     for key in ("quant_modes", "tfjs_modes", "runtimes"):
         if key in changes:
@@ -112,19 +116,30 @@ def _build_config(out: Path, **given) -> RunConfig:
         augment=dataclasses.replace(cfg.augment, **{k: v for k, v in augment.items() if v is not None}),
     )
     if gates:
-        cfg = dataclasses.replace(cfg, gates=parse_gates(gates))
+        cfg = dataclasses.replace(cfg, gates={**cfg.gates, **parse_gates(gates)})
+    if app is not None:
+        # Given at all (even as contract values) replaces the saved setting: "--app-preprocessing
+        # channel_order=RGB" brings a run directory back to the contract.
+        cfg = dataclasses.replace(cfg, app_preprocessing=parse_app_preprocessing(app))
     return cfg
 
 
 def _run(until: str, out: Path, **opts) -> None:
     from pipeline.stages import run_stages
 
+    given = {k for k, v in opts.items() if v not in (None, [], ())}
     try:
         cfg = _build_config(out, **opts)
-        validate(cfg, needs_images=until != "fetch")
+        validate(cfg, needs_images=until != "fetch", given=given)
         run_stages(cfg, until=until)
     except PipelineError as err:
         _fail(err)
+    except OSError as err:
+        # A full or read-only disk outside a stage (the manifest, the run folder itself).
+        mapped = disk_error(err, str(out))
+        if mapped is None:
+            raise
+        _fail(mapped)
     if until == "verify":
         typer.echo((out / "report.md").read_text(encoding="utf-8"))
 
@@ -144,7 +159,7 @@ def _stage_command(until: str, doc: str):
         augment_copies: AugmentCopies = None, flip_left_right: FlipLeftRight = None,
         random_crop: RandomCrop = None, random_scale: RandomScale = None, random_brightness: RandomBrightness = None,
         quant: Quant = None, tfjs: Tfjs = None, runtime: Runtime = None, gate: Gate = None,
-        runtime_timeout: RuntimeTimeout = None,
+        runtime_timeout: RuntimeTimeout = None, stress: Stress = None, app_preprocessing: AppPrep = None,
         mirror: Mirror = None, cache_dir: CacheDir = None, offline: Offline = False, quiet: Quiet = False,
     ) -> None:
         opts = dict(locals())
@@ -185,6 +200,19 @@ def fetch_command(
         got = fetch(get_backbone(backbone or DEFAULT_BACKBONE), cache_dir=cache_dir, mirror=mirror,
                     offline=offline, progress=not quiet)
         typer.echo(f"{got.graph_path}  sha256 {got.graph_sha256}  ({got.source}, {got.checksum})")
+    except PipelineError as err:
+        _fail(err)
+
+
+@app.command("inspect")
+def inspect_command(
+    graph: Annotated[Path, typer.Argument(help="A frozen graph (.pb).", show_default=False)],
+) -> None:
+    """List a frozen graph's placeholders and candidate bottleneck tensors (for --graph)."""
+    from pipeline.inspect import describe, inspect_graph
+
+    try:
+        typer.echo(describe(inspect_graph(graph)))
     except PipelineError as err:
         _fail(err)
 

@@ -4,15 +4,21 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Collection
 
 from pipeline.augment import AugmentConfig
 from pipeline.catalog import DEFAULT_BACKBONE, custom_backbone, get_backbone
+from pipeline.dataset import folder_problems
 from pipeline.errors import ConfigError, PipelineError
 from pipeline.retrain import TrainConfig
+from pipeline.stress import AppPreprocessing
 from pipeline.types import BackboneSpec, QuantMode, TfjsMode
 from pipeline.verify import DEFAULT_GATES
 
-ALL_RUNTIMES = ("tflite-runtime", "ai-edge-litert", "tfjs-wasm")
+ALL_RUNTIMES = ("tflite-runtime", "ai-edge-litert", "tfjs-wasm", "mediapipe-tasks")
+# mediapipe-tasks (the TFLite files through MediaPipe's ImageClassifier, reading their metadata)
+# runs when asked for with --runtime.
+DEFAULT_RUNTIMES = ("tflite-runtime", "ai-edge-litert", "tfjs-wasm")
 
 
 @dataclass(frozen=True)
@@ -41,16 +47,22 @@ class RunConfig:
     bottleneck_tensor: str | None = None
     summaries_dir: Path | None = None
     print_misclassified: bool = False
+    stress: bool = False
+    app_preprocessing: AppPreprocessing = field(default_factory=AppPreprocessing)
     quant_modes: tuple[QuantMode, ...] = tuple(QuantMode)
     tfjs_modes: tuple[TfjsMode, ...] = (TfjsMode.FLOAT32, TfjsMode.FLOAT16)
-    runtimes: tuple[str, ...] = ALL_RUNTIMES
-    gates: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_GATES))
+    runtimes: tuple[str, ...] = DEFAULT_RUNTIMES
+    gates: dict[str, float] = field(default_factory=dict)  # overrides of DEFAULT_GATES only
     calibration_images: int = 100
     runtime_timeout_s: float = 600.0
     cache_dir: Path | None = None
     mirror: str | None = None
     offline: bool = False
     progress: bool = True
+
+    def gate(self, artifact: str) -> float:
+        """Minimum top-1 agreement for an artifact: the user's override, else the default."""
+        return self.gates.get(artifact, DEFAULT_GATES.get(artifact, 1.0))
 
     def backbone_spec(self) -> BackboneSpec:
         if self.graph:
@@ -70,12 +82,12 @@ class RunConfig:
 
 
 def parse_gates(items: list[str]) -> dict[str, float]:
-    """``["tflite-int8=0.95", ...]`` → gates merged over the defaults.
+    """``["tflite-int8=0.95", ...]`` → ``{"tflite-int8": 0.95}`` (overrides of the defaults).
 
     Raises:
         ConfigError: a malformed item, an unknown artifact or a value outside 0..1.
     """
-    gates = dict(DEFAULT_GATES)
+    gates: dict[str, float] = {}
     for item in items:
         name, sep, value = item.partition("=")
         try:
@@ -91,8 +103,16 @@ def parse_gates(items: list[str]) -> dict[str, float]:
     return gates
 
 
-def validate(cfg: RunConfig, needs_images: bool = True) -> None:
-    """Checks every option at once and raises one ConfigError listing all problems."""
+def validate(cfg: RunConfig, needs_images: bool = True, given: Collection[str] = ()) -> None:
+    """Checks every option at once and raises one ConfigError listing all problems.
+
+    The image folders are listed too (no image is read), so an empty class folder or a single
+    class is reported here, before anything is downloaded or computed.
+
+    Args:
+        given: names of the options given on the command line; an option given explicitly can
+            contradict another one, a default cannot.
+    """
     problems: list[str] = []
     if needs_images:
         if cfg.images is None:
@@ -147,6 +167,17 @@ def validate(cfg: RunConfig, needs_images: bool = True) -> None:
         problems.append(f"--runtime {', '.join(unknown)}: unknown; choose from {', '.join(ALL_RUNTIMES)}")
     if cfg.calibration_images < 1:
         problems.append(f"--calibration-images {cfg.calibration_images}: must be at least 1")
+    if not cfg.runtime_timeout_s > 0:
+        problems.append(f"--runtime-timeout {cfg.runtime_timeout_s:g}: must be a positive number of seconds")
+    if cfg.test_images is not None and "test_pct" in given and cfg.test_pct != 0:
+        # The holdout folder replaces the percentage split; silently ignoring the percentage
+        # would leave the user believing part of --images is held out.
+        problems.append(f"--test-pct {cfg.test_pct:g} contradicts --test-images {cfg.test_images} (that folder is "
+                        "the test split); drop --test-pct")
+    folders_ok = needs_images and cfg.images is not None and Path(cfg.images).is_dir() and (
+        cfg.test_images is None or Path(cfg.test_images).is_dir())
+    if folders_ok and 0 <= cfg.validation_pct and 0 <= cfg.test_pct and cfg.validation_pct + cfg.test_pct < 100:
+        problems += folder_problems(cfg.images, cfg.test_images, cfg.validation_pct, cfg.test_pct)
     if problems:
         raise ConfigError("; ".join(problems))
 
@@ -167,8 +198,9 @@ def from_dict(d: dict) -> RunConfig:
         d["graph"] = CustomGraph(**g)
     d["train"] = TrainConfig(**d.get("train", {}))
     d["augment"] = AugmentConfig(**d.get("augment", {}))
+    d["app_preprocessing"] = AppPreprocessing(**d.get("app_preprocessing", {}))
     d["quant_modes"] = tuple(QuantMode(m) for m in d.get("quant_modes", [m.value for m in QuantMode]))
     d["tfjs_modes"] = tuple(TfjsMode(m) for m in d.get("tfjs_modes", ["float32", "float16"]))
-    d["runtimes"] = tuple(d.get("runtimes", ALL_RUNTIMES))
+    d["runtimes"] = tuple(d.get("runtimes", DEFAULT_RUNTIMES))
     known = {f.name for f in dataclasses.fields(RunConfig)}
     return RunConfig(**{k: v for k, v in d.items() if k in known})

@@ -4,8 +4,10 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import unicodedata
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Sequence
 
 from pipeline.errors import DatasetError
 from pipeline.images import IMAGE_SUFFIXES
@@ -48,8 +50,13 @@ class Dataset:
 
 
 def normalise_class_name(folder: str) -> str:
-    """Lower case, non-alphanumerics to spaces (as poets did, so labels read well in apps)."""
-    return re.sub(r"[^a-z0-9]+", " ", folder.lower()).strip()
+    """Lower case, non-alphanumerics to spaces (as poets did, so labels read well in apps).
+
+    Letters and digits of every script count ("Café" → "café", "玫瑰" stays), and names are
+    NFC-normalised so a folder copied from macOS (NFD) gives the same label.
+    """
+    name = unicodedata.normalize("NFC", folder).lower()
+    return re.sub(r"[\W_]+", " ", name).strip()
 
 
 def split_of(filename: str, validation_pct: float, test_pct: float) -> str:
@@ -69,30 +76,92 @@ def split_of(filename: str, validation_pct: float, test_pct: float) -> str:
     return "train"
 
 
-def scan_classes(root: Path) -> dict[str, list[Path]]:
-    """Maps each class folder (normalised name) to its image files, sorted.
+def _listdir(folder: Path) -> list[Path]:
+    try:
+        return list(folder.iterdir())
+    except OSError as err:
+        raise DatasetError(f"{folder}: cannot list the folder ({err.strerror or err})") from None
 
-    Hidden files and folders are ignored; only known image suffixes count.
+
+def class_folders(root: Path) -> list[tuple[str, Path]]:
+    """``(normalised name, folder)`` of every class folder under ``root``, in label order.
 
     Raises:
-        DatasetError: the folder is missing or has no class sub-folders.
+        DatasetError: the folder is missing, or two folders give the same or an empty label.
     """
     root = Path(root)
     if not root.is_dir():
         raise DatasetError(f"image folder {root} does not exist; pass --images DIR with one sub-folder per class")
-    classes: dict[str, list[Path]] = {}
-    subs = [p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    subs = [p for p in _listdir(root) if not p.name.startswith(".") and p.is_dir()]
     # Label order follows the normalised names, so renaming "Roses" to "roses" keeps the labels.
+    out: dict[str, Path] = {}
     for sub in sorted(subs, key=lambda p: (normalise_class_name(p.name), p.name)):
-        files = sorted(
-            p for p in sub.iterdir()
-            if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES
-        )
         name = normalise_class_name(sub.name)
-        if name in classes:
+        if not name:
+            raise DatasetError(f"{sub}: the folder name has no letters or digits to use as a class label; rename it")
+        if name in out:
             raise DatasetError(f"{sub}: class folder names collide after normalisation ({name!r}); rename one")
-        classes[name] = files
-    return classes
+        out[name] = sub
+    return list(out.items())
+
+
+def scan_classes(root: Path) -> dict[str, list[Path]]:
+    """Maps each class folder (normalised name) to its image files, sorted.
+
+    Hidden files and folders are ignored; only known image suffixes count. Entries with an image
+    suffix that are not regular files (dangling symlinks, FIFOs) are kept, so that the retrain
+    stage reports them as skipped instead of dropping them silently; symlinks to folders (even
+    loops) are never followed.
+
+    Raises:
+        DatasetError: the folder is missing, cannot be listed, or two class folders collide.
+    """
+    return {
+        name: sorted(
+            p for p in _listdir(sub)
+            if not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES and not p.is_dir()
+        )
+        for name, sub in class_folders(root)
+    }
+
+
+def folder_problems(
+    images: Path, test_images: Path | None = None, validation_pct: float = 10.0, test_pct: float = 10.0,
+) -> list[str]:
+    """Every reason the folders cannot be trained on, found by listing them (no image is read).
+
+    Used by the configuration check, so these problems are reported before anything is fetched.
+    """
+    try:
+        folders = class_folders(images)
+        classes = scan_classes(images)
+        test_classes = scan_classes(test_images) if test_images else {}
+    except DatasetError as err:
+        return [str(err)]
+    problems = [f"{sub}: no images (expected {', '.join(sorted(IMAGE_SUFFIXES))} files)"
+                for name, sub in folders if not classes[name]]
+    if len(classes) < 2:
+        problems.append(f"{images}: found {len(classes)} class folder(s), need at least 2 (one sub-folder per class)")
+    unknown = sorted(set(test_classes) - set(classes))
+    if unknown:
+        problems.append(f"{test_images}: classes {unknown} are not in {images}")
+    if test_images and Path(images).resolve() == Path(test_images).resolve():
+        problems.append(f"--test-images {test_images} is the --images folder: test accuracy would be "
+                        "measured on training images; pass a separate holdout folder")
+    effective_test = 0.0 if test_images else test_pct
+    for name, files in classes.items():
+        if files and all(split_of(f.name, validation_pct, effective_test) != "train" for f in files):
+            problems.append(
+                f"class {name!r}: all {len(files)} image(s) fall in the validation/test split "
+                "(by a hash of the file name); add images or lower --validation-pct/--test-pct"
+            )
+    return problems
+
+
+def _absolute(path: Path) -> str:
+    # The folder resolved, the file's own name kept: a symlinked (or dangling, or looping) image
+    # is read and reported under the name the user gave it.
+    return str(path.parent.resolve() / path.name)
 
 
 def build_dataset(
@@ -113,22 +182,47 @@ def build_dataset(
             f"validation {validation_pct}% + test {test_pct}% must leave images to train on; "
             "use percentages that add up to less than 100"
         )
-    classes = scan_classes(images)
-    problems = [f"{images}/{name}: no images" for name, files in classes.items() if not files]
-    if len(classes) < 2:
-        problems.append(f"{images}: found {len(classes)} class folder(s), need at least 2 (one sub-folder per class)")
-    test_classes = scan_classes(test_images) if test_images else {}
-    unknown = sorted(set(test_classes) - set(classes))
-    if unknown:
-        problems.append(f"{test_images}: classes {unknown} are not in {images}")
+    problems = folder_problems(images, test_images, validation_pct, test_pct)
     if problems:
         raise DatasetError("; ".join(problems))
+    classes = scan_classes(images)
+    test_classes = scan_classes(test_images) if test_images else {}
     names = tuple(classes)
     examples = []
     for label, name in enumerate(names):
         for path in classes[name]:
             split = split_of(path.name, validation_pct, 0.0 if test_images else test_pct)
-            examples.append(Example(str(path.resolve()), label, split))
+            examples.append(Example(_absolute(path), label, split))
         for path in test_classes.get(name, []):
-            examples.append(Example(str(path.resolve()), label, "test"))
+            examples.append(Example(_absolute(path), label, "test"))
     return Dataset(names, tuple(examples))
+
+
+def leakage_warnings(ds: Dataset, hashes: Sequence[str]) -> list[str]:
+    """Warnings for identical image content (by sha256 of the bytes) that makes accuracy lie.
+
+    Args:
+        hashes: one per example of ``ds`` ("" for a file that could not be read).
+
+    Returns:
+        One line per duplicate group: the same bytes filed under two classes (one label is wrong),
+        and a test image that is also a training or validation image (it inflates test accuracy).
+    """
+    groups: dict[str, list[Example]] = {}
+    for e, h in zip(ds.examples, hashes):
+        if h:
+            groups.setdefault(h, []).append(e)
+    out = []
+    for same in groups.values():
+        if len(same) < 2:
+            continue
+        labels = sorted({e.label for e in same})
+        if len(labels) > 1:
+            names = " and ".join(repr(ds.classes[k]) for k in labels)
+            out.append(f"the same image is in classes {names}: {', '.join(e.path for e in same)}")
+        test = [e for e in same if e.split == "test"]
+        seen = [e for e in same if e.split != "test"]
+        if test and seen:
+            out.append(f"test image {test[0].path} is identical to {seen[0].split} image {seen[0].path}; "
+                       "it makes test accuracy look better than it is")
+    return out

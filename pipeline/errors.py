@@ -5,6 +5,8 @@ Unexpected exceptions are not wrapped, so they keep their traceback.
 """
 from __future__ import annotations
 
+import errno
+
 EXIT_OK = 0
 EXIT_BAD_INPUT = 2
 EXIT_GATE_FAILED = 3
@@ -40,3 +42,24 @@ class VerificationFailed(PipelineError):
     """At least one converted model drifted past its agreement gate."""
 
     exit_code = EXIT_GATE_FAILED
+
+
+_DISK_ERRORS = {
+    errno.ENOSPC: ("no space left on device writing", "free some space or point --out / EDGEPIPE_CACHE_DIR at a disk with room"),
+    errno.EDQUOT: ("disk quota exceeded writing", "free some space or point --out / EDGEPIPE_CACHE_DIR at a disk with room"),
+    errno.EROFS: ("read-only file system: cannot write", "point --out / EDGEPIPE_CACHE_DIR at a writable folder"),
+    errno.EACCES: ("permission denied on", "fix the permissions or point --out / EDGEPIPE_CACHE_DIR at a folder you own"),
+    errno.EPERM: ("operation not permitted on", "fix the permissions or point --out / EDGEPIPE_CACHE_DIR at a folder you own"),
+}
+
+
+def disk_error(err: BaseException, where: str | None = None) -> PipelineError | None:
+    """One line for a full, read-only or forbidden disk, or None for any other exception.
+
+    Args:
+        where: named when the error does not carry a file name (a write() on a full disk).
+    """
+    if not isinstance(err, OSError) or err.errno not in _DISK_ERRORS:
+        return None
+    what, hint = _DISK_ERRORS[err.errno]
+    return PipelineError(f"{what} {err.filename or where or 'the run directory or the cache'}; {hint}")

@@ -808,7 +808,7 @@ def _extract(archive: Path, member: str, dest: Path, label: str, name: str) -> N
             if labels in by_name and by_name[labels].isfile():
                 wanted.append(labels)
             for want in wanted:
-                info = by_name.get(want)
+                info = _follow_links(by_name.get(want), by_name, label, name)
                 src = tar.extractfile(info) if info is not None else None
                 if src is None:
                     raise _BadContent(
@@ -830,6 +830,29 @@ def _extract(archive: Path, member: str, dest: Path, label: str, name: str) -> N
             f"{label} is not a readable archive ({why})",
             f"the download is damaged: delete it and fetch again, {_GRAPH_HINT}",
         ) from None
+
+
+def _follow_links(
+    info: tarfile.TarInfo | None, by_name: dict[str, tarfile.TarInfo], label: str, name: str
+) -> tarfile.TarInfo | None:
+    """The member a (chain of) link member(s) points to, resolved here rather than by tarfile.
+
+    ``TarFile.extractfile`` follows links itself, with a KeyError for a missing target and
+    unbounded recursion for a cycle; an archive should not be able to crash us either way.
+    """
+    seen: set[str] = set()
+    while info is not None and (info.issym() or info.islnk()):
+        if info.name in seen:
+            raise _BadContent(f"{label}: member {info.name!r} is part of a link loop",
+                              f"the archive is damaged; get the file from its official source, {_GRAPH_HINT}")
+        seen.add(info.name)
+        base = posixpath.dirname(info.name) if info.issym() else ""
+        target = _strip_dot(posixpath.normpath(posixpath.join(base, info.linkname)))
+        if target not in by_name:
+            raise _BadContent(f"{label}: member {info.name!r} is a link to {info.linkname!r}, which the archive does not have",
+                              f"fix member of {name} in models/backbones.toml, {_GRAPH_HINT}")
+        info = by_name[target]
+    return info
 
 
 def _checked_members(tar: tarfile.TarFile, label: str) -> list[tarfile.TarInfo]:

@@ -6,8 +6,12 @@ models. Normalisation (mean/std) happens inside the models, never here.
 """
 from __future__ import annotations
 
+import errno
 import io
 import os
+import re
+import stat
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -18,10 +22,55 @@ from PIL import Image, ImageOps
 from pipeline.types import Preprocessing
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp"})
+# Decoding is refused above this many pixels: it covers 50 MP phone photos (8160x6144) and 61 MP
+# full-frame cameras, while a decompression bomb (a 30000x30000 PNG of one colour is a few hundred
+# KB on disk and 2.7 GB decoded) is stopped after reading its header.
+MAX_PIXELS = 64_000_000
+# PIL warns from 89 MP on; every such image is refused here with a clearer message anyway.
+warnings.simplefilter("ignore", Image.DecompressionBombWarning)
 
 
 class ImageError(ValueError):
-    """An image that cannot be decoded; carries the reason for the skip list."""
+    """An image that cannot be decoded or read; ``reason`` is the message without the file name."""
+
+    def __init__(self, message: str, reason: str | None = None):
+        super().__init__(message)
+        self.reason = reason or message
+
+
+def _too_big(pixels: int, dims: str = "") -> str:
+    return (f"{dims or f'{pixels:,} pixels'} ({pixels / 1e6:.1f} MP) is over the {MAX_PIXELS / 1e6:.0f} MP "
+            "limit; not decoded (a decompression bomb?)")
+
+
+def read_image_file(path: Path | str) -> bytes:
+    """The bytes of an image file, refusing what is not a regular file.
+
+    A FIFO or device named ``*.jpg`` would block or never end, so the file is opened without
+    blocking and checked before reading.
+
+    Raises:
+        ImageError: a dangling symlink, symlink loop, FIFO/device, unreadable or empty file.
+    """
+    path = str(path)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError as err:
+        if os.path.islink(path) and not os.path.exists(path):
+            why = "symlink loop" if err.errno == errno.ELOOP else f"dangling symlink to {os.readlink(path)}"
+        else:
+            why = f"cannot read ({err.strerror or err})"
+        raise ImageError(f"{path}: {why}", why) from None
+    with os.fdopen(fd, "rb") as f:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            kind = "a FIFO" if stat.S_ISFIFO(mode) else "a device or socket"
+            why = f"{kind}, not a regular file"
+            raise ImageError(f"{path}: {why}", why)
+        data = f.read()
+    if not data:
+        raise ImageError(f"{path}: empty file (0 bytes)", "empty file (0 bytes)")
+    return data
 
 
 def decode_rgb(data: bytes, source: str = "<bytes>") -> np.ndarray:
@@ -33,20 +82,37 @@ def decode_rgb(data: bytes, source: str = "<bytes>") -> np.ndarray:
     Raises:
         ImageError: the bytes are not a readable image.
     """
+    def refuse(why: str) -> ImageError:
+        return ImageError(f"{source}: {why}", why)
+
+    if not data:
+        raise refuse("empty file (0 bytes)")
     try:
         with Image.open(io.BytesIO(data)) as im:
+            width, height = im.size
+            if width * height > MAX_PIXELS:
+                raise refuse(_too_big(width * height, f"{width}x{height} pixels"))
             im.seek(0)
             im = ImageOps.exif_transpose(im)
             if im.mode in ("I;16", "I;16B", "I;16L", "I"):
-                # 16-bit PNGs: scale to 8 bits rather than clipping everything to white.
+                # 16-bit greyscale PNGs: 0..65535 → 0..255 as browsers show them (not clipped to
+                # white, and not stretched to the image's own maximum).
                 arr = np.asarray(im, dtype=np.float64)
-                im = Image.fromarray((arr / max(arr.max(), 1) * 255).astype(np.uint8))
+                im = Image.fromarray(np.clip(np.round(arr / 257.0), 0, 255).astype(np.uint8))
             rgb = im.convert("RGB")
             arr = np.asarray(rgb, dtype=np.uint8)
-    except (OSError, ValueError, Image.DecompressionBombError, SyntaxError) as err:
-        raise ImageError(f"{source}: not a readable image ({err})") from None
+    except ImageError:
+        raise
+    except Image.DecompressionBombError as err:
+        # PIL refuses the largest ones while reading the header, before our check sees the size.
+        found = re.search(r"\((\d+) pixels\)", str(err))
+        raise refuse(_too_big(int(found.group(1))) if found else f"not decoded ({err})") from None
+    except Image.UnidentifiedImageError:
+        raise refuse(f"not an image in a known format (the file starts with {data[:8]!r})") from None
+    except (OSError, ValueError, SyntaxError, EOFError) as err:
+        raise refuse(f"not a readable image ({err})") from None
     if arr.ndim != 3 or arr.shape[2] != 3 or arr.shape[0] < 1 or arr.shape[1] < 1:
-        raise ImageError(f"{source}: unexpected decoded shape {arr.shape}")
+        raise refuse(f"unexpected decoded shape {arr.shape}")
     return arr
 
 
@@ -76,6 +142,10 @@ def _resize_fn(prep: Preprocessing):
 
 def resize(rgb: np.ndarray, prep: Preprocessing) -> np.ndarray:
     """Resizes uint8 RGB to float32 ``[size, size, 3]`` in 0..255 (bilinear, no antialias)."""
+    if rgb.shape[0] == rgb.shape[1] == prep.size and prep.resize_method == "bilinear":
+        # Half-pixel-centre bilinear at scale 1 samples every pixel exactly: the result is the
+        # input, so skip the TF call (about 1 ms per image, a third of extraction time).
+        return rgb.astype(np.float32)
     return _resize_fn(prep)(rgb).numpy()
 
 

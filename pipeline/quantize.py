@@ -7,6 +7,11 @@ Modes (each a converter recipe registered below):
   int8     full-integer: int8 weights and activations calibrated on the representative data
            (training split only, same preprocessing); only int8 builtin ops; float32 I/O so the
            model takes the same 0..255 input as every other variant.
+  int8-int8   full-integer with int8 input and output tensors (for integer-only accelerators).
+  int8-uint8  full-integer with uint8 input and output: the input scale comes out at 1.0 with zero
+              point 0 for 0..255 calibration data, so an app feeds decoded pixels as they are.
+  int16x8     16-bit activations, 8-bit weights: closer to float than int8, about int8's size;
+              float32 I/O.
 """
 from __future__ import annotations
 
@@ -63,6 +68,42 @@ def _int8(converter, representative):
     converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
 
 
+def _full_integer(converter, representative, io_type):
+    import tensorflow as tf
+
+    _int8(converter, representative)
+    converter.inference_input_type = io_type
+    converter.inference_output_type = io_type
+
+
+@recipe(QuantMode.INT8_INT8_IO)
+def _int8_int8_io(converter, representative):
+    import tensorflow as tf
+
+    _full_integer(converter, representative, tf.int8)
+
+
+@recipe(QuantMode.INT8_UINT8_IO)
+def _int8_uint8_io(converter, representative):
+    import tensorflow as tf
+
+    _full_integer(converter, representative, tf.uint8)
+
+
+@recipe(QuantMode.INT16X8)
+def _int16x8(converter, representative):
+    import tensorflow as tf
+
+    converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    converter.representative_dataset = representative
+    converter.target_spec.supported_ops = [
+        tf.lite.OpsSet.EXPERIMENTAL_TFLITE_BUILTINS_ACTIVATIONS_INT16_WEIGHTS_INT8
+    ]
+
+
+NEEDS_CALIBRATION = frozenset({QuantMode.INT8, QuantMode.INT8_INT8_IO, QuantMode.INT8_UINT8_IO, QuantMode.INT16X8})
+
+
 def convert_tflite(
     saved_model_dir: Path, mode: QuantMode,
     representative_images: Callable[[], Iterable[np.ndarray]] | None = None,
@@ -77,7 +118,7 @@ def convert_tflite(
     """
     import tensorflow as tf
 
-    if mode is QuantMode.INT8 and representative_images is None:
+    if mode in NEEDS_CALIBRATION and representative_images is None:
         raise ConversionError("int8 quantisation needs representative images from the training split")
     converter = tf.lite.TFLiteConverter.from_saved_model(str(saved_model_dir))
 

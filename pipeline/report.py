@@ -1,11 +1,14 @@
 """report.json, report.md and the pictures (confusion matrices, size/latency/accuracy)."""
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
 
-from pipeline.rundir import atomic_write_json, atomic_write_text
+from pipeline.rundir import atomic_write_bytes, atomic_write_json, atomic_write_text
+
+MAX_LISTED = 50  # skipped images and warnings listed in report.md; report.json has them all
 
 COLUMNS = [
     ("artifact", "artifact", "{}"), ("runtime", "runtime", "{}"),
@@ -54,8 +57,15 @@ def write_reports(root: Path, report: dict) -> None:
             lines.append(f"- {r['artifact']} in {r['runtime']}: {why}")
     else:
         lines.append("Every artifact passed its gate in every runtime.")
-    if report.get("skipped_images"):
-        lines += ["", f"{len(report['skipped_images'])} test image(s) skipped (unreadable)."]
+    skipped, warnings = report.get("skipped_images") or [], report.get("warnings") or []
+    lines += ["", f"Images skipped as unreadable: {len(skipped)}."]
+    lines += [f"- `{s['path']}`: {s['reason']}" for s in skipped[:MAX_LISTED]]
+    if len(skipped) > MAX_LISTED:
+        lines.append(f"- … and {len(skipped) - MAX_LISTED} more (report.json)")
+    if warnings:
+        lines += ["", f"## Warnings ({len(warnings)})"] + [f"- {w}" for w in warnings[:MAX_LISTED]]
+        if len(warnings) > MAX_LISTED:
+            lines.append(f"- … and {len(warnings) - MAX_LISTED} more (report.json)")
     lines += ["", "Pictures: `verify/confusion_matrices.png`, `verify/tradeoffs.png`."]
     atomic_write_text(root / "report.md", "\n".join(lines) + "\n")
 
@@ -90,7 +100,7 @@ def plot_confusion_matrices(path: Path, results: list[dict], classes: list[str])
         ax.set_ylabel("true", fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
+    _savefig(fig, path, dpi=100)
     plt.close(fig)
 
 
@@ -119,7 +129,7 @@ def plot_tradeoffs(path: Path, results: list[dict]) -> None:
     fig.colorbar(sc, label="accuracy")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    _savefig(fig, path, dpi=110)
     plt.close(fig)
 
 
@@ -139,5 +149,12 @@ def plot_training(path: Path, history: dict) -> None:
         ax.set_ylabel(key)
         ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    _savefig(fig, path, dpi=100)
     plt.close(fig)
+
+
+def _savefig(fig, path: Path, dpi: int) -> None:
+    """PNG written atomically, like every other file in the run directory."""
+    buf = io.BytesIO()
+    fig.savefig(buf, dpi=dpi, format="png")
+    atomic_write_bytes(path, buf.getvalue())

@@ -37,6 +37,15 @@ def sha256_tree(path: Path) -> str:
     return h.hexdigest()
 
 
+def _current_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _current_umask()
+
+
 def atomic_write_bytes(path: Path, data: bytes, durable: bool = True) -> None:
     """Writes ``path`` whole or not at all (a temporary file renamed into place).
 
@@ -52,6 +61,8 @@ def atomic_write_bytes(path: Path, data: bytes, durable: bool = True) -> None:
     tmp = None
     try:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        # mkstemp makes the file private (0600); artifacts get the usual permissions instead.
+        os.fchmod(fd, 0o666 & ~_UMASK)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             if durable:
@@ -86,6 +97,7 @@ def atomic_dir(final: Path) -> Iterator[Path]:
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp"))
+    os.chmod(tmp, 0o777 & ~_UMASK)  # mkdtemp's 0700 would hide bundles from a web server's user
     try:
         yield tmp
         if final.exists():

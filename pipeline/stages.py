@@ -7,9 +7,11 @@ manifest and its recorded outputs still hash the same.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import platform
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -22,15 +24,18 @@ import numpy as np
 
 from pipeline import __version__
 from pipeline.config import RunConfig
-from pipeline.dataset import Dataset, build_dataset
-from pipeline.errors import DatasetError, PipelineError, VerificationFailed
+from pipeline.dataset import Dataset, build_dataset, leakage_warnings
+from pipeline.errors import DatasetError, PipelineError, VerificationFailed, disk_error
 from pipeline.rundir import (
     RunDir, atomic_write_bytes, atomic_write_json, atomic_write_text, read_json, sha256_tree,
 )
+from pipeline.testhook import pause_point
 from pipeline.types import BackboneSpec, Preprocessing, QuantMode, TfjsMode
+from pipeline.verify import DEFAULT_GATES
 
+MAX_WARNING_LINES = 20
 VERSIONED_PACKAGES = (
-    "tensorflow", "tensorflowjs", "numpy", "keras", "tflite-runtime", "ai-edge-litert",
+    "tensorflow", "tensorflowjs", "numpy", "keras", "tflite-runtime", "ai-edge-litert", "mediapipe",
     "protobuf", "pillow", "scikit-learn",
 )
 
@@ -91,17 +96,24 @@ def _fetch_fingerprint(ctx: Context) -> dict:
 
 
 def _fetch_run(ctx: Context) -> tuple[dict[str, Path], dict]:
-    from pipeline.backbone import load_graph_def, resolve_spec
+    from pipeline.backbone import graph_fixes, load_graph_def, resolve_spec
     from pipeline.fetch import fetch
 
     spec = ctx.cfg.backbone_spec()
     got = fetch(spec, cache_dir=ctx.cfg.cache_dir, mirror=ctx.cfg.mirror,
                 offline=ctx.cfg.offline, progress=ctx.cfg.progress)
     resolved = resolve_spec(load_graph_def(got.graph_path), spec)
-    if resolved.bottleneck_tensor != spec.bottleneck_tensor:
-        log(f"note: bottleneck {spec.bottleneck_tensor} not in the graph; using {resolved.bottleneck_tensor}")
+    used = resolved.bottleneck_tensor
+    found_by = "name" if used == spec.bottleneck_tensor else "alternate" if used in spec.alternates else "shape"
+    if found_by != "name":
+        log(f"note: bottleneck {spec.bottleneck_tensor} not in the graph; using {used} (found by {found_by})")
+    fixes = graph_fixes(got.graph_path, resolved)
+    for fix in fixes:
+        log(f"note: graph rewritten: {fix.note()}")
     info = {"spec": resolved.to_dict(), "source": got.source, "checksum": got.checksum,
-            "archive_sha256": got.archive_sha256}
+            "archive_sha256": got.archive_sha256,
+            "bottleneck": {"requested": spec.bottleneck_tensor, "used": used, "found_by": found_by},
+            "graph_fixes": [fix.to_dict() for fix in fixes]}
     return {"graph": Path(got.graph_path)}, info
 
 
@@ -143,6 +155,11 @@ def _retrain_run(ctx: Context) -> tuple[dict[str, Path], dict]:
     skipped = {ds.examples[i].path: why for i, why in sorted(ext.skipped.items())}
     for path, why in skipped.items():
         log(f"skipped {path}: {why}")
+    warnings = leakage_warnings(ds, ext.hashes)
+    for w in warnings[:MAX_WARNING_LINES]:
+        log(f"warning: {w}")
+    if len(warnings) > MAX_WARNING_LINES:
+        log(f"warning: ... and {len(warnings) - MAX_WARNING_LINES} more duplicates (all in {out / 'metrics.json'})")
     ok = set(ext.ok)
     kept = [e for i, e in enumerate(ds.examples) if i in ok]
     ds = Dataset(ds.classes, tuple(kept))
@@ -150,8 +167,13 @@ def _retrain_run(ctx: Context) -> tuple[dict[str, Path], dict]:
     y = np.array([e.label for e in kept], np.int64)
     split = np.array([e.split for e in kept])
     train = split == "train"
-    if len(set(y[train])) < 2:
-        raise DatasetError(f"{c.images}: fewer than two classes have readable training images")
+    missing = [name for k, name in enumerate(ds.classes) if not np.any(y[train] == k)]
+    if missing:
+        raise DatasetError(
+            f"{c.images}: no readable training images in class(es) {', '.join(map(repr, missing))} "
+            f"({len(skipped)} image(s) skipped, listed above); add readable images or remove the folder"
+        )
+    pause_point("train")
     x_train, y_train = feats[train], y[train]
     if ext.augmented is not None:
         # Augmented copies join the training set only; validation and test stay untouched.
@@ -187,7 +209,7 @@ def _retrain_run(ctx: Context) -> tuple[dict[str, Path], dict]:
     np.savez(buf, **head.to_npz())
     atomic_write_bytes(out / "head.npz", buf.getvalue())
     atomic_write_json(out / "metrics.json", {
-        "counts": counts, "skipped": skipped,
+        "counts": counts, "skipped": skipped, "warnings": warnings,
         "bottlenecks": {"computed": ext.computed, "cached": ext.cached, "seconds": round(extract_s, 2)},
         "history": head.history, "misclassified": misclassified,
         "augmented_training_examples": int(len(x_train) - train.sum()), **metrics,
@@ -234,14 +256,30 @@ def _calibration_paths(ctx: Context) -> list[str]:
 
 def _quantize_fingerprint(ctx: Context) -> dict:
     return {"export": _upstream(ctx, "export"), "modes": [m.value for m in ctx.cfg.quant_modes],
-            "calibration": _calibration_paths(ctx)}
+            "calibration": _calibration_paths(ctx), "golden": _golden_source(ctx)}
+
+
+def _golden_source(ctx: Context) -> list[str]:
+    """The test images golden vectors are picked from (``pipeline/golden.py``), for fingerprints."""
+    return sorted(e.path for e in ctx.dataset().split("test"))
+
+
+def _golden(ctx: Context):
+    from pipeline.golden import build_golden
+
+    return build_golden(ctx.run.stage("export") / "savedmodel", ctx.dataset().split("test"),
+                        ctx.dataset().classes, ctx.spec().preprocessing)
 
 
 def _quantize_run(ctx: Context) -> tuple[dict[str, Path], dict]:
+    from pipeline.golden import GOLDEN_DIR, write_golden
     from pipeline.images import load_files
+    from pipeline.metadata import preprocessing_contract, with_metadata
     from pipeline.quantize import convert_tflite, write_tflite
 
     sm = ctx.run.stage("export") / "savedmodel"
+    labels = list(ctx.dataset().classes)
+    contract = preprocessing_contract(read_json(ctx.run.stage("export") / "preprocessing.json"))
     prep = ctx.spec().preprocessing
     calib = _calibration_paths(ctx)
 
@@ -254,22 +292,34 @@ def _quantize_run(ctx: Context) -> tuple[dict[str, Path], dict]:
     for mode in ctx.cfg.quant_modes:
         t0 = time.perf_counter()
         path = ctx.run.stage("quantize") / f"{mode.value}.tflite"
-        write_tflite(path, convert_tflite(sm, mode, representative))
+        # Every file carries its labels and preprocessing contract (TFLite metadata).
+        about = (f"{ctx.spec().name} + retrained head, {len(labels)} classes, TFLite {mode.value}, by edgepipe "
+                 f"{__version__}. Input float32 RGB 0..255 at {contract['size']}x{contract['size']}; "
+                 "see preprocessing.json.")
+        write_tflite(path, with_metadata(convert_tflite(sm, mode, representative), labels, contract,
+                                         f"edgepipe {ctx.spec().name} {mode.value}", about))
         log(f"quantize: {path.name} {path.stat().st_size / 1e6:.2f} MB in {time.perf_counter() - t0:.1f} s")
+        pause_point("quantize")
         outputs[f"tflite-{mode.value}"] = path
+    outputs["golden"] = write_golden(ctx.run.stage("quantize") / GOLDEN_DIR, _golden(ctx)).parent
     return outputs, {"calibration_images": len(calib)}
 
 
 # --- tfjs --------------------------------------------------------------------------------------
 
 def _tfjs_fingerprint(ctx: Context) -> dict:
-    return {"export": _upstream(ctx, "export"), "modes": [m.value for m in ctx.cfg.tfjs_modes]}
+    from pipeline.web import page_fingerprint
+
+    return {"export": _upstream(ctx, "export"), "modes": [m.value for m in ctx.cfg.tfjs_modes],
+            "page": page_fingerprint(), "golden": _golden_source(ctx)}
 
 
 def _tfjs_run(ctx: Context) -> tuple[dict[str, Path], dict]:
+    from pipeline.golden import GOLDEN_DIR, write_golden
     from pipeline.tfjs import bundle_size, convert_tfjs
 
     sm = ctx.run.stage("export") / "savedmodel"
+    golden = _golden(ctx) if ctx.cfg.tfjs_modes else None
     meta = {
         "labels": list(ctx.dataset().classes),
         "preprocessing": read_json(ctx.run.stage("export") / "preprocessing.json"),
@@ -279,6 +329,7 @@ def _tfjs_run(ctx: Context) -> tuple[dict[str, Path], dict]:
     for mode in ctx.cfg.tfjs_modes:
         t0 = time.perf_counter()
         bundle = convert_tfjs(sm, ctx.run.stage("tfjs") / mode.value, mode, meta)
+        write_golden(bundle / GOLDEN_DIR, golden)
         log(f"tfjs: {mode.value} bundle {bundle_size(bundle) / 1e6:.2f} MB in {time.perf_counter() - t0:.1f} s")
         outputs[f"tfjs-{mode.value}"] = bundle
     return outputs, {}
@@ -289,12 +340,16 @@ def _tfjs_run(ctx: Context) -> tuple[dict[str, Path], dict]:
 def _verify_fingerprint(ctx: Context) -> dict:
     c = ctx.cfg
     return {"upstream": _upstream(ctx, "retrain", "export", "quantize", "tfjs"),
-            "runtimes": list(c.runtimes), "gates": c.gates}
+            "runtimes": list(c.runtimes), "gates": {k: c.gate(k) for k in DEFAULT_GATES} | c.gates,
+            "stress": c.stress, "app_preprocessing": c.app_preprocessing.to_dict()}
 
 
 def _verify_run(ctx: Context) -> tuple[dict[str, Path], dict]:
-    from pipeline.images import ImageError, load_image
+    from pipeline.images import ImageError, decode_rgb, read_image_file
     from pipeline.report import plot_confusion_matrices, plot_tradeoffs, write_reports
+    from pipeline.report_html import write_html_report
+    from pipeline.stress import MISTAKES, AppPreprocessing, prepare_batch
+    from pipeline.runners.mediapipe import MediapipeRunner, unsupported_input
     from pipeline.runners.tflite import TfliteRunner
     from pipeline.runners.tfjs_node import TfjsWasmRunner
     from pipeline.tfjs import bundle_size
@@ -308,11 +363,22 @@ def _verify_run(ctx: Context) -> tuple[dict[str, Path], dict]:
     images, labels, skipped = [], [], []
     for e in test:
         try:
-            images.append(load_image(Path(e.path).read_bytes(), prep, e.path))
+            images.append(decode_rgb(read_image_file(e.path), e.path))
             labels.append(e.label)
         except (ImageError, OSError) as err:
-            skipped.append({"path": e.path, "reason": str(err)})
-    x = np.stack(images).astype(np.float32)
+            # Readable at retrain time (unreadable ones were dropped there), changed since.
+            why = err.reason if isinstance(err, ImageError) else f"cannot read ({err.strerror or err})"
+            skipped.append({"path": e.path, "reason": why})
+            log(f"skipped {e.path}: {why}")
+    if not images:
+        raise DatasetError(f"none of the {len(test)} test images can be read (listed above); "
+                           "restore them or run retrain again")
+    x = prepare_batch(images, prep, AppPreprocessing())
+    app = ctx.cfg.app_preprocessing
+    app_differs = app != AppPreprocessing()
+    # Converted models get their inputs the way the deploying app prepares them (the contract
+    # unless --app-preprocessing says otherwise); the reference always gets the contract.
+    x_app = prepare_batch(images, prep, app) if app_differs else x
     y = np.array(labels)
     n_cls = len(ds.classes)
     sm_dir = ctx.run.stage("export") / "savedmodel"
@@ -320,37 +386,91 @@ def _verify_run(ctx: Context) -> tuple[dict[str, Path], dict]:
     log(f"verify: reference SavedModel on {len(x)} test images")
     ref_pred = SavedModelRunner().predict(sm.path, x)
     ref = ref_pred.probabilities
-    gates = ctx.cfg.gates
-    results = [evaluate(sm, "tensorflow", ref_pred, ref, y, n_cls, gates["savedmodel"])]
+    results = [evaluate(sm, "tensorflow", ref_pred, ref, y, n_cls, ctx.cfg.gate("savedmodel"))]
     pairs = []
     for name, o in ctx.stage_info("quantize")["outputs"].items():
+        if not name.startswith("tflite-"):
+            continue  # quantize/golden
         art = Artifact(name, Path(o["path"]), Path(o["path"]).stat().st_size)
         pairs += [(art, TfliteRunner(r)) for r in ("tflite-runtime", "ai-edge-litert") if r in ctx.cfg.runtimes]
+        if "mediapipe-tasks" in ctx.cfg.runtimes:
+            why = unsupported_input(art.path)
+            if why:
+                log(f"verify: {art.name:15s} mediapipe-tasks skipped: {why}")
+            else:
+                pairs.append((art, MediapipeRunner(ds.classes)))
     if "tfjs-wasm" in ctx.cfg.runtimes:
         for name, o in ctx.stage_info("tfjs")["outputs"].items():
             pairs.append((Artifact(name, Path(o["path"]), bundle_size(Path(o["path"]))), TfjsWasmRunner()))
     for art, runner in pairs:
-        pred, err = run_one(runner, art, x, ctx.cfg.runtime_timeout_s)
-        row = evaluate(art, runner.name, pred, ref, y, n_cls, gates.get(art.name, 1.0), err)
+        pred, err = run_one(runner, art, x_app, ctx.cfg.runtime_timeout_s)
+        row = evaluate(art, runner.name, pred, ref, y, n_cls, ctx.cfg.gate(art.name), err)
         results.append(row)
         status = "ok" if row.passed else "FAILED"
         detail = row.error or f"agreement {row.top1_agreement:.4f}, acc {row.accuracy:.4f}, {row.latency_ms:.2f} ms/img"
         log(f"verify: {art.name:15s} {runner.name:15s} {status}: {detail}")
+    stress = []
+    if ctx.cfg.stress:
+        fn = SavedModelRunner().predict
+        for name, mistake in MISTAKES.items():
+            probs = fn(sm.path, prepare_batch(images, prep, mistake), timing=False).probabilities
+            agree = float((probs.argmax(1) == ref.argmax(1)).mean())
+            acc = float((probs.argmax(1) == y).mean())
+            stress.append({"mistake": name, "setting": mistake.differences()[0], "accuracy": acc,
+                           "accuracy_drop": results[0].accuracy - acc, "top1_agreement": agree,
+                           "mean_abs_diff": float(np.abs(probs - ref).mean())})
+            log(f"verify --stress: {name:38s} accuracy {acc:.4f} ({acc - results[0].accuracy:+.4f}), agreement {agree:.4f}")
     out = ctx.run.stage("verify")
     out.mkdir(parents=True, exist_ok=True)
     rows = [r.to_dict() for r in results]
+    # Images dropped by retrain (train, validation and test alike) belong in the report as well.
+    retrain_metrics = read_json(ctx.run.stage("retrain") / "metrics.json", default={}) or {}
+    retrain_skipped = [{"path": p, "reason": r} for p, r in retrain_metrics.get("skipped", {}).items()]
     report = {
         "backbone": ctx.spec().name, "classes": list(ds.classes), "n_test": int(len(x)),
         "test_images": [e.path for e in test if e.path not in {s["path"] for s in skipped}],
-        "skipped_images": skipped, "results": rows,
+        "skipped_images": retrain_skipped + skipped, "warnings": retrain_metrics.get("warnings", []),
+        "results": rows,
         "passed": all(r.passed for r in results),
+        "app_preprocessing": {"settings": app.to_dict(), "differences": app.differences()},
+        "stress": stress,
+        "recommendation": recommend(rows),
     }
     write_reports(ctx.run.root, report)
+    write_html_report(ctx.run.root / "report.html", report, images)
     plot_confusion_matrices(out / "confusion_matrices.png", rows, list(ds.classes))
     plot_tradeoffs(out / "tradeoffs.png", rows)
-    np.savez_compressed(out / "reference.npz", probabilities=ref, labels=y)
+    import io
+
+    buf = io.BytesIO()
+    np.savez_compressed(buf, probabilities=ref, labels=y)
+    atomic_write_bytes(out / "reference.npz", buf.getvalue())
     outputs = {"report": ctx.run.root / "report.json", "report_md": ctx.run.root / "report.md"}
-    return outputs, {"passed": report["passed"], "failed": [f"{r.artifact}/{r.runtime}" for r in results if not r.passed]}
+    outputs["report_html"] = ctx.run.root / "report.html"
+    return outputs, {"passed": report["passed"], "failed": [f"{r.artifact}/{r.runtime}" for r in results if not r.passed],
+                     "app_differences": app.differences()}
+
+
+def recommend(rows: list[dict]) -> dict | None:
+    """The smallest converted artifact that passes every gate in every runtime it ran in, the
+    fastest (runtime, artifact) among the passing ones, and why."""
+    by_artifact: dict[str, list[dict]] = {}
+    for r in rows:
+        if r["artifact"] != "savedmodel":
+            by_artifact.setdefault(r["artifact"], []).append(r)
+    passing = {a: rs for a, rs in by_artifact.items() if all(r["passed"] for r in rs)}
+    if not passing:
+        return None
+    smallest = min(passing, key=lambda a: (passing[a][0]["size_bytes"], min(r["latency_ms"] for r in passing[a])))
+    fastest = min((r for rs in passing.values() for r in rs), key=lambda r: (r["latency_ms"], r["size_bytes"]))
+    best_rt = min(passing[smallest], key=lambda r: r["latency_ms"])
+    return {
+        "artifact": smallest, "runtime": best_rt["runtime"], "size_bytes": best_rt["size_bytes"],
+        "latency_ms": best_rt["latency_ms"], "top1_agreement": min(r["top1_agreement"] for r in passing[smallest]),
+        "accuracy": best_rt["accuracy"],
+        "fastest": {"artifact": fastest["artifact"], "runtime": fastest["runtime"], "latency_ms": fastest["latency_ms"]},
+        "why": f"smallest of {len(passing)} artifacts that pass every gate in every runtime",
+    }
 
 
 @dataclass(frozen=True)
@@ -394,6 +514,16 @@ def _up_to_date(info: dict | None, fingerprint: str) -> bool:
     return True
 
 
+def _remove_temporaries(folder: Path) -> None:
+    """Removes what a killed run left half-written (``.NAME.*.tmp``, see rundir) before a rerun."""
+    if folder.is_dir():
+        for p in sorted(folder.rglob(".*.tmp"), reverse=True):
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+
+
 def run_stages(cfg: RunConfig, until: str = "verify") -> dict:
     """Runs the stages up to and including ``until``, skipping those that are up to date.
 
@@ -421,10 +551,16 @@ def run_stages(cfg: RunConfig, until: str = "verify") -> dict:
         manifest["stages"][stage.name] = {"status": "running", "fingerprint": fp}
         run.save_manifest(manifest)
         try:
+            _remove_temporaries(run.stage(stage.name))
             outputs, extra = stage.run(ctx)
         except BaseException as err:
-            manifest["stages"][stage.name].update(status="failed", error=str(err)[:500])
-            run.save_manifest(manifest)
+            mapped = disk_error(err, str(run.stage(stage.name)))
+            manifest["stages"][stage.name].update(status="failed", error=str(mapped or err)[:500])
+            with contextlib.suppress(OSError):
+                # On a full disk the manifest may not fit either; the error raised below says why.
+                run.save_manifest(manifest)
+            if mapped:
+                raise mapped from err
             raise
         entry = {
             "status": "done", "fingerprint": fp,
@@ -440,7 +576,10 @@ def run_stages(cfg: RunConfig, until: str = "verify") -> dict:
         log(f"{stage.name}: done in {entry['seconds']:.1f} s")
     verify = manifest["stages"].get("verify")
     if until == "verify" and verify and verify.get("status") == "failed":
+        cause = ""
+        if verify["info"].get("app_differences"):
+            cause = (f"; the app preprocessing differs from the contract: {', '.join(verify['info']['app_differences'])}")
         raise VerificationFailed(
-            f"verification failed for {', '.join(verify['info']['failed'])}; see {run.root / 'report.md'}"
+            f"verification failed for {', '.join(verify['info']['failed'])}{cause}; see {run.root / 'report.md'}"
         )
     return manifest

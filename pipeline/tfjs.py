@@ -1,7 +1,8 @@
 """SavedModel → TF.js graph-model bundles, one per :class:`TfjsMode` (weights dtype).
 
 Each bundle is a folder with ``model.json`` (labels and the preprocessing contract in
-``userDefinedMetadata``) and its weight shards.
+``userDefinedMetadata``), its weight shards and a static demo page (``index.html`` + ``tf.min.js``,
+see :mod:`pipeline.web`).
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from pathlib import Path
 from pipeline.errors import ConversionError
 from pipeline.rundir import atomic_dir
 from pipeline.types import TfjsMode
+from pipeline.web import PAGE_FILES, add_demo_page
 
 # TF-DF (imported by tensorflowjs) imports IPython for a banner when stdout is not a tty.
 os.environ.setdefault("TFDF_DISABLE_WELCOME_MESSAGE", "1")
@@ -37,6 +39,7 @@ def convert_tfjs(
 
     Raises:
         ConversionError: the converter refused the model.
+        PipelineError: ``tf.min.js`` for the demo page is not installed (``make setup``).
     """
     from tensorflowjs.converters import tf_saved_model_conversion_v2 as tfjs_conv
 
@@ -59,8 +62,11 @@ def convert_tfjs(
         for item in target.iterdir():
             os.replace(item, tmp / item.name)
         shutil.rmtree(target)
+        add_demo_page(tmp)
     return out_dir
 
 
 def bundle_size(bundle: Path) -> int:
-    return sum(p.stat().st_size for p in Path(bundle).iterdir() if p.is_file())
+    """Bytes of the model (``model.json`` + shards); the demo page's files are not the model."""
+    files = (p for p in Path(bundle).iterdir() if p.is_file() and p.name not in PAGE_FILES)
+    return sum(p.stat().st_size for p in files)

@@ -59,6 +59,9 @@ class QuantMode(str, enum.Enum):
     FLOAT16 = "float16"
     DYNAMIC = "dynamic"
     INT8 = "int8"
+    INT8_INT8_IO = "int8-int8"
+    INT8_UINT8_IO = "int8-uint8"
+    INT16X8 = "int16x8"
 
 
 class TfjsMode(str, enum.Enum):

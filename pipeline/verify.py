@@ -23,6 +23,9 @@ DEFAULT_GATES: dict[str, float] = {
     "tflite-float16": 0.98,
     "tflite-dynamic": 0.95,
     "tflite-int8": 0.90,
+    "tflite-int8-int8": 0.90,
+    "tflite-int8-uint8": 0.90,
+    "tflite-int16x8": 0.95,
     "tfjs-float32": 0.99,
     "tfjs-float16": 0.98,
     "tfjs-uint8": 0.90,
@@ -54,7 +57,9 @@ class Result:
     passed: bool
     error: str | None = None
     confusion_matrix: list = field(default_factory=list)
+    per_class_agreement: list = field(default_factory=list)
     flipped: list = field(default_factory=list)   # indices of test images whose top-1 changed
+    flipped_to: list = field(default_factory=list)  # this artifact's top-1 class for each of them
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -71,7 +76,10 @@ def compare(reference: np.ndarray, probs: np.ndarray, labels: np.ndarray, num_cl
     pred = probs.argmax(1)
     flipped = np.nonzero(pred != reference.argmax(1))[0]
     m = classification_metrics(labels, pred, num_classes)
+    same = pred == reference.argmax(1)
+    per_class = [float(same[labels == k].mean()) if np.any(labels == k) else None for k in range(num_classes)]
     return {
+        "per_class_agreement": per_class,
         "top1_agreement": float(1 - len(flipped) / max(len(pred), 1)),
         "accuracy": m["accuracy"],
         "macro_precision": m["macro_precision"],
@@ -82,6 +90,7 @@ def compare(reference: np.ndarray, probs: np.ndarray, labels: np.ndarray, num_cl
         "kl_divergence": kl,
         "confusion_matrix": m["confusion_matrix"],
         "flipped": [int(i) for i in flipped],
+        "flipped_to": [int(pred[i]) for i in flipped],
     }
 
 
@@ -109,14 +118,23 @@ class SavedModelRunner:
 
     name = "tensorflow"
 
-    def predict(self, artifact: Path, images: np.ndarray, timeout_s: float = 600.0) -> Prediction:
+    def __init__(self):
+        self._loaded: dict[str, object] = {}
+
+    def predict(self, artifact: Path, images: np.ndarray, timeout_s: float = 600.0,
+                timing: bool = True) -> Prediction:
         import tensorflow as tf
 
-        fn = tf.saved_model.load(str(artifact)).signatures["serving_default"]
+        key = str(artifact)
+        if key not in self._loaded:
+            self._loaded[key] = tf.saved_model.load(key).signatures["serving_default"]
+        fn = self._loaded[key]
         probs = np.concatenate([
             fn(images=tf.constant(images[k:k + 32]))["probabilities"].numpy()
             for k in range(0, len(images), 32)
         ]) if len(images) else np.zeros((0, 0), np.float32)
+        if not timing:
+            return Prediction(probs.astype(np.float32), float("nan"))
         fn(images=tf.constant(images[:1]))  # warm-up for the latency figure
         start = time.perf_counter()
         for img in images:

@@ -57,6 +57,22 @@ def _reason(stderr: str) -> str:
     return (errors or lines or ["no output"])[-1][:300]
 
 
+def _quantise(x: np.ndarray, detail: dict) -> np.ndarray:
+    dtype = np.dtype(detail["dtype"])
+    if dtype.kind == "f":
+        return x.astype(dtype)
+    scale, zero = detail["quantization"]
+    info = np.iinfo(dtype)
+    return np.clip(np.round(x / scale + zero), info.min, info.max).astype(dtype)
+
+
+def _dequantise(y: np.ndarray, detail: dict) -> np.ndarray:
+    if np.dtype(detail["dtype"]).kind == "f":
+        return y
+    scale, zero = detail["quantization"]
+    return (y.astype(np.float32) - zero) * scale
+
+
 def _worker(runtime: str, model: str, inp: str, out: str) -> None:
     import importlib
     import time
@@ -65,14 +81,18 @@ def _worker(runtime: str, model: str, inp: str, out: str) -> None:
     interp = interpreter_mod.Interpreter(model_path=model, num_threads=1)
     runner = interp.get_signature_runner("serving_default")
     images = np.load(inp)
-    input_name = next(iter(runner.get_input_details()))
+    input_name, in_detail = next(iter(runner.get_input_details().items()))
+    out_detail = runner.get_output_details()["probabilities"]
+    # Integer-I/O models take quantised pixels and return quantised scores; an app does the same
+    # conversion with the scale and zero point stored in the file, and so do we.
+    images = _quantise(images, in_detail)
     outputs = []
     runner(**{input_name: images[:1]})  # warm-up: first call allocates and prepares kernels
     start = time.perf_counter()
     for img in images:
         outputs.append(runner(**{input_name: img[None]})["probabilities"][0])
     elapsed = time.perf_counter() - start
-    np.save(out, np.stack(outputs).astype(np.float32))
+    np.save(out, _dequantise(np.stack(outputs), out_detail).astype(np.float32))
     print(json.dumps({"latency_ms": 1000 * elapsed / max(len(images), 1)}))
 
 

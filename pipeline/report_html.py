@@ -1,0 +1,198 @@
+"""report.html: one self-contained page (pictures inlined), readable offline."""
+from __future__ import annotations
+
+import base64
+import html
+import io
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.rundir import atomic_write_text
+
+CSS = """
+body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1300px;color:#222;padding:0 1em}
+table{border-collapse:collapse;margin:1em 0;font-size:13px}td,th{border:1px solid #ccc;padding:3px 7px;text-align:right}
+th{background:#f3f3f3}td.l,th.l{text-align:left}.pass{color:#176b1b;font-weight:600}.fail{color:#b00020;font-weight:600}
+.banner{padding:.8em 1em;border-radius:6px;margin:1em 0}.ok{background:#e6f4e6}.bad{background:#fde7ea}
+.thumbs{display:flex;flex-wrap:wrap;gap:8px}.thumbs figure{margin:0;font-size:11px;width:100px}
+.thumbs img{width:96px;height:96px;object-fit:cover;border:1px solid #ccc}img.plot{max-width:100%}
+"""
+
+
+def _png(fig) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def _thumb(rgb: np.ndarray) -> str:
+    from PIL import Image
+
+    im = Image.fromarray(rgb)
+    im.thumbnail((96, 96))
+    buf = io.BytesIO()
+    im.save(buf, "JPEG", quality=80)
+    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def _confusion_figure(results: list[dict], classes: list[str]):
+    """Each (artifact, runtime): its confusion matrix and its difference from the reference's."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in results if r.get("confusion_matrix")]
+    ref = np.asarray(rows[0]["confusion_matrix"])
+    n = len(rows)
+    cell = max(2.6, 0.32 * len(classes) + 1.2)
+    fig, axes = plt.subplots(n, 2, figsize=(2 * cell, cell * n), squeeze=False)
+    for (ax, dax), r in zip(axes, rows):
+        cm = np.asarray(r["confusion_matrix"])
+        delta = cm - ref
+        ax.imshow(cm, cmap="Blues")
+        lim = max(1, np.abs(delta).max())
+        dax.imshow(delta, cmap="RdBu_r", vmin=-lim, vmax=lim)
+        for (i, j), v in np.ndenumerate(cm):
+            if v:
+                ax.text(j, i, str(v), ha="center", va="center", fontsize=6)
+            if delta[i, j]:
+                dax.text(j, i, f"{delta[i, j]:+d}", ha="center", va="center", fontsize=6)
+        ax.set_title(f"{r['artifact']} / {r['runtime']}", fontsize=8)
+        dax.set_title("Δ vs reference", fontsize=8)
+        for a in (ax, dax):
+            a.set_xticks(range(len(classes)), classes, rotation=90, fontsize=6)
+            a.set_yticks(range(len(classes)), classes, fontsize=6)
+    fig.tight_layout()
+    src = _png(fig)
+    plt.close(fig)
+    return src
+
+
+def _tradeoff_figure(results: list[dict]):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in results if r.get("latency_ms") is not None]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(13, 4.8))
+    for r in rows:
+        colour = "tab:green" if r["passed"] else "tab:red"
+        label = f"{r['artifact']}\n{r['runtime']}"
+        a.scatter(r["size_bytes"] / 1e6, r["latency_ms"], c=colour, s=40)
+        a.annotate(label, (r["size_bytes"] / 1e6, r["latency_ms"]), fontsize=6, xytext=(3, 3), textcoords="offset points")
+        b.scatter(r["size_bytes"] / 1e6, r["accuracy"], c=colour, s=40)
+        b.annotate(f"{label} ({r['top1_agreement']:.3f})", (r["size_bytes"] / 1e6, r["accuracy"]), fontsize=6,
+                   xytext=(3, 3), textcoords="offset points")
+    a.set_yscale("log")
+    a.set_xlabel("size (MB)")
+    a.set_ylabel("ms per image (1 thread)")
+    a.set_title("size vs latency (green = passed its gate)")
+    b.set_xlabel("size (MB)")
+    b.set_ylabel("test accuracy")
+    b.set_title("size vs accuracy (label: top-1 agreement)")
+    fig.tight_layout()
+    src = _png(fig)
+    plt.close(fig)
+    return src
+
+
+def _fmt(v, spec: str) -> str:
+    return "—" if v is None else format(v, spec)
+
+
+def _why(r: dict) -> str:
+    if r.get("error"):
+        return r["error"]
+    return f"top-1 agreement {r['top1_agreement']:.4f} < gate {r['gate']:.2f}"
+
+
+def write_html_report(path: Path, report: dict, images: list[np.ndarray]) -> None:
+    """Writes the page; ``images`` are the decoded test images in report order (for thumbnails)."""
+    e = html.escape
+    classes = report["classes"]
+    results = report["results"]
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>edgepipe report: {e(report['backbone'])}</title>"
+             f"<style>{CSS}</style></head><body>"]
+    parts.append(f"<h1>edgepipe verification — {e(report['backbone'])}</h1>")
+    parts.append(f"<p>{report['n_test']} test images, {len(classes)} classes: {e(', '.join(classes))}. "
+                 "Reference: the exported SavedModel in TensorFlow.</p>")
+    failed = [r for r in results if not r["passed"]]
+    if failed:
+        items = "".join(f"<li>{e(r['artifact'])} in {e(r['runtime'])}: {e(_why(r))}</li>" for r in failed)
+        parts.append(f"<div class='banner bad'><b>{len(failed)} failed</b><ul>{items}</ul></div>")
+    else:
+        parts.append("<div class='banner ok'><b>Every artifact passed its gate in every runtime.</b></div>")
+    app = report.get("app_preprocessing") or {}
+    if app.get("differences"):
+        parts.append("<div class='banner bad'>Converted models were fed as the app prepares images, which differs "
+                     f"from the contract: {e('; '.join(app['differences']))}.</div>")
+    rec = report.get("recommendation")
+    if rec:
+        parts.append(f"<div class='banner ok'><b>Recommended:</b> {e(rec['artifact'])} — {rec['size_bytes'] / 1e6:.2f} MB, "
+                     f"{rec['latency_ms']:.2f} ms/image in {e(rec['runtime'])}, accuracy {rec['accuracy']:.4f}, "
+                     f"agreement ≥ {rec['top1_agreement']:.4f} ({e(rec['why'])}). Fastest passing: "
+                     f"{e(rec['fastest']['artifact'])} in {e(rec['fastest']['runtime'])} "
+                     f"({rec['fastest']['latency_ms']:.2f} ms).</div>")
+
+    parts.append("<h2>Results</h2><table><tr><th class=l>artifact</th><th class=l>runtime</th><th>agreement</th>"
+                 "<th>gate</th><th>accuracy</th><th>macro P</th><th>macro R</th><th>macro F1</th><th>max |Δp|</th>"
+                 "<th>mean |Δp|</th><th>KL</th><th>size MB</th><th>ms/img</th><th>result</th></tr>")
+    for r in sorted(results, key=lambda r: r["size_bytes"]):
+        ok = "<span class=pass>PASS</span>" if r["passed"] else "<span class=fail>FAIL</span>"
+        parts.append(
+            f"<tr><td class=l>{e(r['artifact'])}</td><td class=l>{e(r['runtime'])}</td>"
+            f"<td>{_fmt(r['top1_agreement'], '.4f')}</td><td>{r['gate']:.2f}</td><td>{_fmt(r['accuracy'], '.4f')}</td>"
+            f"<td>{_fmt(r['macro_precision'], '.4f')}</td><td>{_fmt(r['macro_recall'], '.4f')}</td>"
+            f"<td>{_fmt(r['macro_f1'], '.4f')}</td><td>{_fmt(r['max_abs_diff'], '.2e')}</td>"
+            f"<td>{_fmt(r['mean_abs_diff'], '.2e')}</td><td>{_fmt(r.get('kl_divergence'), '.2e')}</td>"
+            f"<td>{r['size_bytes'] / 1e6:.2f}</td><td>{_fmt(r['latency_ms'], '.2f')}</td><td>{ok}</td></tr>")
+    parts.append("</table>")
+    if any(r.get("latency_ms") is not None for r in results):
+        parts.append(f"<h2>Size, latency, accuracy</h2><img class=plot src='{_tradeoff_figure(results)}'>")
+
+    parts.append("<h2>Agreement per class</h2><table><tr><th class=l>artifact / runtime</th>"
+                 + "".join(f"<th>{e(c)}</th>" for c in classes) + "</tr>")
+    for r in results:
+        if r.get("per_class_agreement"):
+            cells = "".join(f"<td>{_fmt(v, '.3f')}</td>" for v in r["per_class_agreement"])
+            parts.append(f"<tr><td class=l>{e(r['artifact'])} / {e(r['runtime'])}</td>{cells}</tr>")
+    parts.append("</table>")
+
+    parts.append("<h2>Images whose top-1 flipped</h2>")
+    any_flip = False
+    for r in results:
+        if not r.get("flipped"):
+            continue
+        any_flip = True
+        figs = []
+        for idx, to in zip(r["flipped"], r.get("flipped_to", [])):
+            name = Path(report["test_images"][idx]).name if idx < len(report.get("test_images", [])) else str(idx)
+            thumb = _thumb(images[idx]) if idx < len(images) else ""
+            figs.append(f"<figure><img src='{thumb}' alt='{e(name)}'><figcaption>{e(name)}<br>→ "
+                        f"{e(classes[to])}</figcaption></figure>")
+        parts.append(f"<h3>{e(r['artifact'])} / {e(r['runtime'])}: {len(r['flipped'])}</h3><div class=thumbs>{''.join(figs)}</div>")
+    if not any_flip:
+        parts.append("<p>None: every converted model gives the reference's top-1 on every test image.</p>")
+
+    parts.append(f"<h2>Confusion matrices</h2><p>Rows: true class; columns: predicted. Right: difference from the "
+                 f"reference's matrix.</p><img class=plot src='{_confusion_figure(results, classes)}'>")
+
+    if report.get("stress"):
+        parts.append("<h2>Preprocessing stress (reference model, the usual app mistakes)</h2><table><tr>"
+                     "<th class=l>mistake</th><th class=l>setting</th><th>accuracy</th><th>drop</th>"
+                     "<th>agreement</th><th>mean |Δp|</th></tr>")
+        for s in report["stress"]:
+            parts.append(f"<tr><td class=l>{e(s['mistake'])}</td><td class=l>{e(s['setting'])}</td>"
+                         f"<td>{s['accuracy']:.4f}</td><td>{s['accuracy_drop']:+.4f}</td>"
+                         f"<td>{s['top1_agreement']:.4f}</td><td>{s['mean_abs_diff']:.3e}</td></tr>")
+        parts.append("</table>")
+    skipped, warnings = report.get("skipped_images") or [], report.get("warnings") or []
+    if skipped or warnings:
+        parts.append("<h2>Data problems</h2><ul>"
+                     + "".join(f"<li>skipped {e(s['path'])}: {e(s['reason'])}</li>" for s in skipped[:200])
+                     + "".join(f"<li>warning: {e(w)}</li>" for w in warnings[:200]) + "</ul>")
+    parts.append("</body></html>")
+    atomic_write_text(path, "\n".join(parts))

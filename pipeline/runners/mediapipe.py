@@ -1,0 +1,163 @@
+"""TFLite models through MediaPipe Tasks' ``ImageClassifier``: a consumer that only has the file.
+
+MediaPipe takes nothing from us but the .tflite file: it finds the labels (``labels.txt``,
+TENSOR_AXIS_LABELS), the input normalisation (NormalizationOptions) and the head names in the
+TFLite metadata written by :mod:`pipeline.metadata`. If that metadata were wrong — labels out of
+order, a normalisation that rescales the pixels — this runner would disagree with the reference.
+
+It runs the way an app runs it: a ``mp.Image`` of uint8 SRGB pixels, which MediaPipe resizes to
+the model's size and normalises itself. We hand it images already at the model's size (the
+verify stage's float32 0..255 inputs rounded to uint8), so its resize is an identity and the only
+difference from the other runtimes is that rounding. One subprocess per model, like
+:mod:`pipeline.runners.tflite`: MediaPipe's own TFLite build stays out of our address space, and a
+crash or a hang becomes a failed row.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from pipeline.runners.base import Prediction, RuntimeFailed
+from pipeline.runners.tflite import _reason
+
+RUNTIME_NAME = "mediapipe-tasks"
+# The output tensor MediaPipe reports as a head named like its metadata: the model's other head is
+# "logits", which MediaPipe would report as scores as they are (no softmax).
+HEAD_NAME = "probabilities"
+
+
+def unsupported_input(model: Path) -> str | None:
+    """Why ImageClassifier cannot take this model's input (it takes float32 or uint8), or None.
+
+    Checked before starting a worker, so an int8-input file (for integer-only accelerators) is
+    left out of this runtime instead of failing its gate for a reason that is not drift.
+    """
+    from mediapipe.tasks.metadata import schema_py_generated as model_fb
+
+    data = Path(model).read_bytes()
+    graph = model_fb.Model.GetRootAsModel(data, 0).Subgraphs(0)
+    kind = graph.Tensors(graph.Inputs(0)).Type()
+    names = {v: k for k, v in vars(model_fb.TensorType).items() if not k.startswith("_")}
+    if kind in (model_fb.TensorType.FLOAT32, model_fb.TensorType.UINT8):
+        return None
+    return f"input tensor is {names.get(kind, kind)}; MediaPipe's ImageClassifier takes float32 or uint8"
+
+
+def to_uint8(images: np.ndarray) -> np.ndarray:
+    """float32 0..255 → the uint8 pixels an ``mp.Image`` holds (rounded, clipped)."""
+    return np.clip(np.rint(images), 0, 255).astype(np.uint8)
+
+
+class MediapipeRunner:
+    """Classifies each image with ``mediapipe.tasks.python.vision.ImageClassifier``.
+
+    Args:
+        labels: our class names in output order; MediaPipe's ``category_name``s are mapped back
+            through them, so probabilities come back in our column order whatever order
+            MediaPipe lists categories in.
+    """
+
+    name = RUNTIME_NAME
+
+    def __init__(self, labels: Sequence[str]):
+        self.labels = list(labels)
+
+    def predict(self, artifact: Path, images: np.ndarray, timeout_s: float = 600.0) -> Prediction:
+        """Runs ``artifact`` on ``images`` (float32 RGB ``[N, H, W, 3]`` 0..255, at the model's size).
+
+        Returns:
+            The ``probabilities`` head, float32 ``[N, len(labels)]`` in label order, and the mean
+            latency of one ``classify`` call (after a warm-up call).
+
+        Raises:
+            RuntimeFailed: MediaPipe refused the model (e.g. no metadata, integer input it does not
+                take), crashed, timed out, or named categories or heads we do not know.
+        """
+        artifact = Path(artifact)
+        with tempfile.TemporaryDirectory(prefix="edgepipe-mediapipe-") as tmp:
+            inp, out, labels = Path(tmp) / "in.npy", Path(tmp) / "out.npy", Path(tmp) / "labels.json"
+            np.save(inp, to_uint8(np.asarray(images)))
+            labels.write_text(json.dumps(self.labels), encoding="utf-8")
+            argv = [sys.executable, "-m", "pipeline.runners.mediapipe", str(artifact), str(inp), str(labels), str(out)]
+            try:
+                proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout_s,
+                                      cwd=Path(__file__).resolve().parents[2])
+            except subprocess.TimeoutExpired:
+                raise RuntimeFailed(f"{self.name} timed out after {timeout_s:.0f} s on {artifact.name}") from None
+            if proc.returncode != 0:
+                raise RuntimeFailed(f"{self.name} failed on {artifact.name} (exit {proc.returncode}): {_reason(proc.stderr)}")
+            try:
+                info = json.loads(proc.stdout.strip().splitlines()[-1])
+                probs = np.load(out)
+            except (ValueError, IndexError, OSError) as err:
+                raise RuntimeFailed(f"{self.name} gave unreadable output on {artifact.name}: {err}") from None
+        return Prediction(probs.astype(np.float32), float(info["latency_ms"]))
+
+
+class _Mismatch(Exception):
+    """MediaPipe's view of the model does not match our labels (printed as the failure reason)."""
+
+
+def scores_in_label_order(result, labels: list[str]) -> np.ndarray:
+    """The ``probabilities`` head of one ``ImageClassifierResult`` as a vector in ``labels`` order.
+
+    Raises:
+        _Mismatch: no such head, a category name not in ``labels`` or at another index than ours,
+            or fewer categories than labels.
+    """
+    heads = {c.head_name: c for c in result.classifications}
+    if HEAD_NAME not in heads:
+        raise _Mismatch(f"no classification head named {HEAD_NAME!r}; MediaPipe reported {sorted(map(str, heads))}")
+    position = {name: i for i, name in enumerate(labels)}
+    scores = np.full(len(labels), np.nan, np.float32)
+    for cat in heads[HEAD_NAME].categories:
+        if cat.category_name not in position:
+            raise _Mismatch(f"category {cat.category_name!r} (index {cat.index}) is not one of our labels")
+        if position[cat.category_name] != cat.index:
+            raise _Mismatch(f"category {cat.category_name!r} is output {cat.index} in the model, "
+                            f"{position[cat.category_name]} in our labels")
+        scores[position[cat.category_name]] = cat.score
+    if np.isnan(scores).any():
+        missing = [labels[i] for i in np.nonzero(np.isnan(scores))[0]]
+        raise _Mismatch(f"MediaPipe returned no score for {missing[:5]}")
+    return scores
+
+
+def _worker(model: str, inp: str, labels_path: str, out: str) -> None:
+    import time
+
+    # mediapipe imports TensorFlow when it can (only for API-doc decorators); an app has no
+    # TensorFlow, and keeping it out saves seconds and a second TFLite build in this process.
+    sys.modules.setdefault("tensorflow", None)
+    import mediapipe as mp
+    from mediapipe.tasks.python import BaseOptions
+    from mediapipe.tasks.python.vision import ImageClassifier, ImageClassifierOptions
+
+    labels = json.loads(Path(labels_path).read_text(encoding="utf-8"))
+    images = np.load(inp)
+    options = ImageClassifierOptions(base_options=BaseOptions(model_asset_path=model),
+                                     max_results=-1, score_threshold=0.0)
+    rows = []
+    with ImageClassifier.create_from_options(options) as classifier:
+        as_mp = [mp.Image(image_format=mp.ImageFormat.SRGB, data=np.ascontiguousarray(img)) for img in images]
+        classifier.classify(as_mp[0])  # warm-up: the first call builds the graph's kernels
+        start = time.perf_counter()
+        results = [classifier.classify(img) for img in as_mp]
+        elapsed = time.perf_counter() - start
+        try:
+            rows = [scores_in_label_order(r, labels) for r in results]
+        except _Mismatch as err:
+            print(f"LabelMismatchError: {err}", file=sys.stderr)
+            sys.exit(1)
+    np.save(out, np.stack(rows).astype(np.float32))
+    print(json.dumps({"latency_ms": 1000 * elapsed / max(len(images), 1)}))
+
+
+if __name__ == "__main__":
+    _worker(*sys.argv[1:5])

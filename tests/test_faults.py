@@ -1,0 +1,320 @@
+"""Faults, made for real: SIGKILL mid-run, two runs on one cache, a full disk, a hanging runtime.
+
+Kill points are made deterministic with the test hook in ``pipeline/testhook.py``
+(``EDGEPIPE_TEST_PAUSE_AT``): the run logs ``test hook: paused at <point>`` and sleeps; the test
+then sends SIGKILL from outside, so nothing in the process gets to clean up. The full disk is a
+real 1 MB tmpfs (``mount -t tmpfs``, as root); where mounting is not allowed those tests skip and
+``test_a_failed_write_names_the_file_and_leaves_nothing_behind`` covers the same code by
+monkeypatching the write.
+"""
+from __future__ import annotations
+
+import errno
+import io
+import json
+import os
+import signal
+import stat
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline.errors import disk_error
+from pipeline.rundir import atomic_write_bytes
+from tests.conftest import REPO, make_image_folders, tiny_cli_args
+from tests.test_cli import edgepipe
+
+# Two TFLite variants so a kill can fall between them; one TF.js bundle; both kinds of runtime.
+VARIANTS = ["--quant", "float32", "--quant", "int8", "--tfjs", "float32",
+            "--runtime", "ai-edge-litert", "--runtime", "tfjs-wasm"]
+N_IMAGES = 3 * 16 + 3 * 6  # training folder + holdout; bottlenecks are extracted in batches of 64
+
+
+@pytest.fixture(scope="module")
+def world(tiny_graph, tiny_images, tiny_holdout, tmp_path_factory):
+    """The arguments every run here shares, and the report of one uninterrupted run."""
+    base = tmp_path_factory.mktemp("faults")
+    common = ["--images", tiny_images, "--test-images", tiny_holdout, "--quiet", "--epochs", "40",
+              "--learning-rate", "0.05", *VARIANTS, *tiny_cli_args(tiny_graph)]
+    ref = base / "reference"
+    proc = edgepipe("run", "--out", ref, *common, env={"EDGEPIPE_CACHE_DIR": str(base / "ref-cache")})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return base, common, comparable(ref)
+
+
+def comparable(run: Path) -> list[dict]:
+    """report.json results without the timing figures, which differ from run to run.
+
+    Sizes are rounded to 1 KB: the SavedModel's function names carry a per-process counter
+    (``__inference_serve_1234``), so its size moves by a few bytes with what the process traced.
+    """
+    rows = json.loads((run / "report.json").read_text())["results"]
+    return [{k: (round(v / 1000) if k == "size_bytes" else v) for k, v in r.items() if k != "latency_ms"}
+            for r in rows]
+
+
+def kill_when_paused(args: list, env: dict, point: str, timeout: float = 240) -> str:
+    """Starts `edgepipe ARGS`, SIGKILLs it once it reports the pause point; returns its stderr."""
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", *map(str, args)], cwd=REPO, text=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            env={**os.environ, **env, "EDGEPIPE_TEST_PAUSE_AT": point})
+    watchdog = threading.Timer(timeout, proc.kill)
+    watchdog.start()
+    lines = []
+    try:
+        for line in proc.stderr:
+            lines.append(line)
+            if line.strip() == f"test hook: paused at {point}":
+                os.kill(proc.pid, signal.SIGKILL)
+                break
+    finally:
+        watchdog.cancel()
+        proc.wait()
+        proc.stderr.close()
+    assert proc.returncode == -signal.SIGKILL, "".join(lines)[-3000:]
+    assert any(f"paused at {point}" in ln for ln in lines), "".join(lines)[-3000:]
+    return "".join(lines)
+
+
+def assert_cache_valid(cache: Path) -> int:
+    """Every bottleneck in the cache loads as a full feature vector; no temporary is left over."""
+    entries = list((cache / "bottlenecks").rglob("*.npy"))
+    for p in entries:
+        assert np.load(p, allow_pickle=False).shape == (16,), p
+    assert not list(cache.rglob("*.tmp")), list(cache.rglob("*.tmp"))
+    return len(entries)
+
+
+def assert_run_dir_complete(run: Path) -> None:
+    """Every file under the run directory is whole: it parses as what its name says."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    assert not [p for p in run.rglob("*") if p.name.endswith(".tmp")]
+    for p in run.rglob("*"):
+        if not p.is_file():
+            continue
+        if p.suffix == ".json":
+            json.loads(p.read_text(encoding="utf-8"))
+        elif p.suffix in (".npz", ".npy"):
+            np.load(p, allow_pickle=False)
+        elif p.suffix == ".png":
+            with Image.open(p) as im:
+                im.verify()
+        elif p.suffix == ".tflite":
+            Interpreter(model_path=str(p)).allocate_tensors()
+
+
+def manifest(run: Path) -> dict:
+    return json.loads((run / "manifest.json").read_text())
+
+
+# --- SIGKILL, then the same command again -----------------------------------------------------
+
+def test_killed_during_extraction_then_during_conversion_resumes_to_the_same_report(world, tmp_path):
+    base, common, reference = world
+    out, cache = tmp_path / "run", tmp_path / "cache"
+    env = {"EDGEPIPE_CACHE_DIR": str(cache)}
+    args = ["run", "--out", out, *common]
+
+    kill_when_paused(args, env, "bottlenecks")
+    assert assert_cache_valid(cache) == 64  # the first batch, cached before the kill
+    assert_run_dir_complete(out)
+    assert manifest(out)["stages"]["retrain"]["status"] == "running"  # no chance to record more
+
+    # The same command again, killed this time after the first .tflite file is written.
+    kill_when_paused(args, env, "quantize")
+    stages = manifest(out)["stages"]
+    assert stages["retrain"]["info"]["bottlenecks"]["cached"] == 64
+    assert stages["retrain"]["info"]["bottlenecks"]["computed"] == N_IMAGES - 64
+    assert stages["quantize"]["status"] == "running"
+    assert (out / "quantize" / "float32.tflite").is_file() and not (out / "quantize" / "int8.tflite").exists()
+    assert_run_dir_complete(out)
+
+    proc = edgepipe(*args, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for done in ("fetch", "retrain", "export"):
+        assert f"{done}: up to date, skipped" in proc.stderr
+    assert "quantize: running" in proc.stderr
+    assert comparable(out) == reference
+    assert all(s["status"] == "done" for s in manifest(out)["stages"].values())
+    assert_cache_valid(cache)
+    assert_run_dir_complete(out)
+
+
+def test_killed_during_training_resumes_to_the_same_report(world, tmp_path):
+    base, common, reference = world
+    out, cache = tmp_path / "run", tmp_path / "cache"
+    env = {"EDGEPIPE_CACHE_DIR": str(cache)}
+    kill_when_paused(["run", "--out", out, *common], env, "train")
+    assert assert_cache_valid(cache) == N_IMAGES
+    assert_run_dir_complete(out)
+    assert manifest(out)["stages"]["retrain"]["status"] == "running"
+    assert not (out / "retrain" / "head.npz").exists()
+
+    proc = edgepipe("run", "--out", out, *common, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert manifest(out)["stages"]["retrain"]["info"]["bottlenecks"]["cached"] == N_IMAGES
+    assert manifest(out)["stages"]["retrain"]["info"]["bottlenecks"]["computed"] == 0
+    assert comparable(out) == reference
+    assert_run_dir_complete(out)
+
+
+def test_an_external_kill_at_any_moment_never_leaves_a_torn_cache_entry(tiny_graph, tmp_path):
+    """No hook here: SIGKILL lands wherever extraction happens to be (often inside a write)."""
+    images = make_image_folders(tmp_path / "many", per_class=150, size=48, seed=3)
+    cache = tmp_path / "cache"
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "retrain", "--images", str(images),
+                             "--out", str(tmp_path / "r"), "--quiet", *tiny_cli_args(tiny_graph)],
+                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "EDGEPIPE_CACHE_DIR": str(cache)})
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if len(list((cache / "bottlenecks").rglob("*.npy"))) >= 100:
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    entries = list((cache / "bottlenecks").rglob("*.npy"))
+    assert 100 <= len(entries) < 450 or proc.returncode == 0
+    for p in entries:
+        assert np.load(p, allow_pickle=False).shape == (16,), p
+
+
+def test_two_runs_sharing_one_cache_both_finish_correctly(world, tmp_path):
+    base, common, reference = world
+    env = {**os.environ, "EDGEPIPE_CACHE_DIR": str(tmp_path / "shared-cache")}
+    procs = [subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", "--out", str(tmp_path / name),
+                               *map(str, common)], cwd=REPO, env=env, text=True,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+             for name in ("a", "b")]
+    errs = [p.communicate(timeout=600)[1] for p in procs]
+    for p, err in zip(procs, errs):
+        assert p.returncode == 0, err[-3000:]
+    assert comparable(tmp_path / "a") == comparable(tmp_path / "b") == reference
+    assert assert_cache_valid(tmp_path / "shared-cache") == N_IMAGES
+
+
+# --- a full disk ------------------------------------------------------------------------------
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 1 MB tmpfs, filled up to ``free`` bytes by ``fill(free)``; unmounted afterwards."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({done.stderr.strip()}); "
+                    "test_a_failed_write_names_the_file_and_leaves_nothing_behind covers ENOSPC by monkeypatching")
+
+    def fill(free: int) -> Path:
+        filler = mount / "filler"
+        with open(filler, "wb", buffering=0) as f:
+            try:
+                while True:
+                    f.write(b"\0" * 4096)
+            except OSError as err:
+                assert err.errno == errno.ENOSPC
+        os.truncate(filler, max(0, filler.stat().st_size - free))
+        return filler
+
+    try:
+        yield mount, fill
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_cache_on_a_full_disk_is_exit_2_and_stays_valid_for_the_next_run(world, tmp_path, small_disk):
+    base, common, reference = world
+    mount, fill = small_disk
+    cache = mount / "cache"
+    filler = fill(free=12 * 4096)  # room for a few cache entries (tmpfs gives each file a page)
+    out = tmp_path / "run"
+    proc = edgepipe("run", "--out", out, *common, env={"EDGEPIPE_CACHE_DIR": str(cache)})
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    prefix = f"error: no space left on device writing {cache / 'bottlenecks'}/"
+    assert last.startswith(prefix) and last.endswith(
+        ".npy; free some space or point --out / EDGEPIPE_CACHE_DIR at a disk with room"), last
+    assert "Traceback" not in proc.stderr
+    written = assert_cache_valid(cache)
+    assert 0 < written < N_IMAGES
+    assert manifest(out)["stages"]["retrain"]["status"] == "failed"
+
+    filler.unlink()  # space again: the same command finishes and reuses what was cached
+    proc = edgepipe("run", "--out", out, *common, env={"EDGEPIPE_CACHE_DIR": str(cache)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert manifest(out)["stages"]["retrain"]["info"]["bottlenecks"]["cached"] == written
+    assert comparable(out) == reference
+
+
+def test_an_artifact_on_a_full_disk_is_exit_2_and_nothing_half_written(world, tmp_path, small_disk):
+    base, common, reference = world
+    mount, fill = small_disk
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "quantize").symlink_to(mount)  # the quantize stage writes onto the full disk
+    fill(free=0)
+    proc = edgepipe("run", "--out", out, *common, env={"EDGEPIPE_CACHE_DIR": str(tmp_path / "cache")})
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"error: no space left on device writing {out / 'quantize' / 'float32.tflite'}; "
+        "free some space or point --out / EDGEPIPE_CACHE_DIR at a disk with room")
+    assert sorted(p.name for p in mount.iterdir()) == ["filler"]
+    stages = manifest(out)["stages"]
+    assert [stages[s]["status"] for s in ("fetch", "retrain", "export", "quantize")] == ["done"] * 3 + ["failed"]
+    assert "no space left on device" in stages["quantize"]["error"]
+
+
+def test_a_failed_write_names_the_file_and_leaves_nothing_behind(tmp_path, monkeypatch):
+    """Simulated ENOSPC (runs everywhere, mount or not): the write() inside atomic_write_bytes fails."""
+    target = tmp_path / "cache" / "ab" / "abcd.npy"
+    atomic_write_bytes(target, b"old and whole")
+
+    class FullDisk(io.BufferedWriter):
+        def write(self, data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    real_fdopen = os.fdopen
+    monkeypatch.setattr(os, "fdopen", lambda fd, mode="r", *a, **kw: FullDisk(real_fdopen(fd, "wb", buffering=0)))
+    with pytest.raises(OSError) as err:
+        atomic_write_bytes(target, b"new")
+    monkeypatch.undo()
+    assert err.value.filename == str(target)
+    assert target.read_bytes() == b"old and whole" and sorted(target.parent.iterdir()) == [target]
+    assert str(disk_error(err.value)) == (
+        f"no space left on device writing {target}; free some space or point --out / EDGEPIPE_CACHE_DIR "
+        "at a disk with room")
+    assert str(disk_error(OSError(errno.EROFS, "Read-only file system", "/ro/x"))).startswith(
+        "read-only file system: cannot write /ro/x; ")
+    assert disk_error(OSError(errno.ENOENT, "No such file", "/x")) is None
+
+
+# --- the Node runtime hangs -------------------------------------------------------------------
+
+def test_a_hanging_runtime_is_reported_failed_after_the_timeout_and_others_still_run(world, tmp_path):
+    base, common, _ = world
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir()
+    node = fake_bin / "node"
+    node.write_text("#!/bin/sh\nexec sleep 600\n")  # never answers, never exits
+    node.chmod(node.stat().st_mode | stat.S_IEXEC)
+    out = base / "reference"
+    started = time.monotonic()
+    proc = edgepipe("verify", "--out", out, "--runtime", "tfjs-wasm", "--runtime", "tflite-runtime",
+                    "--runtime-timeout", "3",
+                    env={"EDGEPIPE_CACHE_DIR": str(base / "ref-cache"), "PATH": f"{fake_bin}:{os.environ['PATH']}"})
+    assert time.monotonic() - started < 120
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    bundle = out / "tfjs" / "float32"
+    line = next(ln for ln in proc.stderr.splitlines() if ln.startswith("verify: tfjs-float32"))
+    assert line.endswith(f"FAILED: tfjs-wasm timed out after 3 s on {bundle} (18 images); the Node process was killed")
+    rows = {(r["artifact"], r["runtime"]): r for r in json.loads((out / "report.json").read_text())["results"]}
+    assert "timed out after 3 s" in rows[("tfjs-float32", "tfjs-wasm")]["error"]
+    assert rows[("tflite-int8", "tflite-runtime")]["passed"] and rows[("tflite-float32", "tflite-runtime")]["passed"]
+    assert "tfjs-float32 in tfjs-wasm: tfjs-wasm timed out after 3 s" in (out / "report.md").read_text()
