@@ -54,6 +54,7 @@ RandomCrop = Annotated[Optional[float], typer.Option(help="Augment: crop margin 
 RandomScale = Annotated[Optional[float], typer.Option(help="Augment: random enlargement up to this percent.")]
 RandomBrightness = Annotated[Optional[float], typer.Option(help="Augment: brightness factor within ±percent.")]
 RuntimeTimeout = Annotated[Optional[float], typer.Option(help="Seconds one runtime may take on one artifact before verify reports it failed.")]
+TfjsShardMb = Annotated[Optional[float], typer.Option(help="TF.js weight shard size in MB (default 4).")]
 Stress = Annotated[Optional[bool], typer.Option("--stress/--no-stress", help="Also run the reference with the usual preprocessing mistakes and report the damage.")]
 AppPrep = Annotated[Optional[list[str]], typer.Option("--app-preprocessing", help="How your app prepares pixels, KEY=VALUE (repeat): channel_order=BGR, value_range=0-1, resize=nearest, antialias=true, crop=0.875. Converted models are verified with it.")]
 Quant = Annotated[Optional[list[QuantMode]], typer.Option("--quant", help="TFLite variants (repeat; default all).")]
@@ -160,6 +161,7 @@ def _stage_command(until: str, doc: str):
         random_crop: RandomCrop = None, random_scale: RandomScale = None, random_brightness: RandomBrightness = None,
         quant: Quant = None, tfjs: Tfjs = None, runtime: Runtime = None, gate: Gate = None,
         runtime_timeout: RuntimeTimeout = None, stress: Stress = None, app_preprocessing: AppPrep = None,
+        tfjs_shard_mb: TfjsShardMb = None,
         mirror: Mirror = None, cache_dir: CacheDir = None, offline: Offline = False, quiet: Quiet = False,
     ) -> None:
         opts = dict(locals())

@@ -48,6 +48,7 @@ class RunConfig:
     summaries_dir: Path | None = None
     print_misclassified: bool = False
     stress: bool = False
+    tfjs_shard_mb: float = 4.0
     app_preprocessing: AppPreprocessing = field(default_factory=AppPreprocessing)
     quant_modes: tuple[QuantMode, ...] = tuple(QuantMode)
     tfjs_modes: tuple[TfjsMode, ...] = (TfjsMode.FLOAT32, TfjsMode.FLOAT16)
@@ -165,6 +166,8 @@ def validate(cfg: RunConfig, needs_images: bool = True, given: Collection[str] =
     unknown = [r for r in cfg.runtimes if r not in ALL_RUNTIMES]
     if unknown:
         problems.append(f"--runtime {', '.join(unknown)}: unknown; choose from {', '.join(ALL_RUNTIMES)}")
+    if not cfg.tfjs_shard_mb > 0:
+        problems.append(f"--tfjs-shard-mb {cfg.tfjs_shard_mb}: must be positive (4 is the converter's default)")
     if cfg.calibration_images < 1:
         problems.append(f"--calibration-images {cfg.calibration_images}: must be at least 1")
     if not cfg.runtime_timeout_s > 0:

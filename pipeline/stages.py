@@ -34,6 +34,7 @@ from pipeline.types import BackboneSpec, Preprocessing, QuantMode, TfjsMode
 from pipeline.verify import DEFAULT_GATES
 
 MAX_WARNING_LINES = 20
+TFJS_LARGE_BYTES = 30 * 1000 * 1000
 VERSIONED_PACKAGES = (
     "tensorflow", "tensorflowjs", "numpy", "keras", "tflite-runtime", "ai-edge-litert", "mediapipe",
     "protobuf", "pillow", "scikit-learn",
@@ -311,7 +312,7 @@ def _tfjs_fingerprint(ctx: Context) -> dict:
     from pipeline.web import page_fingerprint
 
     return {"export": _upstream(ctx, "export"), "modes": [m.value for m in ctx.cfg.tfjs_modes],
-            "page": page_fingerprint(), "golden": _golden_source(ctx)}
+            "page": page_fingerprint(), "golden": _golden_source(ctx), "shard_mb": ctx.cfg.tfjs_shard_mb}
 
 
 def _tfjs_run(ctx: Context) -> tuple[dict[str, Path], dict]:
@@ -325,14 +326,25 @@ def _tfjs_run(ctx: Context) -> tuple[dict[str, Path], dict]:
         "preprocessing": read_json(ctx.run.stage("export") / "preprocessing.json"),
         "backbone": ctx.spec().name,
     }
-    outputs = {}
+    outputs, warnings = {}, []
+    if TfjsMode.UINT8 in ctx.cfg.tfjs_modes:
+        # tfjs-examples' quantization study: MobileNetV2 top-1 0.618 → 0.280 with 8-bit weights.
+        warnings.append("TF.js uint8 weights are known to collapse MobileNet accuracy (tfjs-examples: "
+                        "MobileNetV2 top-1 0.618 → 0.280); trust the verify figures, not the size")
     for mode in ctx.cfg.tfjs_modes:
         t0 = time.perf_counter()
-        bundle = convert_tfjs(sm, ctx.run.stage("tfjs") / mode.value, mode, meta)
+        bundle = convert_tfjs(sm, ctx.run.stage("tfjs") / mode.value, mode, meta,
+                              shard_size_bytes=int(ctx.cfg.tfjs_shard_mb * 1024 * 1024))
         write_golden(bundle / GOLDEN_DIR, golden)
-        log(f"tfjs: {mode.value} bundle {bundle_size(bundle) / 1e6:.2f} MB in {time.perf_counter() - t0:.1f} s")
+        size = bundle_size(bundle)
+        log(f"tfjs: {mode.value} bundle {size / 1e6:.2f} MB in {time.perf_counter() - t0:.1f} s")
+        if size > TFJS_LARGE_BYTES:
+            warnings.append(f"TF.js {mode.value} bundle is {size / 1e6:.1f} MB: over 30 MB, browsers on phones "
+                            "download it slowly and may run out of memory; try --tfjs float16 or a smaller backbone")
         outputs[f"tfjs-{mode.value}"] = bundle
-    return outputs, {}
+    for w in warnings:
+        log(f"warning: {w}")
+    return outputs, {"warnings": warnings}
 
 
 # --- verify ------------------------------------------------------------------------------------
@@ -403,7 +415,9 @@ def _verify_run(ctx: Context) -> tuple[dict[str, Path], dict]:
         for name, o in ctx.stage_info("tfjs")["outputs"].items():
             pairs.append((Artifact(name, Path(o["path"]), bundle_size(Path(o["path"]))), TfjsWasmRunner()))
     for art, runner in pairs:
-        pred, err = run_one(runner, art, x_app, ctx.cfg.runtime_timeout_s)
+        # MediaPipe prepares pixels itself from the TFLite metadata, so --app-preprocessing is not its.
+        inputs = x if isinstance(runner, MediapipeRunner) else x_app
+        pred, err = run_one(runner, art, inputs, ctx.cfg.runtime_timeout_s)
         row = evaluate(art, runner.name, pred, ref, y, n_cls, ctx.cfg.gate(art.name), err)
         results.append(row)
         status = "ok" if row.passed else "FAILED"

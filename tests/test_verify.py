@@ -77,3 +77,15 @@ def test_app_preprocessing_parsing_lists_every_problem():
     with pytest.raises(ConfigError) as err:
         parse_app_preprocessing(["channel_order=XYZ", "crop=2"])
     assert str(err.value).count("--app-preprocessing") == 2
+
+
+def test_tfjs_uint8_warns_and_shard_size_is_honoured(small_run, tmp_path):
+    out, env = small_run
+    proc = edgepipe("tfjs", "--out", out, "--quiet", "--tfjs", "uint8", "--tfjs", "float32",
+                    "--tfjs-shard-mb", "0.001", env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "warning: TF.js uint8 weights are known to collapse MobileNet accuracy" in proc.stderr
+    model = json.loads((out / "tfjs" / "float32" / "model.json").read_text())
+    shards = [p for group in model["weightsManifest"] for p in group["paths"]]
+    assert len(shards) > 1
+    assert all((out / "tfjs" / "float32" / p).stat().st_size <= 1048 for p in shards)
