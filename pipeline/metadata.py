@@ -143,13 +143,16 @@ def _output_metadata(meta_fb, name: str, n_labels: int):
     return t
 
 
-def _signature_names(model, inputs: bool) -> dict[int, str]:
-    """Tensor index → signature key (``images``, ``probabilities``, ``logits``) of the first signature."""
+def _output_names(model) -> dict[int, str]:
+    """Output tensor index → its key in the first signature (``probabilities``, ``logits``).
+
+    The converter names output tensors ``StatefulPartitionedCall:0/1`` and orders them by key;
+    only the SignatureDef says which is which.
+    """
     if model.SignatureDefsLength() == 0:
         return {}
     sig = model.SignatureDefs(0)
-    n, get = (sig.InputsLength(), sig.Inputs) if inputs else (sig.OutputsLength(), sig.Outputs)
-    return {get(i).TensorIndex(): get(i).Name().decode() for i in range(n)}
+    return {sig.Outputs(i).TensorIndex(): sig.Outputs(i).Name().decode() for i in range(sig.OutputsLength())}
 
 
 def _pack_aligned(model_fb, model) -> bytes:
@@ -220,13 +223,14 @@ def with_metadata(tflite_bytes: bytes, labels: list[str], preprocessing: dict, n
     graph = view.Subgraphs(0)
     if graph.InputsLength() != 1:
         raise ConversionError(f"expected one image input, found {graph.InputsLength()}")
-    out_names = _signature_names(view, inputs=False)
+    out_names = _output_names(view)
     outputs = []
     for i in range(graph.OutputsLength()):
         index = graph.Outputs(i)
         shape = list(graph.Tensors(index).ShapeAsNumpy())
         if shape[-1:] != [len(labels)]:
-            raise ConversionError(f"output {i} has shape {shape}; expected [..., {len(labels)}] for {len(labels)} labels")
+            raise ConversionError(
+                f"output {i} has shape {shape}; expected [..., {len(labels)}] for {len(labels)} labels")
         outputs.append(out_names.get(index, PROBABILITIES if graph.OutputsLength() == 1 else f"output_{i}"))
 
     subgraph = meta_fb.SubGraphMetadataT()

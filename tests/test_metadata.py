@@ -165,7 +165,8 @@ def test_mediapipe_runner_catches_labels_out_of_order(run, labels, tmp_path):
     contract = read_metadata(run / "quantize" / "float32.tflite")["preprocessing"]
     wrong.write_bytes(with_metadata((run / "quantize" / "float32.tflite").read_bytes(), labels[::-1], contract,
                                     "reversed", "labels in the wrong order"))
-    with pytest.raises(RuntimeFailed, match=f"category '{labels[-1]}' is output 0 in the model, {len(labels) - 1} in our labels"):
+    expected = f"category '{labels[-1]}' is output 0 in the model, {len(labels) - 1} in our labels"
+    with pytest.raises(RuntimeFailed, match=expected):
         MediapipeRunner(labels).predict(wrong, x, timeout_s=120)
 
 
@@ -211,7 +212,8 @@ def test_golden_vectors_reproduce_in_ai_edge_litert(run, labels, tiny_holdout):
     tfjs_golden = run / "tfjs" / "float32" / GOLDEN_DIR
     assert json.loads((tfjs_golden / GOLDEN_FILE).read_text()) == spec
     for entry in spec["images"]:
-        assert (tfjs_golden / entry["file"]).read_bytes() == (run / "quantize" / GOLDEN_DIR / entry["file"]).read_bytes()
+        png = entry["file"]
+        assert (tfjs_golden / png).read_bytes() == (run / "quantize" / GOLDEN_DIR / png).read_bytes()
     for mode in MODES:
         runner = Interpreter(model_path=str(run / "quantize" / f"{mode}.tflite")).get_signature_runner()
         for entry, img in zip(spec["images"], images):

@@ -43,7 +43,11 @@ def test_whole_chain_on_real_mobilenet_v1_0_25_128(tmp_path):
     report = json.loads((out / "report.json").read_text())
     assert report["n_test"] == 160 and len(report["classes"]) == 8
     rows = {(r["artifact"], r["runtime"]): r for r in report["results"]}
-    assert len(rows) == 11 and all(r["passed"] for r in rows.values())
+    tflite = {f"tflite-{m}" for m in ("float32", "float16", "dynamic", "int8", "int8-int8", "int8-uint8", "int16x8")}
+    expected = {(a, rt) for a in tflite for rt in ("tflite-runtime", "ai-edge-litert")}
+    expected |= {("tfjs-float32", "tfjs-wasm"), ("tfjs-float16", "tfjs-wasm"), ("savedmodel", "tensorflow")}
+    assert set(rows) == expected
+    assert all(r["passed"] for r in rows.values()), [k for k, r in rows.items() if not r["passed"]]
     assert rows[("savedmodel", "tensorflow")]["accuracy"] >= 0.88
     assert rows[("tflite-float32", "ai-edge-litert")]["max_abs_diff"] < 1e-4
     assert rows[("tfjs-float32", "tfjs-wasm")]["max_abs_diff"] < 1e-4

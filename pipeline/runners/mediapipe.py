@@ -91,7 +91,8 @@ class MediapipeRunner:
             except subprocess.TimeoutExpired:
                 raise RuntimeFailed(f"{self.name} timed out after {timeout_s:.0f} s on {artifact.name}") from None
             if proc.returncode != 0:
-                raise RuntimeFailed(f"{self.name} failed on {artifact.name} (exit {proc.returncode}): {_reason(proc.stderr)}")
+                raise RuntimeFailed(f"{self.name} failed on {artifact.name} (exit {proc.returncode}): "
+                                    f"{_reason(proc.stderr)}")
             try:
                 info = json.loads(proc.stdout.strip().splitlines()[-1])
                 probs = np.load(out)
