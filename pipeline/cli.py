@@ -2,9 +2,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
-import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -13,7 +10,6 @@ import typer
 from pipeline.catalog import DEFAULT_BACKBONE, load_catalog
 from pipeline.config import CustomGraph, RunConfig, from_dict, parse_gates, validate
 from pipeline.errors import ConfigError, PipelineError, disk_error
-from pipeline.retrain import TrainConfig
 from pipeline.stress import parse_app_preprocessing
 from pipeline.rundir import read_json
 from pipeline.types import QuantMode, TfjsMode

@@ -69,8 +69,6 @@ def _int8(converter, representative):
 
 
 def _full_integer(converter, representative, io_type):
-    import tensorflow as tf
-
     _int8(converter, representative)
     converter.inference_input_type = io_type
     converter.inference_output_type = io_type

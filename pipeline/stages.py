@@ -30,7 +30,7 @@ from pipeline.rundir import (
     RunDir, atomic_write_bytes, atomic_write_json, atomic_write_text, read_json, sha256_tree,
 )
 from pipeline.testhook import pause_point
-from pipeline.types import BackboneSpec, Preprocessing, QuantMode, TfjsMode
+from pipeline.types import BackboneSpec, Preprocessing, TfjsMode
 from pipeline.verify import DEFAULT_GATES
 
 MAX_WARNING_LINES = 20
@@ -132,7 +132,7 @@ def _retrain_fingerprint(ctx: Context) -> dict:
 
 
 def _retrain_run(ctx: Context) -> tuple[dict[str, Path], dict]:
-    from pipeline.bottlenecks import backbone_key, extract
+    from pipeline.bottlenecks import extract
     from pipeline.fetch import default_cache_dir
     from pipeline.report import plot_confusion_matrices, plot_training
     from pipeline.retrain import evaluate_head, train_head

@@ -133,7 +133,7 @@ def main() -> None:
         warm, _, cached = edgepipe_extract(paths, graph, spec, work / "bn")
         rows.append((f"edgepipe warm ({cached} from cache)", warm))
         print(f"\n{len(paths)} images, {a.backbone}, {os.cpu_count()} cores\n")
-        print(f"| extraction | images/s | vs baseline |\n|---|---|---|")
+        print("| extraction | images/s | vs baseline |\n|---|---|---|")
         for name, ips in rows:
             print(f"| {name} | {ips:.1f} | {ips / base:.2f}× |")
         print(f"\nwarm / cold: {warm / cold:.1f}×")
@@ -142,7 +142,7 @@ def main() -> None:
         one = replicate(paths, work / "onex", 1)
         rss1 = peak_rss_mb(one, a.backbone, work / "rss1")
         rss10 = peak_rss_mb(tenx, a.backbone, work / "rss10")
-        print(f"\n| cold extraction | images | peak RSS |\n|---|---|---|")
+        print("\n| cold extraction | images | peak RSS |\n|---|---|---|")
         print(f"| 1× | {len(paths)} | {rss1:.0f} MB |\n| 10× | {10 * len(paths)} | {rss10:.0f} MB |")
         print(f"peak memory 10× / 1×: {rss10 / rss1:.2f}")
 
@@ -155,7 +155,7 @@ def main() -> None:
         t_run = timed_cli("run", *common, "--out", work / "r1")
         t_again = timed_cli("run", *common, "--out", work / "r1")
         poets = 132.0
-        print(f"\n| command | wall s | vs poets' 2 min 12 s cold |\n|---|---|---|")
+        print("\n| command | wall s | vs poets' 2 min 12 s cold |\n|---|---|---|")
         print(f"| edgepipe retrain, cold cache | {t_cold:.1f} | {t_cold / poets:.2f} |")
         print(f"| edgepipe retrain, warm bottleneck cache (new run dir) | {t_warm:.1f} | {t_warm / poets:.2f} |")
         print(f"| edgepipe run (rest of the chain) | {t_run:.1f} | |")
@@ -164,7 +164,7 @@ def main() -> None:
         timed_cli("retrain", *common, "--out", work / "logits", "--bottleneck-tensor",
                   "MobilenetV1/Predictions/Reshape:0")
         acc = lambda run: json.loads((run / "retrain" / "metrics.json").read_text())["test"]["accuracy"]  # noqa: E731
-        print(f"\n| bottleneck | features | test accuracy |\n|---|---|---|")
+        print("\n| bottleneck | features | test accuracy |\n|---|---|---|")
         print(f"| {spec.bottleneck_tensor} (edgepipe) | {spec.feature_size} | {acc(work / 'r1'):.4f} |")
         print(f"| MobilenetV1/Predictions/Reshape:0 (poets' 1001 logits) | 1001 | {acc(work / 'logits'):.4f} |")
     finally:

@@ -15,7 +15,6 @@ crash or a hang becomes a failed row.
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -23,8 +22,8 @@ from typing import Sequence
 
 import numpy as np
 
-from pipeline.runners.base import Prediction, RuntimeFailed
-from pipeline.runners.tflite import _reason
+from pipeline.runners.base import Prediction, run_python_worker
+
 
 RUNTIME_NAME = "mediapipe-tasks"
 # The output tensor MediaPipe reports as a head named like its metadata: the model's other head is
@@ -84,21 +83,8 @@ class MediapipeRunner:
             inp, out, labels = Path(tmp) / "in.npy", Path(tmp) / "out.npy", Path(tmp) / "labels.json"
             np.save(inp, to_uint8(np.asarray(images)))
             labels.write_text(json.dumps(self.labels), encoding="utf-8")
-            argv = [sys.executable, "-m", "pipeline.runners.mediapipe", str(artifact), str(inp), str(labels), str(out)]
-            try:
-                proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout_s,
-                                      cwd=Path(__file__).resolve().parents[2])
-            except subprocess.TimeoutExpired:
-                raise RuntimeFailed(f"{self.name} timed out after {timeout_s:.0f} s on {artifact.name}") from None
-            if proc.returncode != 0:
-                raise RuntimeFailed(f"{self.name} failed on {artifact.name} (exit {proc.returncode}): "
-                                    f"{_reason(proc.stderr)}")
-            try:
-                info = json.loads(proc.stdout.strip().splitlines()[-1])
-                probs = np.load(out)
-            except (ValueError, IndexError, OSError) as err:
-                raise RuntimeFailed(f"{self.name} gave unreadable output on {artifact.name}: {err}") from None
-        return Prediction(probs.astype(np.float32), float(info["latency_ms"]))
+            return run_python_worker(self.name, artifact, "pipeline.runners.mediapipe",
+                                     [str(artifact), str(inp), str(labels), str(out)], out, timeout_s)
 
 
 class _Mismatch(Exception):

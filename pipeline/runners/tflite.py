@@ -6,14 +6,13 @@ space, and turns a crash or a hang in a runtime into a reported failure instead 
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
 
-from pipeline.runners.base import Prediction, RuntimeFailed
+from pipeline.runners.base import Prediction, run_python_worker
 
 RUNTIME_MODULES = {
     "tflite-runtime": "tflite_runtime.interpreter",
@@ -33,28 +32,8 @@ class TfliteRunner:
         with tempfile.TemporaryDirectory(prefix="edgepipe-tflite-") as tmp:
             inp, out = Path(tmp) / "in.npy", Path(tmp) / "out.npy"
             np.save(inp, np.asarray(images, np.float32))
-            argv = [sys.executable, "-m", "pipeline.runners.tflite", self.name, str(artifact), str(inp), str(out)]
-            try:
-                proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout_s,
-                                      cwd=Path(__file__).resolve().parents[2])
-            except subprocess.TimeoutExpired:
-                raise RuntimeFailed(f"{self.name} timed out after {timeout_s:.0f} s on {artifact.name}") from None
-            if proc.returncode != 0:
-                tail = _reason(proc.stderr)
-                raise RuntimeFailed(f"{self.name} failed on {artifact.name} (exit {proc.returncode}): {tail}")
-            try:
-                info = json.loads(proc.stdout.strip().splitlines()[-1])
-                probs = np.load(out)
-            except (ValueError, IndexError, OSError) as err:
-                raise RuntimeFailed(f"{self.name} gave unreadable output on {artifact.name}: {err}") from None
-        return Prediction(probs.astype(np.float32), float(info["latency_ms"]))
-
-
-def _reason(stderr: str) -> str:
-    """The most telling line of a runtime's stderr: the last exception message, else the last line."""
-    lines = [ln.strip() for ln in stderr.strip().splitlines() if ln.strip()]
-    errors = [ln for ln in lines if ln.split(":")[0].endswith(("Error", "Exception"))]
-    return (errors or lines or ["no output"])[-1][:300]
+            return run_python_worker(self.name, Path(artifact), "pipeline.runners.tflite",
+                                     [self.name, str(artifact), str(inp), str(out)], out, timeout_s)
 
 
 def _quantise(x: np.ndarray, detail: dict) -> np.ndarray:
