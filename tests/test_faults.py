@@ -156,12 +156,17 @@ def test_killed_during_training_resumes_to_the_same_report(world, tmp_path):
     assert_run_dir_complete(out)
     assert manifest(out)["stages"]["retrain"]["status"] == "running"
     assert not (out / "retrain" / "head.npz").exists()
+    # What a kill in the middle of a write would leave: the rerun of the stage clears it.
+    leftover = out / "retrain" / ".head.npz.k1ll3d.tmp"
+    leftover.parent.mkdir(exist_ok=True)
+    leftover.write_bytes(b"half a head")
 
     proc = edgepipe("run", "--out", out, *common, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert manifest(out)["stages"]["retrain"]["info"]["bottlenecks"]["cached"] == N_IMAGES
     assert manifest(out)["stages"]["retrain"]["info"]["bottlenecks"]["computed"] == 0
     assert comparable(out) == reference
+    assert not leftover.exists()
     assert_run_dir_complete(out)
 
 
@@ -181,7 +186,7 @@ def test_an_external_kill_at_any_moment_never_leaves_a_torn_cache_entry(tiny_gra
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     entries = list((cache / "bottlenecks").rglob("*.npy"))
-    assert 100 <= len(entries) < 450 or proc.returncode == 0
+    assert len(entries) >= 100 or proc.returncode == 0, "the run never got going"
     for p in entries:
         assert np.load(p, allow_pickle=False).shape == (16,), p
 
@@ -269,6 +274,23 @@ def test_an_artifact_on_a_full_disk_is_exit_2_and_nothing_half_written(world, tm
     stages = manifest(out)["stages"]
     assert [stages[s]["status"] for s in ("fetch", "retrain", "export", "quantize")] == ["done"] * 3 + ["failed"]
     assert "no space left on device" in stages["quantize"]["error"]
+
+
+def test_a_read_only_run_folder_is_exit_2_with_one_line(world, tmp_path):
+    base, common, _ = world
+    out = tmp_path / "ro"
+    out.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(out)], capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({done.stderr.strip()})")
+    try:
+        proc = edgepipe("run", "--out", out, *common, env={"EDGEPIPE_CACHE_DIR": str(tmp_path / "cache")})
+    finally:
+        subprocess.run(["umount", "-l", str(out)], check=False)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"error: read-only file system: cannot write {out / 'manifest.json'}; "
+        "point --out / EDGEPIPE_CACHE_DIR at a writable folder")
 
 
 def test_a_failed_write_names_the_file_and_leaves_nothing_behind(tmp_path, monkeypatch):
