@@ -171,7 +171,9 @@ def write_html_report(path: Path, report: dict, images: list[np.ndarray]) -> Non
         for idx, to in zip(r["flipped"], r.get("flipped_to", [])):
             name = Path(report["test_images"][idx]).name if idx < len(report.get("test_images", [])) else str(idx)
             thumb = _thumb(images[idx]) if idx < len(images) else ""
-            figs.append(f"<figure><img src='{thumb}' alt='{e(name)}'><figcaption>{e(name)}<br>→ "
+            was = report.get("reference_top1", [])
+            before = e(classes[was[idx]]) + " → " if idx < len(was) else "→ "
+            figs.append(f"<figure><img src='{thumb}' alt='{e(name)}'><figcaption>{e(name)}<br>{before}"
                         f"{e(classes[to])}</figcaption></figure>")
         parts.append(f"<h3>{e(r['artifact'])} / {e(r['runtime'])}: {len(r['flipped'])}</h3><div class=thumbs>{''.join(figs)}</div>")
     if not any_flip:

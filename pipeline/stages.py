@@ -448,6 +448,7 @@ def _verify_run(ctx: Context) -> tuple[dict[str, Path], dict]:
         "passed": all(r.passed for r in results),
         "app_preprocessing": {"settings": app.to_dict(), "differences": app.differences()},
         "stress": stress,
+        "reference_top1": [int(k) for k in ref.argmax(1)],
         "recommendation": recommend(rows),
     }
     write_reports(ctx.run.root, report)

@@ -72,7 +72,8 @@ def compare(reference: np.ndarray, probs: np.ndarray, labels: np.ndarray, num_cl
     diff = np.abs(probs - reference)
     eps = 1e-7
     p, q = np.clip(reference, eps, 1), np.clip(probs, eps, 1)
-    kl = float(np.mean(np.sum(p * (np.log(p) - np.log(q)), axis=1)))
+    # Clipping and rounding can make a near-zero KL slightly negative; it is never below 0.
+    kl = max(0.0, float(np.mean(np.sum(p * (np.log(p) - np.log(q)), axis=1))))
     pred = probs.argmax(1)
     flipped = np.nonzero(pred != reference.argmax(1))[0]
     m = classification_metrics(labels, pred, num_classes)
