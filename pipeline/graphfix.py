@@ -66,7 +66,7 @@ def _legacy(op: str, into: str, why: str):
 
 
 @_legacy("BatchNormWithGlobalNormalization", "Sub, AddV2, Rsqrt, Mul, AddV2",
-         "removed in GraphDef version 9; TFLite and TF.js have no kernel for it")
+         "removed in GraphDef version 9: today's TensorFlow will not run it, so nothing exports")
 def _batch_norm_with_global_normalization(node, unique_name):
     """``(t - m) * rsqrt(v + eps) [* gamma] + beta``: what the op computed, in today's ops."""
     t, mean, variance, beta, gamma = node.input[:5]
@@ -86,8 +86,7 @@ def _batch_norm_with_global_normalization(node, unique_name):
     return [*nodes, centered, normalized, _op(name, "AddV2", [normalized.name, beta], dtype)]
 
 
-@_legacy("CheckNumerics", "Identity",
-         "a debugging assertion (NaN/Inf check) that TFLite and TF.js cannot run")
+@_legacy("CheckNumerics", "Identity", "a NaN/Inf assertion that the TF.js converter rejects")
 def _check_numerics(node, unique_name):
     return [_op(node.name, "Identity", list(node.input), node.attr["T"].type)]
 

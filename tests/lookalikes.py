@@ -115,7 +115,7 @@ class GraphBuilder:
     def positive(self, channels: int) -> np.ndarray:
         return self.rng.uniform(0.5, 1.5, channels).astype(np.float32)
 
-    def bytes(self, producer: int | None = None) -> bytes:
+    def serialized(self, producer: int | None = None) -> bytes:
         if producer is not None:
             self.graph_def.versions.producer = producer
         return self.graph_def.SerializeToString()
@@ -131,13 +131,14 @@ def mobilenet_v2_graph(seed: int = 0) -> bytes:
     g = GraphBuilder(seed)
     f = tf.float32
     x = g.placeholder("input", f, [1, 224, 224, 3])
-    h = g.conv("MobilenetV2/Conv/Conv2D", x, 3, 3, 8, stride=2)  # [1,112,112,8]
+    c = 16
+    h = g.conv("MobilenetV2/Conv/Conv2D", x, 3, 3, c, stride=2)  # [1,112,112,16]
     bn = "MobilenetV2/Conv/BatchNorm"
     # The v1 FusedBatchNorm of 2018's frozen graphs (TF 2 writes FusedBatchNormV3).
     h = g.node(f"{bn}/FusedBatchNorm", "FusedBatchNorm",
-               [h, g.const(f"{bn}/gamma", g.positive(8)), g.const(f"{bn}/beta", g.positive(8) - 1),
-                g.const(f"{bn}/moving_mean", g.positive(8) - 1),
-                g.const(f"{bn}/moving_variance", g.positive(8))],
+               [h, g.const(f"{bn}/gamma", g.positive(c)), g.const(f"{bn}/beta", g.positive(c) - 1),
+                g.const(f"{bn}/moving_mean", g.positive(c) - 1),
+                g.const(f"{bn}/moving_variance", g.positive(c))],
                T=f, epsilon=0.001, data_format="NHWC", is_training=False)
     h = g.unary("MobilenetV2/Conv/Relu6", "Relu6", h)
     # Only the stride-2 blocks, 3x3 depthwise each, as in the real network: 112 → 56 → 28 → 14 → 7.
@@ -145,13 +146,15 @@ def mobilenet_v2_graph(seed: int = 0) -> bytes:
     # TensorFlow's padding comes out negative, e.g. 3x3 stride 4 on 224; no real backbone has one.)
     for block in ("expanded_conv_1", "expanded_conv_3", "expanded_conv_6", "expanded_conv_13"):
         dw = f"MobilenetV2/{block}/depthwise"
+        # Blurs (positive weights summing to about 1) with no offset: random kernels four deep
+        # would wash out the colour that tells the test classes apart.
+        blur = g.rng.uniform(0, 2 / 9, (3, 3, c, 1)).astype(np.float32)
         h = g.node(f"{dw}/depthwise", "DepthwiseConv2dNative",
-                   [h, g.weights(f"{dw}/depthwise_weights", (3, 3, 8, 1))], T=f,
+                   [h, g.const(f"{dw}/depthwise_weights", blur)], T=f,
                    strides=[1, 2, 2, 1], padding="SAME", data_format="NHWC")
-        h = g.unary(f"{dw}/Relu6", "Relu6",
-                    g.bias_add(f"{dw}/BatchNorm/BiasAdd", h, 8, bias=f"{dw}/BatchNorm/beta"))
-    h = g.conv("MobilenetV2/expanded_conv_16/project/Conv2D", h, 1, 8, 16, stride=1)  # [1,7,7,16]
-    h = g.conv("MobilenetV2/Conv_1/Conv2D", h, 1, 16, 1792, stride=1)
+        h = g.unary(f"{dw}/Relu6", "Relu6", h)
+    h = g.conv("MobilenetV2/expanded_conv_16/project/Conv2D", h, 1, c, c, stride=1)  # [1,7,7,16]
+    h = g.conv("MobilenetV2/Conv_1/Conv2D", h, 1, c, 1792, stride=1)
     h = g.unary("MobilenetV2/Conv_1/Relu6", "Relu6",
                 g.bias_add("MobilenetV2/Conv_1/BatchNorm/BiasAdd", h, 1792,
                            bias="MobilenetV2/Conv_1/BatchNorm/beta"))
@@ -169,7 +172,7 @@ def mobilenet_v2_graph(seed: int = 0) -> bytes:
     g.node("MobilenetV2/Predictions/Reshape_1", "Reshape",
            [soft, g.node("MobilenetV2/Predictions/Shape", "Shape", [logits], T=f, out_type=tf.int32)],
            T=f, Tshape=tf.int32)
-    return g.bytes(producer=PRODUCER_2018)
+    return g.serialized(producer=PRODUCER_2018)
 
 
 def mobilenet_v2_archive(graph: bytes) -> bytes:
@@ -248,7 +251,7 @@ def inception_v3_2015_graph(seed: int = 0) -> bytes:
     logits = g.binary("softmax/logits", "Add", logits,
                       g.const("softmax/biases", np.zeros(1008, np.float32)))
     g.unary("softmax", "Softmax", logits)
-    return g.bytes(producer=OLD_PRODUCER)
+    return g.serialized(producer=OLD_PRODUCER)
 
 
 def inception_v3_2015_archive(graph: bytes) -> bytes:
@@ -314,7 +317,7 @@ def inception_v4_graph(seed: int = 0, pool_name: str = V4_POOL) -> bytes:
                     [logits, g.const("InceptionV4/Logits/Logits/biases", np.zeros(1001, np.float32))],
                     T=f, data_format="NHWC")
     g.unary("InceptionV4/Logits/Predictions", "Softmax", logits)
-    return g.bytes(producer=PRODUCER_2016)
+    return g.serialized(producer=PRODUCER_2016)
 
 
 def inception_v4_archive(graph: bytes) -> bytes:
