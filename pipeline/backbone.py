@@ -166,6 +166,8 @@ class FeatureExtractor:
         spec: the backbone spec (tensors, preprocessing).
     """
 
+    engine = "tensorflow"
+
     def __init__(self, graph_path: Path, spec: BackboneSpec):
         import tensorflow as tf
 
@@ -185,7 +187,66 @@ class FeatureExtractor:
         return self._run(np.asarray(images, np.float32)).numpy()
 
 
+class LiteRTFeatureExtractor(FeatureExtractor):
+    """The same feature function, converted once to a float32 TFLite model and run in
+    ai-edge-litert (XNNPACK), one image per call.
+
+    On 2 cores TensorFlow runs the MobileNet v1 0.25 graph at about 350 images/s at its best batch
+    size; LiteRT runs it at about 790 images/s on one thread. Features agree with TensorFlow's to
+    about 2e-5 (float32 rounding in other kernels), far below what moves a trained head.
+
+    Raises:
+        RuntimeError: the graph has ops TFLite cannot convert (callers fall back to TensorFlow).
+    """
+
+    engine = "litert"
+
+    def __init__(self, graph_path: Path, spec: BackboneSpec, threads: int | None = None):
+        import os
+
+        import tensorflow as tf
+        from ai_edge_litert.interpreter import Interpreter
+
+        super().__init__(graph_path, spec)
+        converter = tf.lite.TFLiteConverter.from_concrete_functions([self._run.get_concrete_function()])
+        try:
+            model = converter.convert()
+        except Exception as err:  # ConverterError and friends
+            raise RuntimeError(f"TFLite cannot convert this backbone for extraction: {err}") from err
+        self._interpreter = Interpreter(model_content=model, num_threads=threads or os.cpu_count() or 1)
+        size = self.spec.preprocessing.size
+        self._interpreter.resize_tensor_input(self._interpreter.get_input_details()[0]["index"], [1, size, size, 3])
+        self._interpreter.allocate_tensors()
+        self._in = self._interpreter.get_input_details()[0]["index"]
+        self._out = self._interpreter.get_output_details()[0]["index"]
+        self._lock = __import__("threading").Lock()
+
+    def __call__(self, images) -> np.ndarray:
+        """float32 ``[N, H, W, 3]`` in 0..255, or a list of ``[H, W, 3]`` (not stacked: each
+        image goes to the interpreter on its own anyway) → float32 ``[N, feature_size]``."""
+        out = np.empty((len(images), self.spec.feature_size), np.float32)
+        with self._lock:  # one interpreter, one caller at a time
+            for i, img in enumerate(images):
+                self._interpreter.set_tensor(self._in, np.asarray(img, np.float32)[None])
+                self._interpreter.invoke()
+                out[i] = self._interpreter.get_tensor(self._out).reshape(-1)
+        return out
+
+
+ENGINES = ("litert", "tensorflow")
+
+
 @functools.lru_cache(maxsize=4)
-def get_extractor(graph_path: str, spec: BackboneSpec) -> FeatureExtractor:
-    """The per-process extractor for a graph (what a Beam ``DoFn.setup`` would hold)."""
+def get_extractor(graph_path: str, spec: BackboneSpec, engine: str = "litert") -> FeatureExtractor:
+    """The per-process extractor for a graph (what a Beam ``DoFn.setup`` would hold).
+
+    ``engine="litert"`` falls back to TensorFlow, with a note, for a graph TFLite cannot convert.
+    """
+    if engine == "litert":
+        try:
+            return LiteRTFeatureExtractor(Path(graph_path), spec)
+        except RuntimeError as err:
+            import sys
+
+            print(f"note: bottlenecks computed with TensorFlow: {str(err).splitlines()[0]}", file=sys.stderr)
     return FeatureExtractor(Path(graph_path), spec)
