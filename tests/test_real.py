@@ -1,6 +1,7 @@
 """The real MobileNet v1 graphs and photos from ../shared, reached through the mirror."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 
@@ -11,6 +12,7 @@ from pipeline.catalog import get_backbone
 from pipeline.fetch import fetch
 from pipeline.images import load_files
 from tests.conftest import FLOWERS, MIRROR, SHARED, needs_shared
+from tests.lookalikes import serve_folder
 from tests.test_cli import edgepipe
 
 pytestmark = pytest.mark.slow
@@ -32,12 +34,17 @@ def test_backbone_answers_match_golden(tmp_path):
         assert abs(float(row[index]) - p) <= 0.02, (name, float(row[index]))
 
 
-def test_whole_chain_on_real_mobilenet_v1_0_25_128(tmp_path):
+@pytest.mark.parametrize("via", ["mirror folder", "local HTTP server"])
+def test_whole_chain_on_real_mobilenet_v1_0_25_128(tmp_path, via):
     needs_shared(FLOWERS)
+    needs_shared(MIRROR)
     out = tmp_path / "run"
-    proc = edgepipe("run", "--images", FLOWERS / "train", "--test-images", FLOWERS / "test",
-                    "--backbone", "mobilenet_v1_0.25_128", "--out", out, "--quiet",
-                    env={"EDGEPIPE_MIRROR": str(MIRROR), "EDGEPIPE_CACHE_DIR": str(tmp_path / "cache")})
+    with contextlib.ExitStack() as stack:
+        mirror = str(MIRROR) if via == "mirror folder" else stack.enter_context(serve_folder(MIRROR))
+        proc = edgepipe("run", "--images", FLOWERS / "train", "--test-images", FLOWERS / "test",
+                        "--backbone", "mobilenet_v1_0.25_128", "--out", out, "--quiet", "--offline",
+                        env={"EDGEPIPE_MIRROR": mirror, "EDGEPIPE_CACHE_DIR": str(tmp_path / "cache"),
+                             "NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())
     assert report["n_test"] == 160 and len(report["classes"]) == 8
@@ -55,3 +62,5 @@ def test_whole_chain_on_real_mobilenet_v1_0_25_128(tmp_path):
     assert abs(metrics["test"]["accuracy"] - rows[("savedmodel", "tensorflow")]["accuracy"]) < 0.01
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["stages"]["fetch"]["info"]["checksum"] == "pinned"
+    source = manifest["stages"]["fetch"]["info"]["source"]
+    assert source.startswith("http://127.0.0.1:") if via == "local HTTP server" else source.startswith(str(MIRROR))
