@@ -86,8 +86,21 @@ def _listing_digest(folder: Path | None) -> str | None:
     return h.hexdigest()
 
 
+# Outputs that describe a run (timings, counts) rather than feed the next stage: a change in them
+# must not make the next stage re-run.
+INFORMATIONAL_OUTPUTS = frozenset({"metrics"})
+
+
 def _upstream(ctx: Context, *names: str) -> dict:
-    return {n: {k: v["sha256"] for k, v in ctx.stage_info(n)["outputs"].items()} for n in names}
+    return {n: {k: v["sha256"] for k, v in ctx.stage_info(n)["outputs"].items() if k not in INFORMATIONAL_OUTPUTS}
+            for n in names}
+
+
+def _folder_key(folder: Path | None) -> list:
+    """A folder as a fingerprint: its absolute path (so ./a and /x/a are the same) and listing."""
+    if folder is None:
+        return [None, None]
+    return [str(Path(folder).resolve()), _listing_digest(folder)]
 
 
 # --- fetch -------------------------------------------------------------------------------------
@@ -124,8 +137,8 @@ def _retrain_fingerprint(ctx: Context) -> dict:
     c = ctx.cfg
     return {
         "fetch": _upstream(ctx, "fetch"), "spec": ctx.spec().to_dict(),
-        "images": [str(c.images), _listing_digest(c.images)],
-        "test_images": [str(c.test_images), _listing_digest(c.test_images)],
+        "images": _folder_key(c.images),
+        "test_images": _folder_key(c.test_images),
         "split": [c.validation_pct, c.test_pct], "train": c.train.to_dict(),
         "augment": c.augment.to_dict(),
     }

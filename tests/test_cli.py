@@ -129,3 +129,18 @@ def test_a_crashing_runtime_fails_the_gate_with_exit_3_and_keeps_the_report(tiny
     rows = {(r["artifact"], r["runtime"]): r for r in report["results"]}
     assert "simulated crash" in rows[("tfjs-float32", "tfjs-wasm")]["error"]
     assert rows[("tflite-int8", "ai-edge-litert")]["passed"]
+
+
+def test_same_folders_by_another_path_still_skip(tiny_run, tmp_path):
+    out, args, env, _ = tiny_run
+    images = args[args.index("--images") + 1]
+    # Settle the run directory (earlier tests leave other options behind), then spell the same
+    # folder relative to another working directory: it is the same input.
+    settle = edgepipe(*args, "--runtime", "tflite-runtime", "--runtime", "ai-edge-litert",
+                      "--runtime", "tfjs-wasm", env=env)
+    assert settle.returncode == 0, settle.stderr[-2000:]
+    rel = os.path.relpath(images, tmp_path)
+    moved = [rel if a == images else a for a in args]
+    proc = edgepipe(*moved, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "retrain: up to date, skipped" in proc.stderr and "verify: up to date, skipped" in proc.stderr
