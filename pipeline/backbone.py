@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import functools
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -219,7 +220,7 @@ class LiteRTFeatureExtractor(FeatureExtractor):
         self._interpreter.allocate_tensors()
         self._in = self._interpreter.get_input_details()[0]["index"]
         self._out = self._interpreter.get_output_details()[0]["index"]
-        self._lock = __import__("threading").Lock()
+        self._lock = threading.Lock()
 
     def __call__(self, images) -> np.ndarray:
         """float32 ``[N, H, W, 3]`` in 0..255, or a list of ``[H, W, 3]`` (not stacked: each

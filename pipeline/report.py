@@ -105,7 +105,7 @@ def plot_confusion_matrices(path: Path, results: list[dict], classes: list[str])
 
 
 def plot_tradeoffs(path: Path, results: list[dict]) -> None:
-    """Size vs latency, marker colour = accuracy, one point per (artifact, runtime)."""
+    """Size vs latency and size vs accuracy, one point per (artifact, runtime); green = passed."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -114,22 +114,25 @@ def plot_tradeoffs(path: Path, results: list[dict]) -> None:
     rows = [r for r in results if r.get("latency_ms") is not None]
     if not rows:
         return
-    fig, ax = plt.subplots(figsize=(9, 5.5))
-    sc = ax.scatter([r["size_bytes"] / 1e6 for r in rows], [r["latency_ms"] for r in rows],
-                    c=[r["accuracy"] for r in rows], cmap="viridis", s=80,
-                    marker="o", edgecolors=["black" if r["passed"] else "red" for r in rows])
+    fig, (a, b) = plt.subplots(1, 2, figsize=(13, 4.8))
     for r in rows:
-        ax.annotate(f"{r['artifact']}\n{r['runtime']} ({r['top1_agreement']:.3f})",
-                    (r["size_bytes"] / 1e6, r["latency_ms"]), fontsize=6,
-                    xytext=(4, 4), textcoords="offset points")
-    ax.set_xlabel("size (MB)")
-    ax.set_ylabel("latency per image (ms, 1 thread)")
-    ax.set_yscale("log")
-    ax.set_title("size vs latency; colour = test accuracy; label = top-1 agreement")
-    fig.colorbar(sc, label="accuracy")
+        colour = "tab:green" if r["passed"] else "tab:red"
+        label = f"{r['artifact']}\n{r['runtime']}"
+        a.scatter(r["size_bytes"] / 1e6, r["latency_ms"], c=colour, s=40)
+        a.annotate(label, (r["size_bytes"] / 1e6, r["latency_ms"]), fontsize=6, xytext=(3, 3), textcoords="offset points")
+        b.scatter(r["size_bytes"] / 1e6, r["accuracy"], c=colour, s=40)
+        b.annotate(f"{label} ({r['top1_agreement']:.3f})", (r["size_bytes"] / 1e6, r["accuracy"]), fontsize=6,
+                   xytext=(3, 3), textcoords="offset points")
+    a.set_yscale("log")
+    a.set_xlabel("size (MB)")
+    a.set_ylabel("ms per image (1 thread)")
+    a.set_title("size vs latency (green = passed its gate)")
+    b.set_xlabel("size (MB)")
+    b.set_ylabel("test accuracy")
+    b.set_title("size vs accuracy (label: top-1 agreement)")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    _savefig(fig, path, dpi=110)
+    _savefig(fig, path, dpi=90)
     plt.close(fig)
 
 

@@ -70,35 +70,6 @@ def _confusion_figure(results: list[dict], classes: list[str]):
     return src
 
 
-def _tradeoff_figure(results: list[dict]):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = [r for r in results if r.get("latency_ms") is not None]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(13, 4.8))
-    for r in rows:
-        colour = "tab:green" if r["passed"] else "tab:red"
-        label = f"{r['artifact']}\n{r['runtime']}"
-        a.scatter(r["size_bytes"] / 1e6, r["latency_ms"], c=colour, s=40)
-        a.annotate(label, (r["size_bytes"] / 1e6, r["latency_ms"]), fontsize=6, xytext=(3, 3), textcoords="offset points")
-        b.scatter(r["size_bytes"] / 1e6, r["accuracy"], c=colour, s=40)
-        b.annotate(f"{label} ({r['top1_agreement']:.3f})", (r["size_bytes"] / 1e6, r["accuracy"]), fontsize=6,
-                   xytext=(3, 3), textcoords="offset points")
-    a.set_yscale("log")
-    a.set_xlabel("size (MB)")
-    a.set_ylabel("ms per image (1 thread)")
-    a.set_title("size vs latency (green = passed its gate)")
-    b.set_xlabel("size (MB)")
-    b.set_ylabel("test accuracy")
-    b.set_title("size vs accuracy (label: top-1 agreement)")
-    fig.tight_layout()
-    src = _png(fig)
-    plt.close(fig)
-    return src
-
-
 def _fmt(v, spec: str) -> str:
     return "—" if v is None else format(v, spec)
 
@@ -109,8 +80,10 @@ def _why(r: dict) -> str:
     return f"top-1 agreement {r['top1_agreement']:.4f} < gate {r['gate']:.2f}"
 
 
-def write_html_report(path: Path, report: dict, images: list[np.ndarray]) -> None:
-    """Writes the page; ``images`` are the decoded test images in report order (for thumbnails)."""
+def write_html_report(path: Path, report: dict, images: list[np.ndarray],
+                      tradeoffs_png: Path | None = None) -> None:
+    """Writes the page; ``images`` are the decoded test images in report order (for thumbnails),
+    ``tradeoffs_png`` the size/latency/accuracy plot written by the verify stage."""
     e = html.escape
     classes = report["classes"]
     results = report["results"]
@@ -150,8 +123,10 @@ def write_html_report(path: Path, report: dict, images: list[np.ndarray]) -> Non
             f"<td>{_fmt(r['mean_abs_diff'], '.2e')}</td><td>{_fmt(r.get('kl_divergence'), '.2e')}</td>"
             f"<td>{r['size_bytes'] / 1e6:.2f}</td><td>{_fmt(r['latency_ms'], '.2f')}</td><td>{ok}</td></tr>")
     parts.append("</table>")
-    if any(r.get("latency_ms") is not None for r in results):
-        parts.append(f"<h2>Size, latency, accuracy</h2><img class=plot src='{_tradeoff_figure(results)}'>")
+    if tradeoffs_png is not None and Path(tradeoffs_png).is_file():
+        # The same picture as verify/tradeoffs.png (pipeline.report.plot_tradeoffs), inlined.
+        src = "data:image/png;base64," + base64.b64encode(Path(tradeoffs_png).read_bytes()).decode()
+        parts.append(f"<h2>Size, latency, accuracy</h2><img class=plot src='{src}'>")
 
     parts.append("<h2>Agreement per class</h2><table><tr><th class=l>artifact / runtime</th>"
                  + "".join(f"<th>{e(c)}</th>" for c in classes) + "</tr>")

@@ -409,7 +409,8 @@ def _verify_run(ctx: Context) -> tuple[dict[str, Path], dict]:
     sm_dir = ctx.run.stage("export") / "savedmodel"
     sm = Artifact("savedmodel", sm_dir, sum(p.stat().st_size for p in sm_dir.rglob("*") if p.is_file()))
     log(f"verify: reference SavedModel on {len(x)} test images")
-    ref_pred = SavedModelRunner().predict(sm.path, x)
+    reference = SavedModelRunner()  # loads the SavedModel once for the reference and --stress
+    ref_pred = reference.predict(sm.path, x)
     ref = ref_pred.probabilities
     results = [evaluate(sm, "tensorflow", ref_pred, ref, y, n_cls, ctx.cfg.gate("savedmodel"))]
     pairs = []
@@ -438,9 +439,8 @@ def _verify_run(ctx: Context) -> tuple[dict[str, Path], dict]:
         log(f"verify: {art.name:15s} {runner.name:15s} {status}: {detail}")
     stress = []
     if ctx.cfg.stress:
-        fn = SavedModelRunner().predict
         for name, mistake in MISTAKES.items():
-            probs = fn(sm.path, prepare_batch(images, prep, mistake), timing=False).probabilities
+            probs = reference.predict(sm.path, prepare_batch(images, prep, mistake), timing=False).probabilities
             agree = float((probs.argmax(1) == ref.argmax(1)).mean())
             acc = float((probs.argmax(1) == y).mean())
             stress.append({"mistake": name, "setting": mistake.differences()[0], "accuracy": acc,
@@ -465,9 +465,9 @@ def _verify_run(ctx: Context) -> tuple[dict[str, Path], dict]:
         "recommendation": recommend(rows),
     }
     write_reports(ctx.run.root, report)
-    write_html_report(ctx.run.root / "report.html", report, images)
     plot_confusion_matrices(out / "confusion_matrices.png", rows, list(ds.classes))
     plot_tradeoffs(out / "tradeoffs.png", rows)
+    write_html_report(ctx.run.root / "report.html", report, images, out / "tradeoffs.png")
     import io
 
     buf = io.BytesIO()
