@@ -188,13 +188,18 @@ class FeatureExtractor:
         return self._run(np.asarray(images, np.float32)).numpy()
 
 
+BATCH = 4  # images per LiteRT invoke: fewer hand-offs than 1, no slower per image than 8
+
+
 class LiteRTFeatureExtractor(FeatureExtractor):
     """The same feature function, converted once to a float32 TFLite model and run in
-    ai-edge-litert (XNNPACK), one image per call.
+    ai-edge-litert (XNNPACK), a few images per call.
 
     On 2 cores TensorFlow runs the MobileNet v1 0.25 graph at about 350 images/s at its best batch
-    size; LiteRT runs it at about 790 images/s on one thread. Features agree with TensorFlow's to
-    about 2e-5 (float32 rounding in other kernels), far below what moves a trained head.
+    size; LiteRT runs it at about 1300 images/s at batch 1 and 1500 at batch 4 (two threads).
+    Features agree with TensorFlow's to about 2e-5 (float32 rounding in other kernels), far below
+    what moves a trained head, and are bit-identical whatever the batch size, batch position or
+    thread count, so a cached feature does not depend on which batch computed it.
 
     Raises:
         RuntimeError: the graph has ops TFLite cannot convert (callers fall back to TensorFlow).
@@ -202,7 +207,8 @@ class LiteRTFeatureExtractor(FeatureExtractor):
 
     engine = "litert"
 
-    def __init__(self, graph_path: Path, spec: BackboneSpec, threads: int | None = None):
+    def __init__(self, graph_path: Path, spec: BackboneSpec, threads: int | None = None,
+                 batch: int = BATCH):
         import os
 
         import tensorflow as tf
@@ -216,21 +222,33 @@ class LiteRTFeatureExtractor(FeatureExtractor):
             raise RuntimeError(f"TFLite cannot convert this backbone for extraction: {err}") from err
         self._interpreter = Interpreter(model_content=model, num_threads=threads or os.cpu_count() or 1)
         size = self.spec.preprocessing.size
-        self._interpreter.resize_tensor_input(self._interpreter.get_input_details()[0]["index"], [1, size, size, 3])
+        self.batch = batch
+        self._interpreter.resize_tensor_input(self._interpreter.get_input_details()[0]["index"],
+                                              [batch, size, size, 3])
         self._interpreter.allocate_tensors()
         self._in = self._interpreter.get_input_details()[0]["index"]
         self._out = self._interpreter.get_output_details()[0]["index"]
         self._lock = threading.Lock()
 
     def __call__(self, images) -> np.ndarray:
-        """float32 ``[N, H, W, 3]`` in 0..255, or a list of ``[H, W, 3]`` (not stacked: each
-        image goes to the interpreter on its own anyway) → float32 ``[N, feature_size]``."""
-        out = np.empty((len(images), self.spec.feature_size), np.float32)
+        """float32 ``[N, H, W, 3]`` in 0..255, or a list of ``[H, W, 3]`` float32 or uint8 arrays
+        (not stacked: they are copied into the interpreter's input one by one) → float32
+        ``[N, feature_size]``."""
+        n, b = len(images), self.batch
+        out = np.empty((n, self.spec.feature_size), np.float32)
         with self._lock:  # one interpreter, one caller at a time
-            for i, img in enumerate(images):
-                self._interpreter.set_tensor(self._in, np.asarray(img, np.float32)[None])
+            for start in range(0, n, b):
+                part = images[start:start + b]
+                # Straight into the interpreter's input buffer (uint8 pixels are cast on the way),
+                # so no float32 copy of an image is made; the view is gone before invoke(). A short
+                # last batch is padded with zeros, whose outputs are dropped.
+                view = self._interpreter.tensor(self._in)()
+                for k, img in enumerate(part):
+                    view[k] = img
+                view[len(part):] = 0
+                del view
                 self._interpreter.invoke()
-                out[i] = self._interpreter.get_tensor(self._out).reshape(-1)
+                out[start:start + len(part)] = self._interpreter.get_tensor(self._out).reshape(b, -1)[:len(part)]
         return out
 
 

@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -58,23 +59,32 @@ def atomic_write_bytes(path: Path, data: bytes, durable: bool = True) -> None:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = None
+    # One name per process and thread: no two writers share a temporary, and a leftover from a
+    # killed process with a recycled pid is simply replaced (O_EXCL fails on it once).
+    tmp = str(path.parent / f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    created = False
     try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        # mkstemp makes the file private (0600); artifacts get the usual permissions instead.
-        os.fchmod(fd, 0o666 & ~_UMASK)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)  # umask applies
+        except FileExistsError:
+            os.unlink(tmp)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
+        created = True
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
             if durable:
-                f.flush()
-                os.fsync(f.fileno())
+                os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
     except BaseException as err:
-        if tmp is not None:
+        if created:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
-        if isinstance(err, OSError) and (err.filename is None or str(err.filename).startswith(str(path.parent / "."))):
-            # A failed write() carries no file name, a failed mkstemp our temporary one.
+        if isinstance(err, OSError) and (err.filename is None or str(err.filename) == tmp):
+            # A failed write() carries no file name, a failed open() our temporary one.
             err.filename = str(path)
         raise
 

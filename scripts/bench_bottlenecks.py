@@ -2,9 +2,11 @@
 """Bottleneck extraction and retrain speed, against a poets-style baseline measured in the same run.
 
 Prints images/s for:
-  baseline   tensorflow-for-poets' loop: one image per session call, batch 1
+  baseline   tensorflow-for-poets' retrain.py loop: per image a decode call and a backbone call at
+             batch 1, and the bottleneck written as text (also shown: a lighter one-call loop)
   cold       edgepipe extraction into an empty cache (parallel decode, batched inference, cache writes)
-  warm       the same images again, every bottleneck from the cache
+  warm       the same images again, every bottleneck from the cache (and without the file-hash
+             index, when every image is read and hashed again)
 then peak memory of a cold extraction on the image set and on the set replicated 10× (distinct
 bytes, so the cache cannot dedupe them), wall time of a cold and a repeated `edgepipe retrain`
 and `edgepipe run`, and the test accuracy of a head on the pooled feature vs poets' 1001 logits.
@@ -16,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -30,13 +31,48 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 SHARED = REPO.parent / "shared"
 FLOWERS = SHARED / "datasets" / "flowers8"
 
+from pipeline.bottlenecks import HASH_INDEX_NAME  # noqa: E402
+
 
 def images_in(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png", ".bmp"))
 
 
-def poets_baseline(paths: list[Path], graph_path: Path, spec) -> float:
-    """One session call per image at batch 1, decode and resize in TF, as poets' retrain.py did."""
+def poets_baseline(paths: list[Path], graph_path: Path, spec, bottleneck_dir: Path) -> float:
+    """tensorflow-for-poets-2's retrain.py loop, as it extracts a missing bottleneck: read the
+    file, one session call to decode and resize it, a second to run the backbone on the result at
+    batch 1, then the feature written as comma-joined text (``create_bottleneck_file``)."""
+    import numpy as np
+    import tensorflow as tf
+
+    graph = tf.Graph()
+    with graph.as_default():
+        gd = tf.compat.v1.GraphDef()
+        gd.ParseFromString(graph_path.read_bytes())
+        bottleneck, resized_input = tf.graph_util.import_graph_def(
+            gd, return_elements=[spec.bottleneck_tensor, spec.input_tensor], name="")
+        jpeg = tf.compat.v1.placeholder(tf.string)
+        img = tf.cast(tf.image.decode_jpeg(jpeg, channels=3), tf.float32)
+        size = spec.preprocessing.size
+        resized = tf.compat.v1.image.resize_bilinear(img[None], [size, size])
+        decoded = (resized - spec.preprocessing.mean) / spec.preprocessing.std
+    bottleneck_dir.mkdir(parents=True, exist_ok=True)
+    with tf.compat.v1.Session(graph=graph) as sess:
+        def one(path: Path, out: Path) -> None:
+            values = sess.run(decoded, {jpeg: path.read_bytes()})
+            feature = np.squeeze(sess.run(bottleneck, {resized_input: values}))
+            out.write_text(",".join(str(x) for x in feature))
+
+        one(paths[0], bottleneck_dir / "warm-up.txt")
+        start = time.perf_counter()
+        for p in paths:
+            one(p, bottleneck_dir / f"{p.parent.name}_{p.name}.txt")
+        return len(paths) / (time.perf_counter() - start)
+
+
+def fused_baseline(paths: list[Path], graph_path: Path, spec) -> float:
+    """A lighter batch-1 loop than poets': decode, resize and backbone in one session call per
+    image, and no cache written."""
     import tensorflow as tf
 
     graph = tf.Graph()
@@ -74,19 +110,19 @@ def edgepipe_extract(paths, graph_path, spec, cache: Path, engine: str = "litert
 
 
 def peak_rss_mb(folder: Path, backbone: str, cache: Path) -> float:
-    """Peak RSS of a cold extraction in a fresh process (ru_maxrss of the child)."""
+    """Peak RSS of a cold extraction in a fresh process (its own ru_maxrss, printed at the end)."""
     code = (
-        "import sys; sys.path.insert(0, %r)\n"
+        "import resource, sys; sys.path.insert(0, %r)\n"
         "from pathlib import Path\n"
         "from scripts.bench_bottlenecks import images_in, load\n"
         "paths = images_in(Path(%r)); graph, spec = load(%r)\n"
         "from pipeline.bottlenecks import extract\n"
         "extract(paths, graph, spec, 'x', Path(%r), progress=False)\n"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n"
     ) % (str(REPO), str(folder), backbone, str(cache))
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ})
-    after = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return max(after, before) / 1024
+    done = subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ},
+                          stdout=subprocess.PIPE, text=True)
+    return int(done.stdout.split()[-1]) / 1024
 
 
 def replicate(paths: list[Path], dest: Path, times: int) -> Path:
@@ -122,28 +158,40 @@ def main() -> None:
     ap.add_argument("--test-images", type=Path, default=FLOWERS / "test")
     ap.add_argument("--backbone", default="mobilenet_v1_0.25_224")
     ap.add_argument("--skip-runs", action="store_true", help="only the extraction figures")
+    ap.add_argument("--work", type=Path, default=None,
+                    help="scratch folder, removed at the end (default: a new one beside edgepipe's cache, "
+                         "on the disk real caches are written to)")
     a = ap.parse_args()
     if (SHARED / "mirror").is_dir():
         os.environ.setdefault("EDGEPIPE_MIRROR", str(SHARED / "mirror"))
-    work = Path(tempfile.mkdtemp(prefix="edgepipe-bench-"))
+    from pipeline.fetch import default_cache_dir
+
+    parent = a.work or default_cache_dir().parent
+    parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="edgepipe-bench-", dir=parent))
     os.environ["EDGEPIPE_CACHE_DIR"] = str(work / "cache")
     try:
         graph, spec = load(a.backbone)
         paths = images_in(a.images)
         rows = []
-        base = poets_baseline(paths, graph, spec)
-        rows.append(("baseline (poets: batch 1, one call per image)", base))
+        base = poets_baseline(paths, graph, spec, work / "poets-bottlenecks")
+        rows.append(("baseline: poets' retrain.py loop (2 session calls per image, batch 1, text cache)", base))
+        rows.append(("lighter batch-1 loop (1 session call per image, no cache)",
+                     fused_baseline(paths, graph, spec)))
         cold_tf, computed, _ = edgepipe_extract(paths, graph, spec, work / "bn-tf", engine="tensorflow")
         rows.append((f"edgepipe cold, TensorFlow engine ({computed} computed)", cold_tf))
         cold, computed, _ = edgepipe_extract(paths, graph, spec, work / "bn")
         rows.append((f"edgepipe cold, LiteRT engine, the default ({computed} computed)", cold))
         warm, _, cached = edgepipe_extract(paths, graph, spec, work / "bn")
         rows.append((f"edgepipe warm ({cached} from cache)", warm))
-        print(f"\n{len(paths)} images, {a.backbone}, {os.cpu_count()} cores\n")
+        (work / "bn" / HASH_INDEX_NAME).unlink()
+        unindexed, _, _ = edgepipe_extract(paths, graph, spec, work / "bn")
+        rows.append(("edgepipe warm, no file-hash index (every image read and hashed)", unindexed))
+        print(f"\n{len(paths)} images, {a.backbone}, {os.cpu_count()} cores, work folder {work}\n")
         print("| extraction | images/s | vs baseline |\n|---|---|---|")
         for name, ips in rows:
             print(f"| {name} | {ips:.1f} | {ips / base:.2f}× |")
-        print(f"\nwarm / cold: {warm / cold:.1f}×")
+        print(f"\ncold / baseline: {cold / base:.1f}×   warm / cold: {warm / cold:.1f}×")
 
         tenx = replicate(paths, work / "tenx", 10)
         one = replicate(paths, work / "onex", 1)

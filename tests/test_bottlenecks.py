@@ -1,9 +1,16 @@
+import os
+import shutil
+import sqlite3
+import time
+from pathlib import Path
+
 import numpy as np
 
-from pipeline.bottlenecks import BottleneckCache, backbone_key, extract, features_from_bytes
+from pipeline.bottlenecks import HASH_INDEX_NAME, BottleneckCache, backbone_key, extract, features_from_bytes
+from pipeline.hashindex import RACY_NS, HashIndex
 from pipeline.catalog import custom_backbone
 from pipeline.rundir import sha256_file
-from tests.conftest import TINY_BOTTLENECK, TINY_SIZE
+from tests.conftest import TINY_BOTTLENECK, TINY_SIZE, make_image_folders
 
 
 def _spec(graph):
@@ -54,4 +61,76 @@ def test_key_changes_with_preprocessing(tiny_graph):
     spec = _spec(tiny_graph)
     other = dataclasses.replace(spec, preprocessing=dataclasses.replace(spec.preprocessing, mean=0.0))
     assert backbone_key("g", spec) != backbone_key("g", other)
-    assert BottleneckCache("/x", "k")._path("ab12")
+
+
+def test_cache_entries_are_plain_npy_and_a_wrong_shape_is_a_miss(tmp_path):
+    cache = BottleneckCache(tmp_path, "k", 16)
+    cache.put("ab12", np.arange(16, dtype=np.float32))
+    np.testing.assert_array_equal(np.load(tmp_path / "k" / "ab" / "ab12.npy"), np.arange(16))
+    np.testing.assert_array_equal(cache.get("ab12"), np.arange(16))
+    np.save(tmp_path / "k" / "ab" / "ab34.npy", np.zeros(17, np.float32))  # another backbone's size
+    np.save(tmp_path / "k" / "ab" / "ab56.npy", np.zeros(16, np.float64))
+    assert cache.get("ab34") is None and cache.get("ab56") is None and cache.get("cd78") is None
+    assert not list(tmp_path.rglob("*.tmp"))
+
+
+def _aged(folder: Path, n: int) -> list[Path]:
+    """n image files whose last change is more than RACY_NS in the past (recorded in the index)."""
+    paths = sorted(folder.rglob("*.png"))[:n]
+    newest = max(max(p.stat().st_mtime_ns, p.stat().st_ctime_ns) for p in paths)
+    time.sleep(max(0.0, (newest + RACY_NS - time.time_ns()) / 1e9 + 0.05))
+    return paths
+
+
+def test_a_warm_run_reads_no_image_and_a_first_run_reads_each_once(tiny_graph, tiny_images, tmp_path, monkeypatch):
+    import pipeline.bottlenecks as bn
+
+    paths = _aged(tiny_images, 12)
+    reads: list[str] = []
+    real = bn.read_image_file
+    monkeypatch.setattr(bn, "read_image_file", lambda p: reads.append(str(p)) or real(p))
+    spec = _spec(tiny_graph)
+    cold = extract(paths, tiny_graph, spec, "x", tmp_path / "c", progress=False)
+    assert sorted(reads) == sorted(map(str, paths))  # hashed and decoded from one read
+    reads.clear()
+    warm = extract(paths, tiny_graph, spec, "x", tmp_path / "c", progress=False)
+    assert reads == [] and warm.cached == 12 and warm.hashes == cold.hashes
+    np.testing.assert_array_equal(cold.features, warm.features)
+
+
+def test_a_file_rewritten_in_place_is_hashed_again(tiny_graph, tiny_images, tmp_path):
+    folder = tmp_path / "imgs"
+    shutil.copytree(tiny_images, folder)
+    paths = _aged(folder, 4)
+    spec = _spec(tiny_graph)
+    first = extract(paths, tiny_graph, spec, "x", tmp_path / "c", progress=False)
+    before = paths[0].stat()
+    paths[0].write_bytes(paths[3].read_bytes())  # new content, same inode
+    os.utime(paths[0], ns=(before.st_atime_ns, before.st_mtime_ns))  # even with the old mtime
+    again = extract(paths, tiny_graph, spec, "x", tmp_path / "c", progress=False)
+    assert again.hashes[0] == again.hashes[3] != first.hashes[0]
+    np.testing.assert_array_equal(again.features[0], first.features[3])
+
+
+def test_files_changed_just_before_reading_are_not_remembered(tiny_graph, tmp_path):
+    folder = make_image_folders(tmp_path / "fresh", per_class=2, size=TINY_SIZE)
+    paths = sorted(folder.rglob("*.png"))
+    extract(paths, tiny_graph, _spec(tiny_graph), "x", tmp_path / "c", progress=False)
+    with sqlite3.connect(tmp_path / "c" / HASH_INDEX_NAME) as db:
+        assert db.execute("SELECT COUNT(*) FROM files").fetchone() == (0,)
+
+
+def test_a_corrupt_or_unwritable_hash_index_never_fails_a_run(tiny_graph, tiny_images, tmp_path):
+    paths = _aged(tiny_images, 3)
+    spec = _spec(tiny_graph)
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / HASH_INDEX_NAME).write_bytes(b"garbage, not SQLite" * 100)
+    first = extract(paths, tiny_graph, spec, "x", tmp_path / "c", progress=False)
+    assert first.computed == 3
+    assert (tmp_path / "c" / f"{HASH_INDEX_NAME}.corrupt").is_file()
+    with sqlite3.connect(tmp_path / "c" / HASH_INDEX_NAME) as db:
+        assert db.execute("SELECT COUNT(*) FROM files").fetchone() == (3,)
+    (tmp_path / "file").write_text("x")
+    index = HashIndex(tmp_path / "file" / "under-a-file.sqlite3")  # cannot be created: remembers nothing
+    index.record([("a", paths[0].stat(), time.time_ns() + 10**10, "ab")])
+    assert index.lookup(["a"], [paths[0].stat()]) == [None]

@@ -10,7 +10,6 @@ monkeypatching the write.
 from __future__ import annotations
 
 import errno
-import io
 import json
 import os
 import signal
@@ -298,12 +297,10 @@ def test_a_failed_write_names_the_file_and_leaves_nothing_behind(tmp_path, monke
     target = tmp_path / "cache" / "ab" / "abcd.npy"
     atomic_write_bytes(target, b"old and whole")
 
-    class FullDisk(io.BufferedWriter):
-        def write(self, data):
-            raise OSError(errno.ENOSPC, "No space left on device")
+    def full_disk(fd, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
 
-    real_fdopen = os.fdopen
-    monkeypatch.setattr(os, "fdopen", lambda fd, mode="r", *a, **kw: FullDisk(real_fdopen(fd, "wb", buffering=0)))
+    monkeypatch.setattr(os, "write", full_disk)
     with pytest.raises(OSError) as err:
         atomic_write_bytes(target, b"new")
     monkeypatch.undo()

@@ -34,6 +34,26 @@ def test_backbone_answers_match_golden(tmp_path):
         assert abs(float(row[index]) - p) <= 0.02, (name, float(row[index]))
 
 
+def test_litert_features_are_bit_identical_whatever_the_batch_and_input_dtype(tmp_path):
+    """A cached feature must not depend on which batch (or how full a batch) computed it."""
+    import numpy as np
+
+    from pipeline.backbone import LiteRTFeatureExtractor
+    from pipeline.images import decode_rgb
+
+    needs_shared(MIRROR)
+    needs_shared(FLOWERS)
+    spec = get_backbone("mobilenet_v1_0.25_224")
+    graph = fetch(spec, cache_dir=tmp_path / "cache", mirror=str(MIRROR), progress=False).graph_path
+    paths = sorted((FLOWERS / "test").rglob("*.jpg"))[:7]
+    pixels = [decode_rgb(p.read_bytes()) for p in paths]  # 224x224 photos: the model's size
+    one = LiteRTFeatureExtractor(graph, spec, batch=1)(pixels)
+    four = LiteRTFeatureExtractor(graph, spec, batch=4)
+    np.testing.assert_array_equal(four(pixels), one)  # a full batch and a padded one
+    np.testing.assert_array_equal(four([p.astype(np.float32) for p in pixels[::-1]]), one[::-1])
+    np.testing.assert_allclose(one, FeatureExtractor(graph, spec)(np.stack(pixels)), atol=1e-4)
+
+
 @pytest.mark.parametrize("via", ["mirror folder", "local HTTP server"])
 def test_whole_chain_on_real_mobilenet_v1_0_25_128(tmp_path, via):
     needs_shared(FLOWERS)
