@@ -42,7 +42,12 @@ def backbone_key(graph_sha256: str, spec: BackboneSpec, engine: str = "tensorflo
 
 
 class BottleneckCache:
-    """``<root>/<backbone key>/<ab>/<image sha256>.npy``; writes are atomic and idempotent.
+    """``<root>/<backbone key>/<a>/<image sha256>.npy``; writes are atomic and idempotent.
+
+    Sixteen sub-folders (the hash's first hex digit) keep each folder small for the file systems
+    that need it (62k entries each at a million images), while a new cache costs 16 folder
+    creations rather than 256, which matters where creating an inode is slow (on a journal-less
+    ext4, right after many deletions, each one costs about a millisecond).
 
     Entries are ordinary ``.npy`` files, but read without numpy's header parser: every entry of one
     backbone has the same header, so a read is one ``read()`` and a comparison (about 10 µs
@@ -58,7 +63,7 @@ class BottleneckCache:
         self._header = buf.getvalue()[:-self._size]
 
     def _path(self, image_sha: str) -> Path:
-        return self.dir / image_sha[:2] / f"{image_sha}.npy"
+        return self.dir / image_sha[:1] / f"{image_sha}.npy"
 
     def get(self, image_sha: str) -> np.ndarray | None:
         try:
@@ -78,7 +83,7 @@ class BottleneckCache:
 
     def put(self, image_sha: str, feature: np.ndarray) -> None:
         path = self._path(image_sha)
-        if path.parent.name not in self._made:  # 256 sub-folders: mkdir once each, not per entry
+        if path.parent.name not in self._made:  # mkdir once per sub-folder, not per entry
             path.parent.mkdir(parents=True, exist_ok=True)
             self._made.add(path.parent.name)
         # Not fsynced: a torn entry after a power cut fails the check in get() and is recomputed.
@@ -111,6 +116,7 @@ class ExtractionResult:
 # A miss's bytes from the hashing read are kept for decoding up to this size; bigger files are
 # read again by the decoder, so memory stays bounded by two batches of small files.
 KEEP_BYTES = 1 << 20
+DECODE_GROUP = 4
 
 
 def extract(
@@ -203,11 +209,18 @@ def extract(
         except (ImageError, OSError) as err:
             return err
 
-    writes: list = []
+    def decode_group(group: list[tuple[int, int, bytes | None]]) -> list:
+        return [decode(*item) for item in group]
 
-    def infer(batch: list[tuple[int, int, object]]) -> None:
-        nonlocal writes
-        decoded = [(i, v, f.result()) for i, v, f in batch]
+    def put_all(entries: list[tuple[str, np.ndarray]]) -> None:
+        for name, feature in entries:
+            cache.put(name, feature)
+
+    writing = None  # the previous batch's cache writes
+
+    def infer(batch: list[tuple[list[tuple[int, int]], object]]) -> None:
+        nonlocal writing
+        decoded = [(i, v, arr) for items, f in batch for (i, v), arr in zip(items, f.result())]
         good = [(i, v, arr) for i, v, arr in decoded if isinstance(arr, np.ndarray)]
         for i, _, arr in decoded:
             if not isinstance(arr, np.ndarray):
@@ -215,17 +228,16 @@ def extract(
         if good:
             feats = extractor([arr for _, _, arr in good])
             # The previous batch's cache writes must have landed (errors such as a full disk
-            # surface here); this batch's go to the threads while the next one is computed.
-            for w in writes:
-                w.result()
-            writes = [writer.submit(cache.put, key(i, v), f) for (i, v, _), f in zip(good, feats)]
+            # surface here); this batch's go to the writer while the next one is computed.
+            if writing is not None:
+                writing.result()
+            writing = writer.submit(put_all, [(key(i, v), f) for (i, v, _), f in zip(good, feats)])
             for (i, v, _), f in zip(good, feats):
                 store(i, v, f)
             counts["computed"] += len(good)
-        bar.update(len(batch))
-        if os.environ.get("EDGEPIPE_TEST_PAUSE_AT") == "bottlenecks":
-            for w in writes:
-                w.result()
+        bar.update(len(decoded))
+        if os.environ.get("EDGEPIPE_TEST_PAUSE_AT") == "bottlenecks" and writing is not None:
+            writing.result()
         pause_point("bottlenecks")
 
     total = n + copies * len(aug_set)
@@ -243,14 +255,16 @@ def extract(
                 bar.update(min(n, start + batch_size) - start
                            + sum(copies for i in range(start, min(n, start + batch_size)) if i in aug_set)
                            - len(misses))
-                submitted = [(i, v, pool.submit(decode, i, v, data)) for i, v, data in misses]
+                # A few images per task: fewer thread hand-offs than one future per image.
+                groups = [misses[k:k + DECODE_GROUP] for k in range(0, len(misses), DECODE_GROUP)]
+                submitted = [([(i, v) for i, v, _ in g], pool.submit(decode_group, g)) for g in groups]
                 if decoding:
                     infer(decoding)
                 decoding = submitted
             if decoding:
                 infer(decoding)
-            for w in writes:
-                w.result()
+            if writing is not None:
+                writing.result()
     finally:
         bar.close()
         index.close()

@@ -66,10 +66,10 @@ def test_key_changes_with_preprocessing(tiny_graph):
 def test_cache_entries_are_plain_npy_and_a_wrong_shape_is_a_miss(tmp_path):
     cache = BottleneckCache(tmp_path, "k", 16)
     cache.put("ab12", np.arange(16, dtype=np.float32))
-    np.testing.assert_array_equal(np.load(tmp_path / "k" / "ab" / "ab12.npy"), np.arange(16))
+    np.testing.assert_array_equal(np.load(tmp_path / "k" / "a" / "ab12.npy"), np.arange(16))
     np.testing.assert_array_equal(cache.get("ab12"), np.arange(16))
-    np.save(tmp_path / "k" / "ab" / "ab34.npy", np.zeros(17, np.float32))  # another backbone's size
-    np.save(tmp_path / "k" / "ab" / "ab56.npy", np.zeros(16, np.float64))
+    np.save(tmp_path / "k" / "a" / "ab34.npy", np.zeros(17, np.float32))  # another backbone's size
+    np.save(tmp_path / "k" / "a" / "ab56.npy", np.zeros(16, np.float64))
     assert cache.get("ab34") is None and cache.get("ab56") is None and cache.get("cd78") is None
     assert not list(tmp_path.rglob("*.tmp"))
 
