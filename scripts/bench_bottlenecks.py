@@ -110,20 +110,32 @@ def edgepipe_extract(paths, graph_path, spec, cache: Path, engine: str = "litert
     return len(paths) / (time.perf_counter() - start), res.computed, res.cached
 
 
-def peak_rss_mb(folder: Path, backbone: str, cache: Path) -> float:
-    """Peak RSS of a cold extraction in a fresh process (its own ru_maxrss, printed at the end)."""
+def peak_rss_mb(folder: Path, backbone: str, cache: Path) -> tuple[float, float, float]:
+    """A cold extraction in a fresh process: (RSS once the model is loaded, highest RSS sampled
+    every 5 ms during extraction, the process's lifetime peak ru_maxrss), in MB."""
     code = (
-        "import resource, sys; sys.path.insert(0, %r)\n"
+        "import resource, sys, threading, time; sys.path.insert(0, %r)\n"
         "from pathlib import Path\n"
+        "import numpy as np\n"
         "from scripts.bench_bottlenecks import images_in, load\n"
         "paths = images_in(Path(%r)); graph, spec = load(%r)\n"
-        "from pipeline.bottlenecks import extract\n"
+        "from pipeline.bottlenecks import extract, get_extractor\n"
+        "s = spec.preprocessing.size\n"
+        "get_extractor(str(graph), spec, 'litert')(np.zeros((1, s, s, 3), np.float32))\n"
+        "rss = lambda: int(open('/proc/self/statm').read().split()[1]) * resource.getpagesize()\n"
+        "before, peak, done = rss(), [0], threading.Event()\n"
+        "def watch():\n"
+        "    while not done.is_set():\n"
+        "        peak[0] = max(peak[0], rss()); time.sleep(0.005)\n"
+        "t = threading.Thread(target=watch); t.start()\n"
         "extract(paths, graph, spec, 'x', Path(%r), progress=False)\n"
-        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n"
+        "done.set(); t.join()\n"
+        "print(before, peak[0], resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)\n"
     ) % (str(REPO), str(folder), backbone, str(cache))
     done = subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ},
                           stdout=subprocess.PIPE, text=True)
-    return int(done.stdout.split()[-1]) / 1024
+    before, during, lifetime = (int(x) / 2**20 for x in done.stdout.split()[-3:])
+    return before, during, lifetime
 
 
 def create_cost_us(folder: Path, n: int = 300) -> float:
@@ -227,9 +239,12 @@ def main() -> None:
         one = replicate(paths, work / "onex", 1)
         rss1 = peak_rss_mb(one, a.backbone, work / "rss1")
         rss10 = peak_rss_mb(tenx, a.backbone, work / "rss10")
-        print("\n| cold extraction | images | peak RSS |\n|---|---|---|")
-        print(f"| 1× | {len(paths)} | {rss1:.0f} MB |\n| 10× | {10 * len(paths)} | {rss10:.0f} MB |")
-        print(f"peak memory 10× / 1×: {rss10 / rss1:.2f}")
+        print("\n| cold extraction | images | RSS, model loaded | peak RSS during extraction | process peak |")
+        print("|---|---|---|---|---|")
+        for name, n, (before, during, life) in (("1×", len(paths), rss1), ("10×", 10 * len(paths), rss10)):
+            print(f"| {name} | {n} | {before:.0f} MB | {during:.0f} MB | {life:.0f} MB |")
+        print(f"growth during extraction: 1× {rss1[1] - rss1[0]:+.0f} MB, 10× {rss10[1] - rss10[0]:+.0f} MB; "
+              f"peak during extraction 10× / 1×: {rss10[1] / rss1[1]:.2f}")
 
         if a.skip_runs:
             return
