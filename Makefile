@@ -8,7 +8,7 @@ NODE_STAMP := $(NODE_DIR)/node_modules/.package-lock.json
 CHROMIUM := /usr/bin/chromium
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test clean
+.PHONY: setup demo test bench clean
 
 setup: $(STAMP) $(NODE_STAMP) $(CHROMIUM)
 
@@ -33,6 +33,10 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# Bottleneck extraction and retrain speed against poets' loop (about 3 minutes; README "Measured").
+bench: $(STAMP)
+	$(PY) scripts/bench_bottlenecks.py
 
 clean:
 	rm -rf runs/demo .pytest_cache
