@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import os
 
 import pytest
 
@@ -84,3 +85,27 @@ def test_whole_chain_on_real_mobilenet_v1_0_25_128(tmp_path, via):
     assert manifest["stages"]["fetch"]["info"]["checksum"] == "pinned"
     source = manifest["stages"]["fetch"]["info"]["source"]
     assert source.startswith("http://127.0.0.1:") if via == "local HTTP server" else source.startswith(str(MIRROR))
+
+
+def test_the_extraction_benchmark_runs_and_prints_every_figure(tmp_path):
+    """scripts/bench_bottlenecks.py on the 160 holdout photos (speed itself is not asserted)."""
+    import re
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    needs_shared(FLOWERS)
+    needs_shared(MIRROR)
+    done = subprocess.run(
+        [sys.executable, "scripts/bench_bottlenecks.py", "--images", str(FLOWERS / "test"), "--backbone",
+         "mobilenet_v1_0.25_128", "--repeat", "1", "--skip-runs", "--work", str(tmp_path)],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+        env={**os.environ, "EDGEPIPE_MIRROR": str(MIRROR)})
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = done.stdout
+    assert "160 images, mobilenet_v1_0.25_128" in out
+    assert "LiteRT engine, the default (160 computed)" in out and "edgepipe warm (160 from cache)" in out
+    assert re.search(r"cold / baseline: [\d.]+×   warm / cold: [\d.]+×", out), out
+    assert re.search(r"\| 10× \| 1600 \| \d+ MB \| \d+ MB \| \d+ MB \|", out), out
+    assert list(tmp_path.iterdir()) == []  # its scratch folder is removed
