@@ -12,6 +12,7 @@ import io
 import json
 import os
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +23,7 @@ from tqdm import tqdm
 
 from pipeline.augment import AugmentConfig, augmented_image
 from pipeline.backbone import get_extractor
-from pipeline.hashindex import HashIndex, now_ns
+from pipeline.hashindex import HashIndex
 from pipeline.images import ImageError, load_image, load_pixels, read_image_file
 from pipeline.rundir import atomic_write_bytes
 from pipeline.testhook import pause_point
@@ -129,8 +130,8 @@ def extract(
 
     Each batch of paths is looked up (stat-keyed content hashes from :class:`HashIndex`, else
     one read and a SHA-256), its misses are decoded by threads while the previous batch's misses
-    run through the backbone, and cache writes trail inference in the same threads. Memory stays
-    bounded by two batches whatever the number of images.
+    run through the backbone, and one writer thread stores each batch's features while the next
+    is computed. Memory stays bounded by two batches whatever the number of images.
 
     Args:
         augment: when enabled, ``augment.copies`` augmented copies of each path in
@@ -152,6 +153,7 @@ def extract(
     hashes = [""] * n
     counts = {"cached": 0, "computed": 0}
 
+    # An item is (path index i, variant v): v == 0 is the plain image, 1..copies augmented copies.
     def key(i: int, v: int) -> str:
         return hashes[i] if v == 0 else f"{hashes[i]}-aug{augment.key()}-{v}"
 
@@ -176,7 +178,7 @@ def extract(
         for i, name, st, sha in zip(rows, names, stats, known):
             data = None
             if sha is None:
-                started = now_ns()
+                started = time.time_ns()
                 try:
                     data = read_image_file(paths[i])
                 except ImageError as err:
@@ -251,10 +253,9 @@ def extract(
         with pool, writer:
             decoding: list = []  # the previous batch's misses, decoding while this one is looked up
             for start in range(0, n, batch_size):
-                misses = look_up(range(start, min(n, start + batch_size)))
-                bar.update(min(n, start + batch_size) - start
-                           + sum(copies for i in range(start, min(n, start + batch_size)) if i in aug_set)
-                           - len(misses))
+                rows = range(start, min(n, start + batch_size))
+                misses = look_up(rows)
+                bar.update(len(rows) + sum(copies for i in rows if i in aug_set) - len(misses))  # the hits
                 # A few images per task: fewer thread hand-offs than one future per image.
                 groups = [misses[k:k + DECODE_GROUP] for k in range(0, len(misses), DECODE_GROUP)]
                 submitted = [([(i, v) for i, v, _ in g], pool.submit(decode_group, g)) for g in groups]

@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import os
 import sqlite3
-import time
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -117,7 +116,3 @@ def _is_corrupt(db: Path) -> bool:
         return "malformed" in str(err) or "not a database" in str(err)
     except sqlite3.Error:
         return False
-
-
-def now_ns() -> int:
-    return time.time_ns()
