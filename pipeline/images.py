@@ -142,11 +142,15 @@ def _resize_fn(prep: Preprocessing):
     return _resize_fns[key]
 
 
+def _resize_is_identity(rgb: np.ndarray, prep: Preprocessing) -> bool:
+    # Half-pixel-centre bilinear at scale 1 samples every pixel exactly: the result is the input,
+    # so the TF call (about 1 ms per image, a third of extraction time) can be skipped.
+    return rgb.shape[0] == rgb.shape[1] == prep.size and prep.resize_method == "bilinear"
+
+
 def resize(rgb: np.ndarray, prep: Preprocessing) -> np.ndarray:
     """Resizes uint8 RGB to float32 ``[size, size, 3]`` in 0..255 (bilinear, no antialias)."""
-    if rgb.shape[0] == rgb.shape[1] == prep.size and prep.resize_method == "bilinear":
-        # Half-pixel-centre bilinear at scale 1 samples every pixel exactly: the result is the
-        # input, so skip the TF call (about 1 ms per image, a third of extraction time).
+    if _resize_is_identity(rgb, prep):
         return rgb.astype(np.float32)
     return _resize_fn(prep)(rgb).numpy()
 
@@ -163,9 +167,7 @@ def load_pixels(data: bytes, prep: Preprocessing, source: str = "<bytes>") -> np
     (the LiteRT feature extractor) saves a 600 KB allocation and a pass over it per image.
     """
     rgb = decode_rgb(data, source)
-    if rgb.shape[0] == rgb.shape[1] == prep.size and prep.resize_method == "bilinear":
-        return rgb
-    return resize(rgb, prep)
+    return rgb if _resize_is_identity(rgb, prep) else resize(rgb, prep)
 
 
 def load_batch(
