@@ -57,7 +57,6 @@ class BottleneckCache:
 
     def __init__(self, root: Path, key: str, feature_size: int):
         self.dir = Path(root) / key
-        self._made: set[str] = set()
         self._size = 4 * feature_size
         buf = io.BytesIO()
         np.save(buf, np.zeros(feature_size, "<f4"), allow_pickle=False)
@@ -83,12 +82,10 @@ class BottleneckCache:
         return np.frombuffer(data, "<f4", offset=len(self._header))
 
     def put(self, image_sha: str, feature: np.ndarray) -> None:
-        path = self._path(image_sha)
-        if path.parent.name not in self._made:  # mkdir once per sub-folder, not per entry
-            path.parent.mkdir(parents=True, exist_ok=True)
-            self._made.add(path.parent.name)
         # Not fsynced: a torn entry after a power cut fails the check in get() and is recomputed.
-        atomic_write_bytes(path, self._header + np.asarray(feature, "<f4").tobytes(), durable=False)
+        # atomic_write_bytes makes the sub-folder on the first entry that needs it.
+        atomic_write_bytes(self._path(image_sha), self._header + np.asarray(feature, "<f4").tobytes(),
+                           durable=False)
 
 
 def features_from_bytes(graph_path: str, spec: BackboneSpec, images: Sequence[bytes],
@@ -211,8 +208,8 @@ def extract(
         except (ImageError, OSError) as err:
             return err
 
-    def decode_group(group: list[tuple[int, int, bytes | None]]) -> list:
-        return [decode(*item) for item in group]
+    def decode_group(group: list[tuple[int, int, bytes | None]]) -> list[tuple[int, int, object]]:
+        return [(i, v, decode(i, v, data)) for i, v, data in group]
 
     def put_all(entries: list[tuple[str, np.ndarray]]) -> None:
         for name, feature in entries:
@@ -220,9 +217,10 @@ def extract(
 
     writing = None  # the previous batch's cache writes
 
-    def infer(batch: list[tuple[list[tuple[int, int]], object]]) -> None:
+    def infer(batch: list) -> None:
+        """Runs the backbone on a batch's decoded misses (futures of :func:`decode_group`)."""
         nonlocal writing
-        decoded = [(i, v, arr) for items, f in batch for (i, v), arr in zip(items, f.result())]
+        decoded = [item for f in batch for item in f.result()]
         good = [(i, v, arr) for i, v, arr in decoded if isinstance(arr, np.ndarray)]
         for i, _, arr in decoded:
             if not isinstance(arr, np.ndarray):
@@ -258,7 +256,7 @@ def extract(
                 bar.update(len(rows) + sum(copies for i in rows if i in aug_set) - len(misses))  # the hits
                 # A few images per task: fewer thread hand-offs than one future per image.
                 groups = [misses[k:k + DECODE_GROUP] for k in range(0, len(misses), DECODE_GROUP)]
-                submitted = [([(i, v) for i, v, _ in g], pool.submit(decode_group, g)) for g in groups]
+                submitted = [pool.submit(decode_group, g) for g in groups]
                 if decoding:
                     infer(decoding)
                 decoding = submitted

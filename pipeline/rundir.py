@@ -58,17 +58,22 @@ def atomic_write_bytes(path: Path, data: bytes, durable: bool = True) -> None:
         OSError: naming ``path`` (not the temporary file), e.g. ENOSPC on a full disk.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     # One name per process and thread: no two writers share a temporary, and a leftover from a
     # killed process with a recycled pid is simply replaced (O_EXCL fails on it once).
     tmp = str(path.parent / f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
     created = False
     try:
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)  # umask applies
+            fd = os.open(tmp, flags, 0o666)  # umask applies
+        except FileNotFoundError:
+            # The folder is made when missing rather than checked before every write: cache
+            # entries are written by the thousand into a few folders.
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(tmp, flags, 0o666)
         except FileExistsError:
             os.unlink(tmp)
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
+            fd = os.open(tmp, flags, 0o666)
         created = True
         try:
             view = memoryview(data)
