@@ -46,10 +46,11 @@ def poets_baseline(paths: list[Path], graph_path: Path, spec, bottleneck_dir: Pa
     import numpy as np
     import tensorflow as tf
 
+    from pipeline.backbone import load_graph_def
+
     graph = tf.Graph()
     with graph.as_default():
-        gd = tf.compat.v1.GraphDef()
-        gd.ParseFromString(graph_path.read_bytes())
+        gd = load_graph_def(graph_path, fix=False)  # the file as is, as poets read it
         bottleneck, resized_input = tf.graph_util.import_graph_def(
             gd, return_elements=[spec.bottleneck_tensor, spec.input_tensor], name="")
         jpeg = tf.compat.v1.placeholder(tf.string)
@@ -76,10 +77,11 @@ def fused_baseline(paths: list[Path], graph_path: Path, spec) -> float:
     image, and no cache written."""
     import tensorflow as tf
 
+    from pipeline.backbone import load_graph_def
+
     graph = tf.Graph()
     with graph.as_default():
-        gd = tf.compat.v1.GraphDef()
-        gd.ParseFromString(graph_path.read_bytes())
+        gd = load_graph_def(graph_path, fix=False)  # the file as is, as poets read it
         jpeg = tf.compat.v1.placeholder(tf.string)
         img = tf.image.decode_jpeg(jpeg, channels=3)
         size = spec.preprocessing.size
