@@ -8,40 +8,12 @@ bottlenecks are cached like the plain ones and a second run computes nothing.
 from __future__ import annotations
 
 import hashlib
-import json
-from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from pipeline.config import AugmentConfig
 from pipeline.images import decode_rgb
 from pipeline.types import Preprocessing
-
-
-@dataclass(frozen=True)
-class AugmentConfig:
-    """``copies`` augmented versions per training image (0 = off).
-
-    Percentages as in poets' retrain.py: ``crop`` enlarges the image by up to that margin and crops
-    back to the model size at a random place; ``scale`` enlarges by a random 0..scale %;
-    ``brightness`` multiplies pixels by a random factor within ±brightness %; ``flip`` mirrors half
-    of the copies left-right.
-    """
-
-    copies: int = 0
-    flip: bool = False
-    crop: float = 0.0
-    scale: float = 0.0
-    brightness: float = 0.0
-
-    @property
-    def enabled(self) -> bool:
-        return self.copies > 0 and (self.flip or self.crop > 0 or self.scale > 0 or self.brightness > 0)
-
-    def key(self) -> str:
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def augmented_image(data: bytes, prep: Preprocessing, cfg: AugmentConfig, image_sha: str, copy: int,

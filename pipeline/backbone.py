@@ -6,7 +6,6 @@ exported SavedModel, so training and serving run one graph with one normalisatio
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import functools
 import threading
 from pathlib import Path
@@ -14,39 +13,9 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.errors import GraphError
+from pipeline.graph import best_bottleneck, bottleneck_candidates, closest_names, load_graph_def, node_name
 from pipeline.graphfix import Fix, feature_subgraph, legacy_ops_rewritten
 from pipeline.types import BackboneSpec
-
-
-def load_graph_def(path: Path, *, fix: bool = True):
-    """Reads a frozen GraphDef, with ops that TensorFlow or a converter rejects rewritten.
-
-    Args:
-        fix: rewrite legacy ops (``graphfix.legacy_ops_rewritten``); False returns the file as is.
-
-    Raises:
-        GraphError: the file is missing or is not a serialized GraphDef.
-    """
-    import tensorflow as tf
-
-    path = Path(path)
-    try:
-        data = path.read_bytes()
-    except OSError as err:
-        raise GraphError(f"cannot read graph {path}: {err.strerror}") from None
-    graph_def = tf.compat.v1.GraphDef()
-    try:
-        graph_def.ParseFromString(data)
-    except Exception:  # protobuf raises DecodeError or RuntimeWarning-like errors
-        raise GraphError(
-            f"{path} is not a frozen TensorFlow GraphDef (.pb); export your model with "
-            "tf.compat.v1.graph_util.convert_variables_to_constants or pass a catalog --backbone"
-        ) from None
-    if not graph_def.node:
-        raise GraphError(f"{path} holds an empty GraphDef; is it the right file?")
-    if fix:
-        graph_def, _ = legacy_ops_rewritten(graph_def)
-    return graph_def
 
 
 def graph_fixes(path: Path, spec: BackboneSpec) -> list[Fix]:
@@ -59,42 +28,32 @@ def graph_fixes(path: Path, spec: BackboneSpec) -> list[Fix]:
     return fixes + trimmed
 
 
-def _node_name(tensor: str) -> str:
-    return tensor.split(":")[0]
-
-
-def _closest(name: str, graph_def, n: int = 5) -> str:
-    names = [node.name for node in graph_def.node]
-    close = difflib.get_close_matches(_node_name(name), names, n=n, cutoff=0.4)
-    return ", ".join(f"{c}:0" for c in close) or "none similar"
-
-
 def resolve_spec(graph_def, spec: BackboneSpec) -> BackboneSpec:
     """Checks the spec's tensors exist and fills in the feature size.
 
     The first of ``bottleneck_tensor`` and ``alternates`` that exists in the graph is used (some
     graphs renamed their pooled feature between TensorFlow versions). When none does and the
     feature size is known, the tensor shaped ``[N,1,1,C]`` or ``[N,C]`` with that ``C`` is used,
-    pooling ops first (``inspect.best_bottleneck``); the returned spec names it.
+    pooling ops first (``graph.best_bottleneck``); the returned spec names it.
 
     Raises:
         GraphError: the input or bottleneck tensor is not in the graph (closest names suggested).
     """
     names = {node.name for node in graph_def.node}
-    if _node_name(spec.input_tensor) not in names:
+    if node_name(spec.input_tensor) not in names:
         raise GraphError(
             f"input tensor {spec.input_tensor!r} is not in the graph; closest: "
-            f"{_closest(spec.input_tensor, graph_def)} (set --input-tensor)"
+            f"{closest_names(spec.input_tensor, graph_def)} (set --input-tensor)"
         )
     for candidate in (spec.bottleneck_tensor, *spec.alternates):
-        if _node_name(candidate) in names:
+        if node_name(candidate) in names:
             break
     else:
         candidate = _bottleneck_by_shape(graph_def, spec)
         if candidate is None:
             raise GraphError(
                 f"bottleneck tensor {spec.bottleneck_tensor!r} is not in the graph; closest: "
-                f"{_closest(spec.bottleneck_tensor, graph_def)} (set --bottleneck-tensor)"
+                f"{closest_names(spec.bottleneck_tensor, graph_def)} (set --bottleneck-tensor)"
             )
     spec = dataclasses.replace(spec, bottleneck_tensor=candidate)
     feature_size = _probe_feature_size(graph_def, spec)
@@ -108,8 +67,6 @@ def resolve_spec(graph_def, spec: BackboneSpec) -> BackboneSpec:
 
 def _bottleneck_by_shape(graph_def, spec: BackboneSpec) -> str | None:
     """The pooled or flat tensor with ``spec.feature_size`` features computed from the input."""
-    from pipeline.inspect import best_bottleneck, bottleneck_candidates
-
     if not spec.feature_size:
         return None
     found = best_bottleneck(bottleneck_candidates(graph_def, spec.input_tensor),

@@ -19,9 +19,10 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-from tqdm import tqdm
 
-from pipeline.augment import AugmentConfig, augmented_image
+from pipeline.augment import augmented_image
+from pipeline.config import AugmentConfig
+from pipeline.console import progress as progress_bar
 from pipeline.backbone import get_extractor
 from pipeline.hashindex import HashIndex
 from pipeline.images import ImageError, load_image, load_pixels, read_image_file
@@ -242,7 +243,7 @@ def extract(
 
     total = n + copies * len(aug_set)
     # delay: a warm cache answers in well under a second, with no bar flashing by.
-    bar = tqdm(total=total, desc="bottlenecks", unit="img", disable=not progress, delay=0.5, file=sys.stderr)
+    bar = progress_bar(total=total, desc="bottlenecks", unit="img", disable=not progress, delay=0.5)
     pool = ThreadPoolExecutor(max_workers=workers or min(8, (os.cpu_count() or 2) * 2))
     # One writer: concurrent creates in the cache's folders contend in the kernel (measured on
     # ext4: ~130 µs of system time per entry from 4 threads, ~50 µs from one).

@@ -1,66 +1,113 @@
-"""The ``edgepipe`` command: parse options, build a RunConfig, call the library, map errors."""
+"""The ``edgepipe`` command, a thin layer over the Python API (:func:`pipeline.run`).
+
+Each command parses its options, builds a :class:`RunConfig` over the run directory's saved one
+(:func:`pipeline.config.resume`), calls the library and maps :class:`PipelineError` to one line
+and an exit code. A stage command lists only the options of its own stage (grouped in help
+panels); ``run`` lists them all, and earlier stages keep the run directory's saved settings.
+"""
 from __future__ import annotations
 
-import dataclasses
+import inspect
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Callable, Optional
 
 import typer
 
-from pipeline.catalog import DEFAULT_BACKBONE, load_catalog
-from pipeline.config import CustomGraph, RunConfig, from_dict, parse_gates, validate
-from pipeline.errors import ConfigError, PipelineError, disk_error
-from pipeline.stress import parse_app_preprocessing
-from pipeline.rundir import read_json
-from pipeline.types import QuantMode, TfjsMode
+from pipeline.catalog import DEFAULT_BACKBONE
+from pipeline.errors import PipelineError, disk_error
+from pipeline.types import ClassWeights, QuantMode, TfjsMode
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Labelled photos in; verified TFLite and TF.js image classifiers out.")
 
-Out = Annotated[Path, typer.Option("--out", help="Run directory (one folder per stage, manifest.json, reports).")]
-Images = Annotated[Optional[Path], typer.Option(help="Training images: DIR/<class>/*.jpg.")]
-TestImages = Annotated[Optional[Path], typer.Option(help="Holdout images, same layout; replaces the test split.")]
-Backbone = Annotated[Optional[str], typer.Option(help=f"Catalog backbone (default {DEFAULT_BACKBONE}); see `edgepipe fetch --list`.")]
-Graph = Annotated[Optional[Path], typer.Option(help="Your own frozen graph (.pb) instead of a catalog backbone.")]
-InputTensor = Annotated[Optional[str], typer.Option(help="With --graph: the input tensor, e.g. input:0.")]
-BottleneckTensor = Annotated[Optional[str], typer.Option(help="With --graph: the pooled feature tensor.")]
-InputSize = Annotated[Optional[int], typer.Option(help="With --graph: input height = width in pixels.")]
-Mean = Annotated[Optional[float], typer.Option(help="With --graph: subtracted from 0..255 pixels.")]
-Std = Annotated[Optional[float], typer.Option(help="With --graph: divides after the mean.")]
-ValPct = Annotated[Optional[float], typer.Option(help="Validation percentage (default 10).")]
-TestPct = Annotated[Optional[float], typer.Option(help="Test percentage when no --test-images (default 10).")]
-Epochs = Annotated[Optional[int], typer.Option(help="Training epochs over the cached bottlenecks.")]
-LearningRate = Annotated[Optional[float], typer.Option(help="Adam learning rate.")]
-BatchSize = Annotated[Optional[int], typer.Option(help="Training batch size.")]
-Seed = Annotated[Optional[int], typer.Option(help="Seed for initialisation, shuffling and dropout.")]
-Steps = Annotated[Optional[int], typer.Option(help="Optimizer steps; replaces --epochs.")]
-ValBatchSize = Annotated[Optional[int], typer.Option(help="Batch size for evaluation.")]
-HiddenUnits = Annotated[Optional[int], typer.Option(help="Add one hidden ReLU layer of this width (0 = softmax only).")]
-Dropout = Annotated[Optional[float], typer.Option(help="Dropout rate on the hidden layer.")]
-LabelSmoothing = Annotated[Optional[float], typer.Option(help="Label smoothing, 0..1.")]
-ClassWeights = Annotated[Optional[str], typer.Option(help="'balanced' weighs classes inversely to their size; 'none'.")]
-EarlyStopping = Annotated[Optional[int], typer.Option(help="Stop after N evaluations without a lower validation loss (0 = off).")]
-EvalEvery = Annotated[Optional[int], typer.Option(help="Evaluate (history, summaries, early stopping) every N epochs.")]
-CheckpointEvery = Annotated[Optional[int], typer.Option(help="Save the head every N epochs under retrain/checkpoints/.")]
-SummariesDir = Annotated[Optional[Path], typer.Option(help="TensorBoard summaries; one sub-folder per run.")]
-PrintMisclassified = Annotated[Optional[bool], typer.Option("--print-misclassified", help="List misclassified test images.")]
-AugmentCopies = Annotated[Optional[int], typer.Option(help="Cache N augmented copies of each training image (0 = off).")]
-FlipLeftRight = Annotated[Optional[bool], typer.Option("--flip-left-right", help="Augment: mirror half of the copies.")]
-RandomCrop = Annotated[Optional[float], typer.Option(help="Augment: crop margin in percent.")]
-RandomScale = Annotated[Optional[float], typer.Option(help="Augment: random enlargement up to this percent.")]
-RandomBrightness = Annotated[Optional[float], typer.Option(help="Augment: brightness factor within ±percent.")]
-RuntimeTimeout = Annotated[Optional[float], typer.Option(help="Seconds one runtime may take on one artifact before verify reports it failed.")]
-TfjsShardMb = Annotated[Optional[float], typer.Option(help="TF.js weight shard size in MB (default 4).")]
-Stress = Annotated[Optional[bool], typer.Option("--stress/--no-stress", help="Also run the reference with the usual preprocessing mistakes and report the damage.")]
-AppPrep = Annotated[Optional[list[str]], typer.Option("--app-preprocessing", help="How your app prepares pixels, KEY=VALUE (repeat): channel_order=BGR, value_range=0-1, resize=nearest, antialias=true, crop=0.875. Converted models are verified with it.")]
-Quant = Annotated[Optional[list[QuantMode]], typer.Option("--quant", help="TFLite variants (repeat; default all).")]
-Tfjs = Annotated[Optional[list[TfjsMode]], typer.Option("--tfjs", help="TF.js variants (repeat; default float32, float16).")]
-Runtime = Annotated[Optional[list[str]], typer.Option("--runtime", help="Runtimes to verify in (repeat): tflite-runtime, ai-edge-litert, tfjs-wasm (the default), mediapipe-tasks.")]
-Gate = Annotated[Optional[list[str]], typer.Option("--gate", help="Minimum top-1 agreement, ARTIFACT=VALUE (repeat).")]
-Mirror = Annotated[Optional[str], typer.Option(help="Mirror folder or base URL laid out <host>/<path> (default $EDGEPIPE_MIRROR).")]
-CacheDir = Annotated[Optional[Path], typer.Option(help="Cache folder (default $EDGEPIPE_CACHE_DIR or ~/.cache/edgepipe).")]
-Offline = Annotated[bool, typer.Option(help="Use only the cache and the mirror.")]
-Quiet = Annotated[bool, typer.Option(help="No progress bars.")]
+DATA, BACKBONE, TRAINING, AUGMENT = "Data", "Backbone", "Training", "Augmentation"
+CONVERSION, VERIFICATION, CACHE, OUTPUT = "Conversion", "Verification", "Cache and downloads", "Output"
+
+
+def _opt(kind, help_: str, panel: str, *names: str):
+    return Annotated[kind, typer.Option(*names, help=help_, rich_help_panel=panel)]
+
+
+# Every option once: name → (annotation, default). Panels say which stage an option belongs to.
+OPTIONS: dict[str, tuple[object, object]] = {
+    "out": (_opt(Path, "Run directory (one folder per stage, manifest.json, reports).", OUTPUT, "--out"), ...),
+    "images": (_opt(Optional[Path], "Training images: DIR/<class>/*.jpg.", DATA), None),
+    "test_images": (_opt(Optional[Path], "Holdout images, same layout; replaces the test split.", DATA), None),
+    "validation_pct": (_opt(Optional[float], "Validation percentage (default 10).", DATA), None),
+    "test_pct": (_opt(Optional[float], "Test percentage when no --test-images (default 10).", DATA), None),
+    "backbone": (_opt(Optional[str], f"Catalog backbone (default {DEFAULT_BACKBONE}); see `edgepipe fetch --list`.", BACKBONE), None),
+    "graph": (_opt(Optional[Path], "Your own frozen graph (.pb) instead of a catalog backbone.", BACKBONE), None),
+    "input_tensor": (_opt(Optional[str], "With --graph: the input tensor, e.g. input:0.", BACKBONE), None),
+    "bottleneck_tensor": (_opt(Optional[str], "With --graph: the pooled feature tensor.", BACKBONE), None),
+    "input_size": (_opt(Optional[int], "With --graph: input height = width in pixels.", BACKBONE), None),
+    "mean": (_opt(Optional[float], "With --graph: subtracted from 0..255 pixels.", BACKBONE), None),
+    "std": (_opt(Optional[float], "With --graph: divides after the mean.", BACKBONE), None),
+    "epochs": (_opt(Optional[int], "Training epochs over the cached bottlenecks.", TRAINING), None),
+    "steps": (_opt(Optional[int], "Optimizer steps; replaces --epochs.", TRAINING), None),
+    "learning_rate": (_opt(Optional[float], "Adam learning rate.", TRAINING), None),
+    "batch_size": (_opt(Optional[int], "Training batch size.", TRAINING), None),
+    "validation_batch_size": (_opt(Optional[int], "Batch size for evaluation.", TRAINING), None),
+    "hidden_units": (_opt(Optional[int], "Add one hidden ReLU layer of this width (0 = softmax only).", TRAINING), None),
+    "dropout": (_opt(Optional[float], "Dropout rate on the hidden layer.", TRAINING), None),
+    "label_smoothing": (_opt(Optional[float], "Label smoothing, 0..1.", TRAINING), None),
+    "class_weights": (_opt(Optional[str], f"'{ClassWeights.BALANCED}' weighs classes inversely to their size; "
+                                          f"'{ClassWeights.NONE}'.", TRAINING), None),
+    "early_stopping": (_opt(Optional[int], "Stop after N evaluations without a lower validation loss (0 = off).", TRAINING), None),
+    "eval_every": (_opt(Optional[int], "Evaluate (history, summaries, early stopping) every N epochs.", TRAINING), None),
+    "checkpoint_every": (_opt(Optional[int], "Save the head every N epochs under retrain/checkpoints/.", TRAINING), None),
+    "seed": (_opt(Optional[int], "Seed for initialisation, shuffling and dropout.", TRAINING), None),
+    "summaries_dir": (_opt(Optional[Path], "TensorBoard summaries; one sub-folder per run.", TRAINING), None),
+    "print_misclassified": (_opt(Optional[bool], "List misclassified test images.", TRAINING, "--print-misclassified"), None),
+    "augment_copies": (_opt(Optional[int], "Cache N augmented copies of each training image (0 = off).", AUGMENT), None),
+    "flip_left_right": (_opt(Optional[bool], "Augment: mirror half of the copies.", AUGMENT, "--flip-left-right"), None),
+    "random_crop": (_opt(Optional[float], "Augment: crop margin in percent.", AUGMENT), None),
+    "random_scale": (_opt(Optional[float], "Augment: random enlargement up to this percent.", AUGMENT), None),
+    "random_brightness": (_opt(Optional[float], "Augment: brightness factor within ±percent.", AUGMENT), None),
+    "quant": (_opt(Optional[list[QuantMode]], "TFLite variants (repeat; default all).", CONVERSION, "--quant"), None),
+    "tfjs": (_opt(Optional[list[TfjsMode]], "TF.js variants (repeat; default float32, float16).", CONVERSION, "--tfjs"), None),
+    "tfjs_shard_mb": (_opt(Optional[float], "TF.js weight shard size in MB (default 4).", CONVERSION), None),
+    "runtime": (_opt(Optional[list[str]], "Runtimes to verify in (repeat): tflite-runtime, ai-edge-litert, tfjs-wasm "
+                                          "(the default), mediapipe-tasks.", VERIFICATION, "--runtime"), None),
+    "gate": (_opt(Optional[list[str]], "Minimum top-1 agreement, ARTIFACT=VALUE (repeat).", VERIFICATION, "--gate"), None),
+    "runtime_timeout": (_opt(Optional[float], "Seconds one runtime may take on one artifact before verify reports "
+                                              "it failed.", VERIFICATION), None),
+    "stress": (_opt(Optional[bool], "Also run the reference with the usual preprocessing mistakes and report the "
+                                    "damage.", VERIFICATION, "--stress/--no-stress"), None),
+    "app_preprocessing": (_opt(Optional[list[str]], "How your app prepares pixels, KEY=VALUE (repeat): channel_order=BGR, "
+                                                    "value_range=0-1, resize=nearest, antialias=true, crop=0.875. "
+                                                    "Converted models are verified with it.", VERIFICATION,
+                               "--app-preprocessing"), None),
+    "mirror": (_opt(Optional[str], "Mirror folder or base URL laid out <host>/<path> (default $EDGEPIPE_MIRROR).", CACHE), None),
+    "cache_dir": (_opt(Optional[Path], "Cache folder (default $EDGEPIPE_CACHE_DIR or ~/.cache/edgepipe).", CACHE), None),
+    "offline": (_opt(bool, "Use only the cache and the mirror.", CACHE), False),
+    "quiet": (_opt(bool, "No progress bars.", OUTPUT), False),
+    "verbose": (_opt(bool, "Also show TensorFlow's and the converters' own output (always kept in RUN/logs/).", OUTPUT), False),
+}
+# CLI names → RunConfig.with_options names.
+RENAMED = {"quant": "quant_modes", "tfjs": "tfjs_modes", "runtime": "runtimes", "runtime_timeout": "runtime_timeout_s",
+           "gate": "gates"}
+
+_DATA = ("images", "test_images", "validation_pct", "test_pct")
+_BACKBONE = ("backbone", "graph", "input_tensor", "bottleneck_tensor", "input_size", "mean", "std")
+_TRAINING = ("epochs", "steps", "learning_rate", "batch_size", "validation_batch_size", "hidden_units", "dropout",
+             "label_smoothing", "class_weights", "early_stopping", "eval_every", "checkpoint_every", "seed",
+             "summaries_dir", "print_misclassified")
+_AUGMENT = ("augment_copies", "flip_left_right", "random_crop", "random_scale", "random_brightness")
+_QUANTIZE = ("quant",)
+_TFJS = ("tfjs", "tfjs_shard_mb")
+_VERIFY = ("runtime", "gate", "runtime_timeout", "stress", "app_preprocessing")
+_COMMON = ("mirror", "cache_dir", "offline", "quiet", "verbose")
+
+# The options each command takes: its own stage's. `run` takes every stage's.
+COMMAND_OPTIONS = {
+    "retrain": _DATA + _BACKBONE + _TRAINING + _AUGMENT,
+    "export": (),
+    "quantize": _QUANTIZE,
+    "tfjs": _TFJS,
+    "verify": _VERIFY,
+}
+COMMAND_OPTIONS["run"] = sum(COMMAND_OPTIONS.values(), ())
+NEEDS_SAVED_CONFIG = frozenset({"export", "quantize", "tfjs", "verify"})  # they take no --images
 
 
 def _fail(err: PipelineError) -> None:
@@ -68,67 +115,18 @@ def _fail(err: PipelineError) -> None:
     raise typer.Exit(code=err.exit_code) from None
 
 
-TRAIN_KEYS = ("epochs", "steps", "learning_rate", "batch_size", "validation_batch_size", "hidden_units",
-              "dropout", "label_smoothing", "class_weights", "early_stopping", "eval_every",
-              "checkpoint_every", "seed")
-AUGMENT_KEYS = {"augment_copies": "copies", "flip_left_right": "flip", "random_crop": "crop",
-                "random_scale": "scale", "random_brightness": "brightness"}
-GRAPH_KEYS = ("graph", "input_tensor", "input_size", "mean", "std")
+def _run(command: str, until: str, out: Path, quiet: bool, offline: bool, verbose: bool, **opts) -> None:
+    import pipeline
+    from pipeline.config import load_config, resume
 
-
-def _build_config(out: Path, **given) -> RunConfig:
-    """Options given on the command line, over the run directory's saved configuration, over defaults."""
-    base = read_json(out / "manifest.json", default={}) or {}
-    cfg = from_dict({**base.get("config", {}), "out": str(out)}) if base.get("config") else RunConfig(out=out)
-    graph_opts = {k: given.pop(k) for k in GRAPH_KEYS}
-    train = {k: given.pop(k) for k in TRAIN_KEYS}
-    augment = {AUGMENT_KEYS[k]: given.pop(k) for k in AUGMENT_KEYS}
-    gates = given.pop("gate")
-    app = given.pop("app_preprocessing")
-    changes = {k: v for k, v in given.items() if v is not None}
-    for key in ("quant_modes", "tfjs_modes", "runtimes"):
-        if key in changes:
-            changes[key] = tuple(changes[key])
-            if not changes[key]:
-                changes.pop(key)
-    if graph_opts["graph"] is not None:
-        bottleneck = changes.pop("bottleneck_tensor", None)
-        missing = [flag for flag, v in (("--input-tensor", graph_opts["input_tensor"]),
-                                        ("--bottleneck-tensor", bottleneck),
-                                        ("--input-size", graph_opts["input_size"])) if v is None]
-        if missing:
-            raise ConfigError(f"--graph {graph_opts['graph']} also needs {', '.join(missing)} (see `edgepipe inspect`)")
-        changes["graph"] = CustomGraph(
-            path=Path(graph_opts["graph"]), input_tensor=graph_opts["input_tensor"],
-            bottleneck_tensor=bottleneck, input_size=graph_opts["input_size"],
-            mean=127.5 if graph_opts["mean"] is None else graph_opts["mean"],
-            std=127.5 if graph_opts["std"] is None else graph_opts["std"],
-        )
-    if "backbone" in changes and "graph" not in changes:
-        changes["graph"] = None
-    cfg = dataclasses.replace(cfg, **changes)
-    cfg = dataclasses.replace(
-        cfg,
-        train=dataclasses.replace(cfg.train, **{k: v for k, v in train.items() if v is not None}),
-        augment=dataclasses.replace(cfg.augment, **{k: v for k, v in augment.items() if v is not None}),
-    )
-    if gates:
-        cfg = dataclasses.replace(cfg, gates={**cfg.gates, **parse_gates(gates)})
-    if app is not None:
-        # Given at all (even as contract values) replaces the saved setting: "--app-preprocessing
-        # channel_order=RGB" brings a run directory back to the contract.
-        cfg = dataclasses.replace(cfg, app_preprocessing=parse_app_preprocessing(app))
-    return cfg
-
-
-def _run(until: str, out: Path, **opts) -> None:
-    from pipeline.stages import run_stages
-
+    opts = {RENAMED.get(k, k): v for k, v in opts.items()}
     given = {k for k, v in opts.items() if v not in (None, [], ())}
     try:
-        cfg = _build_config(out, **opts)
-        validate(cfg, needs_images=until != "fetch", given=given)
-        run_stages(cfg, until=until)
+        if command in NEEDS_SAVED_CONFIG and load_config(out) is None:
+            raise PipelineError(f"{out} holds no run yet; start it with `edgepipe run --images DIR --out {out}` "
+                                f"(or `edgepipe retrain --images DIR --out {out}`)")
+        cfg = resume(out, offline=offline or None, progress=False if quiet else None, **opts)
+        pipeline.run(cfg, until=until, verbose=verbose, explicit=given)
     except PipelineError as err:
         _fail(err)
     except OSError as err:
@@ -141,53 +139,47 @@ def _run(until: str, out: Path, **opts) -> None:
         typer.echo((out / "report.md").read_text(encoding="utf-8"))
 
 
-def _stage_command(until: str, doc: str):
-    def command(
-        out: Out, images: Images = None, test_images: TestImages = None, backbone: Backbone = None,
-        graph: Graph = None, input_tensor: InputTensor = None, bottleneck_tensor: BottleneckTensor = None,
-        input_size: InputSize = None, mean: Mean = None, std: Std = None,
-        validation_pct: ValPct = None, test_pct: TestPct = None,
-        epochs: Epochs = None, steps: Steps = None, learning_rate: LearningRate = None,
-        batch_size: BatchSize = None, validation_batch_size: ValBatchSize = None,
-        hidden_units: HiddenUnits = None, dropout: Dropout = None, label_smoothing: LabelSmoothing = None,
-        class_weights: ClassWeights = None, early_stopping: EarlyStopping = None, eval_every: EvalEvery = None,
-        checkpoint_every: CheckpointEvery = None, seed: Seed = None, summaries_dir: SummariesDir = None,
-        print_misclassified: PrintMisclassified = None,
-        augment_copies: AugmentCopies = None, flip_left_right: FlipLeftRight = None,
-        random_crop: RandomCrop = None, random_scale: RandomScale = None, random_brightness: RandomBrightness = None,
-        quant: Quant = None, tfjs: Tfjs = None, runtime: Runtime = None, gate: Gate = None,
-        runtime_timeout: RuntimeTimeout = None, stress: Stress = None, app_preprocessing: AppPrep = None,
-        tfjs_shard_mb: TfjsShardMb = None,
-        mirror: Mirror = None, cache_dir: CacheDir = None, offline: Offline = False, quiet: Quiet = False,
-    ) -> None:
-        opts = dict(locals())
-        renamed = {"quant": "quant_modes", "tfjs": "tfjs_modes", "runtime": "runtimes",
-                   "runtime_timeout": "runtime_timeout_s"}
-        opts = {renamed.get(k, k): v for k, v in opts.items()
-                if k not in ("out", "quiet", "offline", "until", "doc")}
-        _run(until, out, offline=offline or None, progress=False if quiet else None, **opts)
+def _stage_command(command: str, until: str, doc: str) -> Callable[..., None]:
+    """A typer command taking ``out``, the command's own options and the common ones."""
+    names = ("out", *COMMAND_OPTIONS[command], *_COMMON)
 
-    command.__doc__ = doc
-    return command
+    def callback(**kwargs) -> None:
+        _run(command, until, **kwargs)
+
+    callback.__signature__ = inspect.Signature([
+        inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, annotation=OPTIONS[n][0], default=OPTIONS[n][1])
+        for n in names
+    ])
+    callback.__annotations__ = {}
+    callback.__doc__ = doc
+    callback.__name__ = command
+    return callback
 
 
-app.command("run")(_stage_command("verify", "Chain every stage: fetch → retrain → export → quantize → tfjs → verify."))
-app.command("retrain")(_stage_command("retrain", "Split the images, cache bottlenecks and train the head (runs fetch if needed)."))
-app.command("export")(_stage_command("export", "Write backbone + head + normalisation as one SavedModel."))
-app.command("quantize")(_stage_command("quantize", "Convert the SavedModel to TFLite float32/float16/dynamic/int8."))
-app.command("tfjs")(_stage_command("tfjs", "Convert the SavedModel to TF.js graph-model bundles."))
-app.command("verify")(_stage_command("verify", "Run the reference and every converted model on the test split; gate the drift."))
+app.command("run")(_stage_command("run", "verify", "Chain every stage: fetch → retrain → export → quantize → tfjs → verify."))
+app.command("retrain")(_stage_command("retrain", "retrain", "Split the images, cache bottlenecks and train the head (runs fetch if needed)."))
+app.command("export")(_stage_command("export", "export", "Write backbone + head + normalisation as one SavedModel."))
+app.command("quantize")(_stage_command("quantize", "quantize", "Convert the SavedModel to TFLite float32/float16/dynamic/int8."))
+app.command("tfjs")(_stage_command("tfjs", "tfjs", "Convert the SavedModel to TF.js graph-model bundles."))
+app.command("verify")(_stage_command("verify", "verify", "Run the reference and every converted model on the test split; gate the drift."))
+
+Backbone = OPTIONS["backbone"][0]
+Mirror, CacheDir, Offline = OPTIONS["mirror"][0], OPTIONS["cache_dir"][0], OPTIONS["offline"][0]
+Quiet, Verbose = OPTIONS["quiet"][0], OPTIONS["verbose"][0]
 
 
 @app.command("fetch")
 def fetch_command(
     backbone: Backbone = None, list_: Annotated[bool, typer.Option("--list", help="Show every catalog entry and whether it is cached.")] = False,
     mirror: Mirror = None, cache_dir: CacheDir = None, offline: Offline = False, quiet: Quiet = False,
+    verbose: Verbose = False,
 ) -> None:
     """Download (or find in the mirror) a backbone into the cache, checksum-verified."""
-    from pipeline.catalog import get_backbone
+    from pipeline.catalog import get_backbone, load_catalog
+    from pipeline.console import library_output, setup_logging
     from pipeline.fetch import cache_status, fetch
 
+    setup_logging()
     try:
         if list_:
             for spec in load_catalog().values():
@@ -195,8 +187,9 @@ def fetch_command(
                 size = f"{st['size_bytes'] / 1e6:7.1f} MB" if st.get("size_bytes") else "      ?   "
                 typer.echo(f"{spec.name:24s} {size}  {'cached' if st['cached'] else '-':7s} {spec.url}")
             return
-        got = fetch(get_backbone(backbone or DEFAULT_BACKBONE), cache_dir=cache_dir, mirror=mirror,
-                    offline=offline, progress=not quiet)
+        with library_output(None, verbose):
+            got = fetch(get_backbone(backbone or DEFAULT_BACKBONE), cache_dir=cache_dir, mirror=mirror,
+                        offline=offline, progress=not quiet)
         typer.echo(f"{got.graph_path}  sha256 {got.graph_sha256}  ({got.source}, {got.checksum})")
     except PipelineError as err:
         _fail(err)
@@ -205,12 +198,16 @@ def fetch_command(
 @app.command("inspect")
 def inspect_command(
     graph: Annotated[Path, typer.Argument(help="A frozen graph (.pb).", show_default=False)],
+    verbose: Verbose = False,
 ) -> None:
     """List a frozen graph's placeholders and candidate bottleneck tensors (for --graph)."""
+    from pipeline.console import library_output
     from pipeline.inspect import describe, inspect_graph
 
     try:
-        typer.echo(describe(inspect_graph(graph)))
+        with library_output(None, verbose):
+            summary = inspect_graph(graph)
+        typer.echo(describe(summary))
     except PipelineError as err:
         _fail(err)
 

@@ -1,88 +1,224 @@
-"""The resolved configuration of a run, validated before any expensive work."""
+"""The configuration of a run: every option, validated at once before any expensive work.
+
+This module sits below the stages: it imports no stage module (nor TensorFlow or scikit-learn),
+so ``import pipeline.cli`` stays fast. Each settings group validates itself (``problems()``) and
+:func:`validate` reports every problem of every group in one :class:`ConfigError`.
+"""
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Collection
+from typing import Any, Collection, Iterable, Mapping
 
-from pipeline.augment import AugmentConfig
 from pipeline.catalog import DEFAULT_BACKBONE, custom_backbone, get_backbone
-from pipeline.dataset import folder_problems
 from pipeline.errors import ConfigError, PipelineError
-from pipeline.retrain import TrainConfig
-from pipeline.stress import AppPreprocessing
-from pipeline.types import BackboneSpec, QuantMode, TfjsMode
-from pipeline.verify import DEFAULT_GATES
+from pipeline.types import (
+    BackboneSpec, ChannelOrder, ClassWeights, QuantMode, ResizeMethod, Runtime, TfjsMode, ValueRange,
+)
 
-ALL_RUNTIMES = ("tflite-runtime", "ai-edge-litert", "tfjs-wasm", "mediapipe-tasks")
-# mediapipe-tasks (the TFLite files through MediaPipe's ImageClassifier, reading their metadata)
-# runs when asked for with --runtime.
-DEFAULT_RUNTIMES = ("tflite-runtime", "ai-edge-litert", "tfjs-wasm")
+# Minimum top-1 agreement with the reference. float16 keeps nearly every answer; int8 may move
+# borderline images, so it gets more room. Override per artifact with --gate NAME=VALUE.
+DEFAULT_GATES: dict[str, float] = {
+    "savedmodel": 1.0,
+    "tflite-float32": 0.99,
+    "tflite-float16": 0.98,
+    "tflite-dynamic": 0.95,
+    "tflite-int8": 0.90,
+    "tflite-int8-int8": 0.90,
+    "tflite-int8-uint8": 0.90,
+    "tflite-int16x8": 0.95,
+    "tfjs-float32": 0.99,
+    "tfjs-float16": 0.98,
+    "tfjs-uint8": 0.90,
+}
+
+# The runtimes --runtime may name (the reference's TensorFlow is always run). mediapipe-tasks (the
+# TFLite files through MediaPipe's ImageClassifier, reading their metadata) runs when asked for.
+ALL_RUNTIMES = (Runtime.TFLITE_RUNTIME, Runtime.LITERT, Runtime.TFJS_WASM, Runtime.MEDIAPIPE)
+DEFAULT_RUNTIMES = (Runtime.TFLITE_RUNTIME, Runtime.LITERT, Runtime.TFJS_WASM)
+
+
+def _enum_or_raw(kind, value):
+    """``kind(value)`` when valid, else ``value`` as given, for ``problems()`` to name."""
+    try:
+        return kind(value)
+    except ValueError:
+        return value
 
 
 @dataclass(frozen=True)
-class CustomGraph:
-    """A user's own frozen graph (``--graph``) and how to feed it."""
+class TrainConfig:
+    """Head-training knobs (defaults reach ≥0.97 on flowers8 with mobilenet_v1_0.25_224).
 
-    path: Path
-    input_tensor: str
-    bottleneck_tensor: str
-    input_size: int
-    mean: float = 127.5
-    std: float = 127.5
+    ``steps`` (optimizer steps), when set, replaces ``epochs``. ``class_weights`` weighs classes
+    inversely to their frequency when BALANCED (for imbalanced folders). ``early_stopping`` is a
+    patience in evaluations without a lower validation loss (0 = off); the weights with the best
+    validation loss are kept.
+    """
 
+    epochs: int = 200
+    steps: int | None = None
+    batch_size: int = 64
+    validation_batch_size: int = 1024
+    learning_rate: float = 0.01
+    l2: float = 1e-4
+    hidden_units: int = 0
+    dropout: float = 0.0
+    label_smoothing: float = 0.0
+    class_weights: ClassWeights = ClassWeights.NONE
+    early_stopping: int = 0
+    eval_every: int = 1
+    checkpoint_every: int = 0
+    seed: int = 0
 
-@dataclass(frozen=True)
-class RunConfig:
-    out: Path
-    images: Path | None = None
-    test_images: Path | None = None
-    backbone: str = DEFAULT_BACKBONE
-    graph: CustomGraph | None = None
-    validation_pct: float = 10.0
-    test_pct: float = 10.0
-    train: TrainConfig = field(default_factory=TrainConfig)
-    augment: AugmentConfig = field(default_factory=AugmentConfig)
-    bottleneck_tensor: str | None = None
-    summaries_dir: Path | None = None
-    print_misclassified: bool = False
-    stress: bool = False
-    tfjs_shard_mb: float = 4.0
-    app_preprocessing: AppPreprocessing = field(default_factory=AppPreprocessing)
-    quant_modes: tuple[QuantMode, ...] = tuple(QuantMode)
-    tfjs_modes: tuple[TfjsMode, ...] = (TfjsMode.FLOAT32, TfjsMode.FLOAT16)
-    runtimes: tuple[str, ...] = DEFAULT_RUNTIMES
-    gates: dict[str, float] = field(default_factory=dict)  # overrides of DEFAULT_GATES only
-    calibration_images: int = 100
-    runtime_timeout_s: float = 600.0
-    cache_dir: Path | None = None
-    mirror: str | None = None
-    offline: bool = False
-    progress: bool = True
+    def __post_init__(self):
+        object.__setattr__(self, "class_weights", _enum_or_raw(ClassWeights, self.class_weights))
 
-    def gate(self, artifact: str) -> float:
-        """Minimum top-1 agreement for an artifact: the user's override, else the default."""
-        return self.gates.get(artifact, DEFAULT_GATES.get(artifact, 1.0))
-
-    def backbone_spec(self) -> BackboneSpec:
-        if self.graph:
-            g = self.graph
-            return custom_backbone(g.path, g.input_tensor, g.bottleneck_tensor, g.input_size, g.mean, g.std)
-        spec = get_backbone(self.backbone)
-        if self.bottleneck_tensor:
-            # A catalog graph with another feature tensor (e.g. poets' 1001 logits for comparison).
-            spec = dataclasses.replace(spec, bottleneck_tensor=self.bottleneck_tensor, feature_size=0, alternates=())
-        return spec
+    def problems(self) -> list[str]:
+        out = []
+        if self.epochs < 1:
+            out.append(f"--epochs {self.epochs}: must be at least 1")
+        if self.batch_size < 1:
+            out.append(f"--batch-size {self.batch_size}: must be at least 1")
+        if not self.learning_rate > 0:
+            out.append(f"--learning-rate {self.learning_rate}: must be positive")
+        if self.steps is not None and self.steps < 1:
+            out.append(f"--steps {self.steps}: must be at least 1")
+        if not 0 <= self.dropout < 1:
+            out.append(f"--dropout {self.dropout}: must be in [0, 1)")
+        if self.dropout and not self.hidden_units:
+            out.append(f"--dropout {self.dropout} needs --hidden-units N (dropout applies to the hidden layer)")
+        if not 0 <= self.label_smoothing < 1:
+            out.append(f"--label-smoothing {self.label_smoothing}: must be in [0, 1)")
+        if not isinstance(self.class_weights, ClassWeights):
+            out.append(f"--class-weights {self.class_weights!r}: use 'none' or 'balanced'")
+        if self.eval_every < 1:
+            out.append(f"--eval-every {self.eval_every}: must be at least 1")
+        return out
 
     def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["quant_modes"] = [m.value for m in self.quant_modes]
-        d["tfjs_modes"] = [m.value for m in self.tfjs_modes]
-        return {k: (str(v) if isinstance(v, Path) else v) for k, v in d.items()}
+        return asdict(self)
 
 
-def parse_gates(items: list[str]) -> dict[str, float]:
+@dataclass(frozen=True)
+class AugmentConfig:
+    """``copies`` augmented versions per training image (0 = off).
+
+    Percentages as in poets' retrain.py: ``crop`` enlarges the image by up to that margin and crops
+    back to the model size at a random place; ``scale`` enlarges by a random 0..scale %;
+    ``brightness`` multiplies pixels by a random factor within ±brightness %; ``flip`` mirrors half
+    of the copies left-right.
+    """
+
+    copies: int = 0
+    flip: bool = False
+    crop: float = 0.0
+    scale: float = 0.0
+    brightness: float = 0.0
+
+    @property
+    def enabled(self) -> bool:
+        return self.copies > 0 and (self.flip or self.crop > 0 or self.scale > 0 or self.brightness > 0)
+
+    def key(self) -> str:
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.copies < 0 or self.crop < 0 or self.scale < 0 or not 0 <= self.brightness < 100:
+            out.append("augmentation: --augment-copies, --random-crop and --random-scale must be ≥ 0, "
+                       "--random-brightness in [0, 100)")
+        if (self.flip or self.crop or self.scale or self.brightness) and self.copies == 0:
+            out.append("augmentation options need --augment-copies N (how many augmented copies to cache per image)")
+        return out
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class AppPreprocessing:
+    """How a deploying app prepares pixels. The defaults are the contract.
+
+    Attributes:
+        channel_order: RGB (contract) or BGR (OpenCV's default order).
+        value_range: what the app feeds: 0-255 (contract), 0-1 (divided by 255) or -1-1
+            (normalised by the app although the model normalises again: double normalisation).
+        resize: tf.image resize method; bilinear is the contract.
+        antialias: the contract has none; Pillow and browsers' canvas scaling antialias.
+        crop: central fraction kept before the resize; 1.0 (no crop) is the contract, 0.875 is
+            the Inception-style centre crop.
+    """
+
+    channel_order: ChannelOrder = ChannelOrder.RGB
+    value_range: ValueRange = ValueRange.BYTE
+    resize: ResizeMethod = ResizeMethod.BILINEAR
+    antialias: bool = False
+    crop: float = 1.0
+
+    def __post_init__(self):
+        object.__setattr__(self, "channel_order", ChannelOrder(self.channel_order))
+        object.__setattr__(self, "value_range", ValueRange(self.value_range))
+        object.__setattr__(self, "resize", ResizeMethod(self.resize))
+
+    def differences(self) -> list[str]:
+        """Human-readable settings that differ from the contract."""
+        contract = AppPreprocessing()
+        out = []
+        for f in dataclasses.fields(self):
+            mine, theirs = getattr(self, f.name), getattr(contract, f.name)
+            if mine != theirs:
+                out.append(f"{f.name.replace('_', ' ')} {mine} (contract: {theirs})")
+        return out
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def parse_app_preprocessing(items: Iterable[str]) -> AppPreprocessing:
+    """``["channel_order=BGR", "crop=0.875"]`` → AppPreprocessing.
+
+    Raises:
+        ConfigError: unknown key or value (all problems in one message).
+    """
+    values: dict = {}
+    problems = []
+    for item in items:
+        key, sep, value = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep:
+            problems.append(f"--app-preprocessing {item!r}: expected KEY=VALUE")
+        elif key == "channel_order" and value.upper() in set(ChannelOrder):
+            values[key] = ChannelOrder(value.upper())
+        elif key == "value_range" and value in set(ValueRange):
+            values[key] = ValueRange(value)
+        elif key == "resize" and value in set(ResizeMethod):
+            values[key] = ResizeMethod(value)
+        elif key == "antialias" and value.lower() in ("true", "false"):
+            values[key] = value.lower() == "true"
+        elif key == "crop" and _fraction(value):
+            values[key] = float(value)
+        else:
+            problems.append(
+                f"--app-preprocessing {item!r}: use channel_order=RGB|BGR, value_range={'|'.join(ValueRange)}, "
+                f"resize={'|'.join(ResizeMethod)}, antialias=true|false or crop=FRACTION in (0,1]"
+            )
+    if problems:
+        raise ConfigError("; ".join(problems))
+    return AppPreprocessing(**values)
+
+
+def _fraction(value: str) -> bool:
+    try:
+        return 0 < float(value) <= 1
+    except ValueError:
+        return False
+
+
+def parse_gates(items: Iterable[str]) -> dict[str, float]:
     """``["tflite-int8=0.95", ...]`` → ``{"tflite-int8": 0.95}`` (overrides of the defaults).
 
     Raises:
@@ -104,106 +240,262 @@ def parse_gates(items: list[str]) -> dict[str, float]:
     return gates
 
 
+@dataclass(frozen=True)
+class CustomGraph:
+    """A user's own frozen graph (``--graph``) and how to feed it."""
+
+    path: Path
+    input_tensor: str
+    bottleneck_tensor: str
+    input_size: int
+    mean: float = 127.5
+    std: float = 127.5
+
+    def __post_init__(self):
+        object.__setattr__(self, "path", Path(self.path))
+
+    def problems(self) -> list[str]:
+        out = []
+        if not self.path.is_file():
+            out.append(f"--graph {self.path}: no such file")
+        if self.input_size <= 0:
+            out.append(f"--input-size {self.input_size}: must be a positive number of pixels")
+        if self.std == 0:
+            out.append("--std 0: would divide by zero; use 127.5 for [-1,1] or 255 for [0,1] inputs")
+        return out
+
+
+_PATH_FIELDS = ("out", "images", "test_images", "cache_dir", "summaries_dir")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Every option of a run. Paths may be given as strings and enums as their values.
+
+    Build one directly, or take a run directory's saved configuration with changed options from
+    :func:`resume`; :func:`pipeline.run` validates it and runs the stages.
+    """
+
+    out: Path
+    images: Path | None = None
+    test_images: Path | None = None
+    backbone: str = DEFAULT_BACKBONE
+    graph: CustomGraph | None = None
+    validation_pct: float = 10.0
+    test_pct: float = 10.0
+    train: TrainConfig = field(default_factory=TrainConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    bottleneck_tensor: str | None = None
+    summaries_dir: Path | None = None
+    print_misclassified: bool = False
+    stress: bool = False
+    tfjs_shard_mb: float = 4.0
+    app_preprocessing: AppPreprocessing = field(default_factory=AppPreprocessing)
+    quant_modes: tuple[QuantMode, ...] = tuple(QuantMode)
+    tfjs_modes: tuple[TfjsMode, ...] = (TfjsMode.FLOAT32, TfjsMode.FLOAT16)
+    runtimes: tuple[Runtime, ...] = DEFAULT_RUNTIMES
+    gates: dict[str, float] = field(default_factory=dict)  # overrides of DEFAULT_GATES only
+    calibration_images: int = 100
+    runtime_timeout_s: float = 600.0
+    cache_dir: Path | None = None
+    mirror: str | None = None
+    offline: bool = False
+    progress: bool = True
+
+    def __post_init__(self):
+        for key in _PATH_FIELDS:
+            value = getattr(self, key)
+            if value is not None and not isinstance(value, Path):
+                object.__setattr__(self, key, Path(value))
+        object.__setattr__(self, "quant_modes", tuple(QuantMode(m) for m in self.quant_modes))
+        object.__setattr__(self, "tfjs_modes", tuple(TfjsMode(m) for m in self.tfjs_modes))
+        # Unknown runtime names stay strings so problems() can list them with the others.
+        object.__setattr__(self, "runtimes", tuple(_enum_or_raw(Runtime, r) for r in self.runtimes))
+
+    def gate(self, artifact: str) -> float:
+        """Minimum top-1 agreement for an artifact: the user's override, else the default."""
+        return self.gates.get(artifact, DEFAULT_GATES.get(artifact, 1.0))
+
+    def backbone_spec(self) -> BackboneSpec:
+        if self.graph:
+            g = self.graph
+            return custom_backbone(g.path, g.input_tensor, g.bottleneck_tensor, g.input_size, g.mean, g.std)
+        spec = get_backbone(self.backbone)
+        if self.bottleneck_tensor:
+            # A catalog graph with another feature tensor (e.g. poets' 1001 logits for comparison).
+            spec = dataclasses.replace(spec, bottleneck_tensor=self.bottleneck_tensor, feature_size=0, alternates=())
+        return spec
+
+    def problems(self, needs_images: bool = True, given: Collection[str] = ()) -> list[str]:
+        """Every problem with these options, in the order the command line lists them.
+
+        Args:
+            needs_images: the stages to run read the image folders (all but fetch).
+            given: names of the options set explicitly; an option given explicitly can
+                contradict another one, a default cannot.
+        """
+        from pipeline.dataset import folder_problems
+
+        problems: list[str] = []
+        if needs_images:
+            if self.images is None:
+                problems.append("--images DIR is required (one sub-folder per class)")
+            elif not self.images.is_dir():
+                problems.append(f"--images {self.images}: no such folder")
+            if self.test_images is not None and not self.test_images.is_dir():
+                problems.append(f"--test-images {self.test_images}: no such folder")
+        if self.graph is None:
+            try:
+                get_backbone(self.backbone)
+            except PipelineError as err:
+                problems.append(str(err))
+        else:
+            problems += self.graph.problems()
+        split_ok = self.validation_pct >= 0 and self.test_pct >= 0 and self.validation_pct + self.test_pct < 100
+        if not split_ok:
+            problems.append(
+                f"--validation-pct {self.validation_pct} and --test-pct {self.test_pct} must be ≥ 0 and add up to < 100"
+            )
+        problems += self.train.problems()
+        problems += self.augment.problems()
+        unknown = [str(r) for r in self.runtimes if r not in ALL_RUNTIMES]
+        if unknown:
+            problems.append(f"--runtime {', '.join(unknown)}: unknown; choose from {', '.join(ALL_RUNTIMES)}")
+        if not self.tfjs_shard_mb > 0:
+            problems.append(f"--tfjs-shard-mb {self.tfjs_shard_mb}: must be positive (4 is the converter's default)")
+        if self.calibration_images < 1:
+            problems.append(f"--calibration-images {self.calibration_images}: must be at least 1")
+        if not self.runtime_timeout_s > 0:
+            problems.append(f"--runtime-timeout {self.runtime_timeout_s:g}: must be a positive number of seconds")
+        if self.test_images is not None and "test_pct" in given and self.test_pct != 0:
+            # The holdout folder replaces the percentage split; silently ignoring the percentage
+            # would leave the user believing part of --images is held out.
+            problems.append(f"--test-pct {self.test_pct:g} contradicts --test-images {self.test_images} (that folder "
+                            "is the test split); drop --test-pct")
+        folders_ok = needs_images and self.images is not None and self.images.is_dir() and (
+            self.test_images is None or self.test_images.is_dir())
+        if folders_ok and split_ok:
+            problems += folder_problems(self.images, self.test_images, self.validation_pct, self.test_pct)
+        return problems
+
+    def with_options(self, **options: Any) -> "RunConfig":
+        """A copy with options changed, named as on the command line; None means "not given".
+
+        Accepts every :class:`RunConfig` field plus the flat names of the nested settings:
+        ``graph`` (a path; needs ``input_tensor``, ``bottleneck_tensor``, ``input_size``, and
+        takes ``mean``/``std``), the :class:`TrainConfig` fields (``epochs``, ``seed``, ...),
+        ``augment_copies``, ``flip_left_right``, ``random_crop``, ``random_scale``,
+        ``random_brightness``, ``gates`` (a mapping or ``ARTIFACT=VALUE`` strings, merged over the
+        saved ones) and ``app_preprocessing`` (an :class:`AppPreprocessing` or ``KEY=VALUE``
+        strings; given at all, it replaces the saved setting).
+
+        Raises:
+            ConfigError: ``graph`` without the tensors it needs, a malformed gate or
+                app-preprocessing item, or an unknown option name.
+        """
+        given = {k: v for k, v in options.items() if v is not None}
+        graph_opts = {k: given.pop(k, None) for k in _GRAPH_KEYS}
+        train = {k: given.pop(k) for k in _TRAIN_KEYS if k in given}
+        augment = {_AUGMENT_KEYS[k]: given.pop(k) for k in list(given) if k in _AUGMENT_KEYS}
+        gates = given.pop("gates", None)
+        app = given.pop("app_preprocessing", None)
+        unknown = sorted(set(given) - {f.name for f in dataclasses.fields(RunConfig)} - {"bottleneck_tensor"})
+        if unknown:
+            raise ConfigError(f"unknown option(s) {', '.join(unknown)}")
+        for key in ("quant_modes", "tfjs_modes", "runtimes"):
+            if key in given:
+                given[key] = tuple(given[key])
+                if not given[key]:
+                    given.pop(key)  # an empty list on the command line means "not given"
+        if graph_opts["graph"] is not None:
+            bottleneck = given.pop("bottleneck_tensor", None)
+            missing = [flag for flag, v in (("--input-tensor", graph_opts["input_tensor"]),
+                                            ("--bottleneck-tensor", bottleneck),
+                                            ("--input-size", graph_opts["input_size"])) if v is None]
+            if missing:
+                raise ConfigError(f"--graph {graph_opts['graph']} also needs {', '.join(missing)} (see `edgepipe inspect`)")
+            given["graph"] = CustomGraph(
+                path=Path(graph_opts["graph"]), input_tensor=graph_opts["input_tensor"],
+                bottleneck_tensor=bottleneck, input_size=graph_opts["input_size"],
+                mean=127.5 if graph_opts["mean"] is None else graph_opts["mean"],
+                std=127.5 if graph_opts["std"] is None else graph_opts["std"],
+            )
+        if "backbone" in given and "graph" not in given:
+            given["graph"] = None
+        cfg = dataclasses.replace(self, **given)
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **train),
+                                  augment=dataclasses.replace(cfg.augment, **augment))
+        if gates:
+            parsed = dict(gates) if isinstance(gates, Mapping) else parse_gates(gates)
+            cfg = dataclasses.replace(cfg, gates={**cfg.gates, **parsed})
+        if app is not None:
+            # Given at all (even as contract values) replaces the saved setting: "--app-preprocessing
+            # channel_order=RGB" brings a run directory back to the contract.
+            if not isinstance(app, AppPreprocessing):
+                app = parse_app_preprocessing(app)
+            cfg = dataclasses.replace(cfg, app_preprocessing=app)
+        return cfg
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["quant_modes"] = [m.value for m in self.quant_modes]
+        d["tfjs_modes"] = [m.value for m in self.tfjs_modes]
+        return {k: (str(v) if isinstance(v, Path) else v) for k, v in d.items()}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "RunConfig":
+        """Inverse of :meth:`to_dict` (a run directory's saved configuration)."""
+        d = dict(d)
+        for key in _PATH_FIELDS:
+            d[key] = Path(d[key]) if d.get(key) not in (None, "None") else None
+        if d.get("graph"):
+            d["graph"] = CustomGraph(**d["graph"])
+        d["train"] = TrainConfig(**d.get("train", {}))
+        d["augment"] = AugmentConfig(**d.get("augment", {}))
+        d["app_preprocessing"] = AppPreprocessing(**d.get("app_preprocessing", {}))
+        d["quant_modes"] = tuple(d.get("quant_modes", tuple(QuantMode)))
+        d["tfjs_modes"] = tuple(d.get("tfjs_modes", (TfjsMode.FLOAT32, TfjsMode.FLOAT16)))
+        d["runtimes"] = tuple(d.get("runtimes", DEFAULT_RUNTIMES))
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+_TRAIN_KEYS = tuple(f.name for f in dataclasses.fields(TrainConfig))
+_AUGMENT_KEYS = {"augment_copies": "copies", "flip_left_right": "flip", "random_crop": "crop",
+                 "random_scale": "scale", "random_brightness": "brightness"}
+_GRAPH_KEYS = ("graph", "input_tensor", "input_size", "mean", "std")
+
+
+def from_dict(d: dict) -> RunConfig:
+    """Inverse of :meth:`RunConfig.to_dict`."""
+    return RunConfig.from_dict(d)
+
+
 def validate(cfg: RunConfig, needs_images: bool = True, given: Collection[str] = ()) -> None:
     """Checks every option at once and raises one ConfigError listing all problems.
 
     The image folders are listed too (no image is read), so an empty class folder or a single
-    class is reported here, before anything is downloaded or computed.
-
-    Args:
-        given: names of the options given on the command line; an option given explicitly can
-            contradict another one, a default cannot.
+    class is reported here, before anything is downloaded or computed. See
+    :meth:`RunConfig.problems` for the arguments.
     """
-    problems: list[str] = []
-    if needs_images:
-        if cfg.images is None:
-            problems.append("--images DIR is required (one sub-folder per class)")
-        elif not Path(cfg.images).is_dir():
-            problems.append(f"--images {cfg.images}: no such folder")
-        if cfg.test_images is not None and not Path(cfg.test_images).is_dir():
-            problems.append(f"--test-images {cfg.test_images}: no such folder")
-    if cfg.graph is None:
-        try:
-            get_backbone(cfg.backbone)
-        except PipelineError as err:
-            problems.append(str(err))
-    else:
-        if not Path(cfg.graph.path).is_file():
-            problems.append(f"--graph {cfg.graph.path}: no such file")
-        if cfg.graph.input_size <= 0:
-            problems.append(f"--input-size {cfg.graph.input_size}: must be a positive number of pixels")
-        if cfg.graph.std == 0:
-            problems.append("--std 0: would divide by zero; use 127.5 for [-1,1] or 255 for [0,1] inputs")
-    if cfg.validation_pct < 0 or cfg.test_pct < 0 or cfg.validation_pct + cfg.test_pct >= 100:
-        problems.append(
-            f"--validation-pct {cfg.validation_pct} and --test-pct {cfg.test_pct} must be ≥ 0 and add up to < 100"
-        )
-    t = cfg.train
-    if t.epochs < 1:
-        problems.append(f"--epochs {t.epochs}: must be at least 1")
-    if t.batch_size < 1:
-        problems.append(f"--batch-size {t.batch_size}: must be at least 1")
-    if not t.learning_rate > 0:
-        problems.append(f"--learning-rate {t.learning_rate}: must be positive")
-    if t.steps is not None and t.steps < 1:
-        problems.append(f"--steps {t.steps}: must be at least 1")
-    if not 0 <= t.dropout < 1:
-        problems.append(f"--dropout {t.dropout}: must be in [0, 1)")
-    if t.dropout and not t.hidden_units:
-        problems.append(f"--dropout {t.dropout} needs --hidden-units N (dropout applies to the hidden layer)")
-    if not 0 <= t.label_smoothing < 1:
-        problems.append(f"--label-smoothing {t.label_smoothing}: must be in [0, 1)")
-    if t.class_weights not in ("none", "balanced"):
-        problems.append(f"--class-weights {t.class_weights!r}: use 'none' or 'balanced'")
-    if t.eval_every < 1:
-        problems.append(f"--eval-every {t.eval_every}: must be at least 1")
-    a = cfg.augment
-    if a.copies < 0 or a.crop < 0 or a.scale < 0 or not 0 <= a.brightness < 100:
-        problems.append("augmentation: --augment-copies, --random-crop and --random-scale must be ≥ 0, "
-                        "--random-brightness in [0, 100)")
-    if (a.flip or a.crop or a.scale or a.brightness) and a.copies == 0:
-        problems.append("augmentation options need --augment-copies N (how many augmented copies to cache per image)")
-    unknown = [r for r in cfg.runtimes if r not in ALL_RUNTIMES]
-    if unknown:
-        problems.append(f"--runtime {', '.join(unknown)}: unknown; choose from {', '.join(ALL_RUNTIMES)}")
-    if not cfg.tfjs_shard_mb > 0:
-        problems.append(f"--tfjs-shard-mb {cfg.tfjs_shard_mb}: must be positive (4 is the converter's default)")
-    if cfg.calibration_images < 1:
-        problems.append(f"--calibration-images {cfg.calibration_images}: must be at least 1")
-    if not cfg.runtime_timeout_s > 0:
-        problems.append(f"--runtime-timeout {cfg.runtime_timeout_s:g}: must be a positive number of seconds")
-    if cfg.test_images is not None and "test_pct" in given and cfg.test_pct != 0:
-        # The holdout folder replaces the percentage split; silently ignoring the percentage
-        # would leave the user believing part of --images is held out.
-        problems.append(f"--test-pct {cfg.test_pct:g} contradicts --test-images {cfg.test_images} (that folder is "
-                        "the test split); drop --test-pct")
-    folders_ok = needs_images and cfg.images is not None and Path(cfg.images).is_dir() and (
-        cfg.test_images is None or Path(cfg.test_images).is_dir())
-    if folders_ok and 0 <= cfg.validation_pct and 0 <= cfg.test_pct and cfg.validation_pct + cfg.test_pct < 100:
-        problems += folder_problems(cfg.images, cfg.test_images, cfg.validation_pct, cfg.test_pct)
+    problems = cfg.problems(needs_images, given)
     if problems:
         raise ConfigError("; ".join(problems))
 
 
+def load_config(out: Path | str) -> RunConfig | None:
+    """The configuration saved in a run directory's manifest, or None for a new directory."""
+    from pipeline.rundir import read_json
+
+    out = Path(out)
+    saved = (read_json(out / "manifest.json", default={}) or {}).get("config")
+    return RunConfig.from_dict({**saved, "out": str(out)}) if saved else None
 
 
-def from_dict(d: dict) -> RunConfig:
-    """Inverse of :meth:`RunConfig.to_dict` (used to reuse a run directory's configuration)."""
-    d = dict(d)
-    for key in ("out", "images", "test_images", "cache_dir", "summaries_dir"):
-        if d.get(key) not in (None, "None"):
-            d[key] = Path(d[key])
-        else:
-            d[key] = None
-    if d.get("graph"):
-        g = dict(d["graph"])
-        g["path"] = Path(g["path"])
-        d["graph"] = CustomGraph(**g)
-    d["train"] = TrainConfig(**d.get("train", {}))
-    d["augment"] = AugmentConfig(**d.get("augment", {}))
-    d["app_preprocessing"] = AppPreprocessing(**d.get("app_preprocessing", {}))
-    d["quant_modes"] = tuple(QuantMode(m) for m in d.get("quant_modes", [m.value for m in QuantMode]))
-    d["tfjs_modes"] = tuple(TfjsMode(m) for m in d.get("tfjs_modes", ["float32", "float16"]))
-    d["runtimes"] = tuple(d.get("runtimes", DEFAULT_RUNTIMES))
-    known = {f.name for f in dataclasses.fields(RunConfig)}
-    return RunConfig(**{k: v for k, v in d.items() if k in known})
+def resume(out: Path | str, **options: Any) -> RunConfig:
+    """A run directory's saved configuration (defaults for a new one) with ``options`` over it.
+
+    Options are named as in :meth:`RunConfig.with_options`; None means "keep the saved value".
+    """
+    base = load_config(out) or RunConfig(out=Path(out))
+    return base.with_options(**options)

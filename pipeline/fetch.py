@@ -55,6 +55,7 @@ from tqdm import tqdm
 
 from pipeline import __version__
 from pipeline.errors import ConfigError, FetchError
+from pipeline.graph import graph_def_problem
 from pipeline.rundir import atomic_write_json, sha256_file
 from pipeline.types import BackboneSpec
 
@@ -757,7 +758,7 @@ def _install(
     else:
         _extract(archive, entry.member, new_dir, label, spec.name)
     graph = new_dir / entry.member
-    problem = _graphdef_problem(graph)
+    problem = graph_def_problem(graph)
     if problem:
         raise _BadContent(
             f"{entry.member} from {label} {problem}",
@@ -791,6 +792,31 @@ def _install(
     return FetchResult(
         entry.graph_path, graph_sha, archive_sha, "cache" if from_cache else source, expected.kind
     )
+
+
+def extract_member(archive: Path, member: str, dest: Path, *, backbone: str = "the backbone") -> Path:
+    """Extracts one graph from a tarball the way :func:`fetch` does, refusing unsafe archives.
+
+    ``labels.txt`` beside ``member`` comes along when the archive has it. Nothing is written
+    outside ``dest``, and no link member becomes a link on disk.
+
+    Args:
+        archive: a tar, tar.gz, tar.bz2 or tar.xz file.
+        member: the path of the graph inside the archive.
+        dest: an existing folder to extract into.
+        backbone: the catalog name the error messages' hints refer to.
+
+    Returns:
+        ``dest / member``.
+
+    Raises:
+        FetchError: the archive is unreadable or unsafe, or has no file ``member``.
+    """
+    try:
+        _extract(Path(archive), member, Path(dest), str(archive), backbone)
+    except _BadContent as e:
+        raise FetchError(str(e)) from None
+    return Path(dest) / member
 
 
 def _extract(archive: Path, member: str, dest: Path, label: str, name: str) -> None:
@@ -897,31 +923,13 @@ def _unsafe_member(info: tarfile.TarInfo) -> str | None:
     return None
 
 
-def _graphdef_problem(path: Path) -> str | None:
-    """Why ``path`` is not a frozen TensorFlow graph, or None if it parses as a GraphDef."""
-    # Imported here: TensorFlow takes seconds to load, and a cache hit or a failed download
-    # needs none of it.
-    import tensorflow as tf
-    from google.protobuf.message import DecodeError
-
-    graph_def = tf.compat.v1.GraphDef()
-    try:
-        graph_def.ParseFromString(path.read_bytes())
-    except DecodeError as e:
-        return f"is not a TensorFlow GraphDef ({_one_line(e)})"
-    if not graph_def.node:
-        # An empty byte string is a valid protobuf: it parses as a graph with no nodes.
-        return "is not a TensorFlow GraphDef (it parses as an empty graph)"
-    return None
-
-
 def _fetch_local(spec: BackboneSpec) -> FetchResult:
     path = Path(str(spec.local_path)).expanduser()
     if not path.exists():
         raise FetchError(f"graph file {path} does not exist; check the path given to --graph")
     if not path.is_file():
         raise FetchError(f"{path} is not a file; pass --graph the frozen .pb file itself")
-    problem = _graphdef_problem(path)
+    problem = graph_def_problem(path)
     if problem:
         raise FetchError(f"{path} {problem}; pass --graph a frozen graph (.pb) of a GraphDef")
     sha = sha256_file(path)

@@ -125,6 +125,22 @@ def write_golden(folder: Path, golden: Golden) -> Path:
     return Path(folder) / GOLDEN_FILE
 
 
+def copy_golden(source: Path, folder: Path) -> Path:
+    """Copies a golden folder written by :func:`write_golden` (the copy replaced atomically), so
+    the reference runs once per run however many bundles carry it.
+
+    Returns:
+        The path of the copy's ``golden.json``.
+    """
+    import shutil
+
+    with atomic_dir(Path(folder)) as tmp:
+        for p in sorted(Path(source).iterdir()):
+            if p.is_file():
+                shutil.copyfile(p, tmp / p.name)
+    return Path(folder) / GOLDEN_FILE
+
+
 def read_golden(folder: Path) -> tuple[dict, np.ndarray]:
     """``golden.json`` and its PNGs as float32 ``[K, size, size, 3]`` 0..255 (what a model takes)."""
     from PIL import Image

@@ -1,4 +1,7 @@
-"""SavedModel → TFLite, one file per :class:`QuantMode`.
+"""The quantize stage: SavedModel → TFLite, one file per :class:`QuantMode`.
+
+:func:`quantize` is the stage as a function (every variant, each with its TFLite metadata);
+:func:`convert_tflite` converts with one recipe and returns the bytes.
 
 Modes (each a converter recipe registered below):
   float32  plain conversion, no optimisation; the reference for the other TFLite files.
@@ -15,14 +18,22 @@ Modes (each a converter recipe registered below):
 """
 from __future__ import annotations
 
+import hashlib
+import logging
+import time
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
+from pipeline import __version__
 from pipeline.errors import ConversionError
 from pipeline.rundir import atomic_write_bytes
-from pipeline.types import QuantMode
+from pipeline.testhook import pause_point
+from pipeline.types import Preprocessing, QuantMode
+
+log = logging.getLogger("edgepipe")
+CALIBRATION_BATCH = 16  # images decoded at a time for the representative dataset
 
 _RECIPES: dict[QuantMode, Callable] = {}
 
@@ -134,3 +145,51 @@ def convert_tflite(
 
 def write_tflite(path: Path, data: bytes) -> None:
     atomic_write_bytes(path, data)
+
+
+def calibration_sample(train_examples: Sequence, count: int) -> list[str]:
+    """A fixed sample of the training split (never validation or test), spread over classes:
+    the first ``count`` paths in the order of their SHA-1."""
+    ordered = sorted(train_examples, key=lambda e: hashlib.sha1(e.path.encode()).hexdigest())
+    return [e.path for e in ordered[:count]]
+
+
+def quantize(
+    saved_model_dir: Path, modes: Sequence[QuantMode], calibration: Sequence[str], prep: Preprocessing,
+    labels: Sequence[str], contract: dict, backbone: str, out_dir: Path,
+) -> dict[QuantMode, Path]:
+    """Writes ``out_dir/<mode>.tflite`` for every mode, each carrying TFLite metadata (labels,
+    normalisation, the preprocessing contract).
+
+    Args:
+        calibration: training images for the int8 and int16x8 recipes (decoded as the contract says).
+        contract: ``preprocessing_contract(export/preprocessing.json)``, stored in every file.
+        backbone: the backbone's name, for the metadata's description.
+
+    Returns:
+        The written file of each mode, in ``modes`` order.
+
+    Raises:
+        ConversionError: the converter or the metadata writer refused the model.
+    """
+    from pipeline.images import load_files
+    from pipeline.metadata import with_metadata
+
+    def representative():
+        for k in range(0, len(calibration), CALIBRATION_BATCH):
+            for img in load_files(calibration[k:k + CALIBRATION_BATCH], prep):
+                yield img[None]
+
+    written = {}
+    for mode in modes:
+        t0 = time.perf_counter()
+        path = Path(out_dir) / f"{mode.value}.tflite"
+        about = (f"{backbone} + retrained head, {len(labels)} classes, TFLite {mode.value}, by edgepipe "
+                 f"{__version__}. Input float32 RGB 0..255 at {contract['size']}x{contract['size']}; "
+                 "see preprocessing.json.")
+        write_tflite(path, with_metadata(convert_tflite(saved_model_dir, mode, representative), list(labels),
+                                         contract, f"edgepipe {backbone} {mode.value}", about))
+        log.info(f"quantize: {path.name} {path.stat().st_size / 1e6:.2f} MB in {time.perf_counter() - t0:.1f} s")
+        pause_point("quantize")
+        written[mode] = path
+    return written

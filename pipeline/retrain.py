@@ -1,6 +1,7 @@
-"""Training a classification head on cached bottleneck features.
+"""The retrain stage: bottleneck features for a dataset, a classification head trained on them.
 
-The head is a softmax layer, optionally preceded by one hidden ReLU layer with dropout. Options
+:func:`retrain` is the whole stage as a function (returns a :class:`RetrainResult`, whose
+``save`` writes the stage's folder); :func:`train_head` trains a head on features alone. The head is a softmax layer, optionally preceded by one hidden ReLU layer with dropout. Options
 mirror tensorflow-for-poets' retrain.py (steps or epochs, learning rate, batch sizes, evaluation
 interval, TensorBoard summaries, checkpoints) plus label smoothing, class weights and early
 stopping on validation loss. The same seed gives the same weights.
@@ -8,44 +9,24 @@ stopping on validation loss. The same seed gives the same weights.
 from __future__ import annotations
 
 import io
-import sys
-from dataclasses import asdict, dataclass, field
+import logging
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
-from pipeline.metrics import classification_metrics
-from pipeline.rundir import atomic_write_bytes
+from pipeline.config import AugmentConfig, TrainConfig
+from pipeline.console import progress as progress_bar
+from pipeline.dataset import Dataset, leakage_warnings
+from pipeline.errors import DatasetError
+from pipeline.rundir import atomic_write_bytes, atomic_write_json, atomic_write_text
+from pipeline.testhook import pause_point
+from pipeline.types import BackboneSpec, ClassWeights
 
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Head-training knobs (defaults reach ≥0.97 on flowers8 with mobilenet_v1_0.25_224).
-
-    ``steps`` (optimizer steps), when set, replaces ``epochs``. ``class_weights`` is ``"none"`` or
-    ``"balanced"`` (weights inversely proportional to class frequency, for imbalanced folders).
-    ``early_stopping`` is a patience in evaluations without a lower validation loss (0 = off); the
-    weights with the best validation loss are kept.
-    """
-
-    epochs: int = 200
-    steps: int | None = None
-    batch_size: int = 64
-    validation_batch_size: int = 1024
-    learning_rate: float = 0.01
-    l2: float = 1e-4
-    hidden_units: int = 0
-    dropout: float = 0.0
-    label_smoothing: float = 0.0
-    class_weights: str = "none"
-    early_stopping: int = 0
-    eval_every: int = 1
-    checkpoint_every: int = 0
-    seed: int = 0
-
-    def to_dict(self) -> dict:
-        return asdict(self)
+log = logging.getLogger("edgepipe")
+MAX_WARNING_LINES = 20
+FEW_IMAGES = 20  # per class: fewer training images rarely give a usable head
 
 
 @dataclass
@@ -83,7 +64,7 @@ class Head:
 
 def class_weight_vector(y: np.ndarray, num_classes: int, mode: str) -> np.ndarray:
     """Per-class loss weights: ones, or ``n / (classes * count)`` for ``"balanced"``."""
-    if mode == "none":
+    if ClassWeights(mode) is ClassWeights.NONE:
         return np.ones(num_classes, np.float32)
     counts = np.bincount(y, minlength=num_classes).astype(np.float64)
     return (len(y) / (num_classes * np.maximum(counts, 1))).astype(np.float32)
@@ -166,7 +147,7 @@ def train_head(
     history: dict = {"epoch": [], "train_loss": [], "train_accuracy": [], "val_loss": [], "val_accuracy": []}
     best = (np.inf, None, 0)
     waited, done_steps, stopped_early = 0, 0, False
-    bar = tqdm(total=epochs, desc="training", unit="epoch", disable=not progress, file=sys.stderr)
+    bar = progress_bar(total=epochs, desc="training", unit="epoch", disable=not progress)
     for epoch in range(1, epochs + 1):
         order = rng.permutation(len(x_train))
         for k in range(0, len(order), cfg.batch_size):
@@ -218,6 +199,140 @@ def train_head(
 
 def evaluate_head(head: Head, x: np.ndarray, y: np.ndarray, num_classes: int) -> dict:
     """Metrics of the head on one split."""
+    from pipeline.metrics import classification_metrics
+
     if not len(x):
         return classification_metrics(np.zeros(0, int), np.zeros(0, int), num_classes)
     return classification_metrics(y, head.logits(x).argmax(1), num_classes)
+
+
+@dataclass
+class RetrainResult:
+    """What :func:`retrain` made.
+
+    Attributes:
+        dataset: the examples that could be read (unreadable ones are in ``skipped``).
+        head: the trained head, with its history.
+        metrics: ``train``/``validation``/``test`` metrics of the head on each split.
+        skipped: unreadable image → reason.
+        warnings: duplicate images across classes and splits (they make accuracy lie).
+        misclassified: test images the head gets wrong (``path``, ``true``, ``predicted``).
+        bottlenecks: ``computed``, ``cached`` and ``seconds`` of the feature extraction.
+        augmented_training_examples: augmented copies added to the training set.
+    """
+
+    dataset: Dataset
+    head: Head
+    counts: dict
+    metrics: dict[str, dict]
+    skipped: dict[str, str]
+    warnings: list[str]
+    misclassified: list[dict]
+    bottlenecks: dict
+    augmented_training_examples: int
+
+    def save(self, folder: Path) -> dict[str, Path]:
+        """Writes split.json, labels.txt, head.npz, metrics.json and the two pictures; returns
+        the files later stages read, by name."""
+        from pipeline.report import plot_confusion_matrices, plot_training
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(folder / "split.json", self.dataset.to_dict())
+        atomic_write_text(folder / "labels.txt", "\n".join(self.dataset.classes) + "\n")
+        buf = io.BytesIO()
+        np.savez(buf, **self.head.to_npz())
+        atomic_write_bytes(folder / "head.npz", buf.getvalue())
+        atomic_write_json(folder / "metrics.json", {
+            "counts": self.counts, "skipped": self.skipped, "warnings": self.warnings,
+            "bottlenecks": self.bottlenecks, "history": self.head.history,
+            "misclassified": self.misclassified,
+            "augmented_training_examples": self.augmented_training_examples, **self.metrics,
+        })
+        plot_training(folder / "training.png", self.head.history)
+        plot_confusion_matrices(folder / "confusion_matrix.png",
+                                [{"artifact": "head", "runtime": "test split", **self.metrics["test"]}],
+                                list(self.dataset.classes))
+        return {k: folder / f for k, f in (("split", "split.json"), ("labels", "labels.txt"),
+                                            ("head", "head.npz"), ("metrics", "metrics.json"))}
+
+
+def retrain(
+    dataset: Dataset, graph_path: Path, spec: BackboneSpec, graph_sha256: str, cache_root: Path,
+    train: TrainConfig = TrainConfig(), augment: AugmentConfig = AugmentConfig(), *,
+    progress: bool = True, summaries_dir: Path | None = None, checkpoint_dir: Path | None = None,
+    images_dir: Path | None = None,
+) -> RetrainResult:
+    """Extracts (or reads from the cache) every image's bottleneck and trains the head.
+
+    Args:
+        dataset: the split (:func:`pipeline.dataset.build_dataset`).
+        graph_path: the frozen backbone; ``graph_sha256`` keys its cache entries.
+        spec: the resolved backbone spec (fetch's).
+        cache_root: the bottleneck cache folder (shared between runs).
+        train, augment: the head's training knobs and the cached augmentation.
+        summaries_dir: TensorBoard scalars go here; checkpoint_dir: ``epoch_NNNN.npz`` files.
+        images_dir: the training folder, named in errors.
+
+    Returns:
+        The trained head, its metrics on every split and what was skipped on the way.
+
+    Raises:
+        DatasetError: a class is left without a readable training image.
+    """
+    from pipeline.bottlenecks import extract
+
+    counts = dataset.counts()
+    for name, n in counts["train"].items():
+        if n < FEW_IMAGES:
+            log.warning(f"warning: class {name!r} has only {n} training images; {FEW_IMAGES} or more give a usable head")
+    t0 = time.perf_counter()
+    ext = extract([e.path for e in dataset.examples], graph_path, spec, graph_sha256, cache_root,
+                  progress=progress, augment=augment,
+                  augment_indices=[i for i, e in enumerate(dataset.examples) if e.split == "train"])
+    extract_s = time.perf_counter() - t0
+    skipped = {dataset.examples[i].path: why for i, why in sorted(ext.skipped.items())}
+    for path, why in skipped.items():
+        log.info(f"skipped {path}: {why}")
+    warnings = leakage_warnings(dataset, ext.hashes)
+    for w in warnings[:MAX_WARNING_LINES]:
+        log.warning(f"warning: {w}")
+    if len(warnings) > MAX_WARNING_LINES:
+        log.warning(f"warning: ... and {len(warnings) - MAX_WARNING_LINES} more duplicates (all in retrain/metrics.json)")
+    ok = set(ext.ok)
+    kept = [e for i, e in enumerate(dataset.examples) if i in ok]
+    ds = Dataset(dataset.classes, tuple(kept))
+    feats = ext.features
+    y = np.array([e.label for e in kept], np.int64)
+    split = np.array([e.split for e in kept])
+    is_train = split == "train"
+    missing = [name for k, name in enumerate(ds.classes) if not np.any(y[is_train] == k)]
+    if missing:
+        raise DatasetError(
+            f"{images_dir or 'the images'}: no readable training images in class(es) {', '.join(map(repr, missing))} "
+            f"({len(skipped)} image(s) skipped, listed above); add readable images or remove the folder"
+        )
+    pause_point("train")
+    x_train, y_train = feats[is_train], y[is_train]
+    if ext.augmented is not None:
+        # Augmented copies join the training set only; validation and test stay untouched.
+        extra = ext.augmented[is_train]
+        x_train = np.concatenate([x_train, extra.reshape(-1, extra.shape[-1])])
+        y_train = np.concatenate([y_train, np.repeat(y[is_train], extra.shape[1])])
+    val = split == "validation"
+    head = train_head(x_train, y_train, len(ds.classes), train, feats[val], y[val], progress=progress,
+                      summaries_dir=summaries_dir, checkpoint_dir=checkpoint_dir)
+    metrics = {s: evaluate_head(head, feats[split == s], y[split == s], len(ds.classes))
+               for s in ("train", "validation", "test")}
+    test_idx = np.nonzero(split == "test")[0]
+    test_pred = head.logits(feats[test_idx]).argmax(1) if len(test_idx) else np.zeros(0, int)
+    misclassified = [
+        {"path": kept[i].path, "true": ds.classes[y[i]], "predicted": ds.classes[p]}
+        for i, p in zip(test_idx, test_pred) if p != y[i]
+    ]
+    return RetrainResult(
+        dataset=ds, head=head, counts=counts, metrics=metrics, skipped=skipped, warnings=warnings,
+        misclassified=misclassified,
+        bottlenecks={"computed": ext.computed, "cached": ext.cached, "seconds": round(extract_s, 2)},
+        augmented_training_examples=int(len(x_train) - is_train.sum()),
+    )

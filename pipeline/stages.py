@@ -1,18 +1,20 @@
 """The ordered table of stages and the runner that skips what is up to date.
 
-Each stage reads what it needs from the run directory and the manifest (never from another
-stage's memory), so any stage can be run alone on an existing run directory. A stage is skipped
-when its fingerprint (everything it depends on: options, upstream output hashes) matches the
-manifest and its recorded outputs still hash the same.
+Each stage's work lives in the module named after it (``retrain.retrain``, ``verify.verify``, ...);
+here each stage is a fingerprint (everything it depends on: options, upstream output hashes) and
+a short adapter that reads the run directory and the manifest (never another stage's memory),
+calls its module and writes the outputs. So any stage can be run alone on an existing run
+directory. A stage is skipped when its fingerprint matches the manifest and its recorded outputs
+still hash the same.
 """
 from __future__ import annotations
 
 import contextlib
 import hashlib
 import json
+import logging
 import platform
 import shutil
-import sys
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -23,26 +25,22 @@ from typing import Callable
 import numpy as np
 
 from pipeline import __version__
-from pipeline.config import RunConfig
-from pipeline.dataset import Dataset, build_dataset, leakage_warnings
-from pipeline.errors import DatasetError, PipelineError, VerificationFailed, disk_error
-from pipeline.rundir import (
-    RunDir, atomic_write_bytes, atomic_write_json, atomic_write_text, read_json, sha256_tree,
-)
-from pipeline.testhook import pause_point
-from pipeline.types import BackboneSpec, Preprocessing, TfjsMode
-from pipeline.verify import DEFAULT_GATES
+from pipeline.config import DEFAULT_GATES, RunConfig
+from pipeline.console import library_output
+from pipeline.dataset import Dataset, build_dataset
+from pipeline.errors import PipelineError, VerificationFailed, disk_error
+from pipeline.rundir import RunDir, read_json, sha256_tree
+from pipeline.types import ArtifactKind, BackboneSpec
 
-MAX_WARNING_LINES = 20
-TFJS_LARGE_BYTES = 30 * 1000 * 1000
+log = logging.getLogger("edgepipe")
+
 VERSIONED_PACKAGES = (
     "tensorflow", "tensorflowjs", "numpy", "keras", "tflite-runtime", "ai-edge-litert", "mediapipe",
     "protobuf", "pillow", "scikit-learn",
 )
-
-
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
+# Outputs that describe a run (timings, counts) rather than feed the next stage: a change in them
+# must not make the next stage re-run.
+INFORMATIONAL_OUTPUTS = frozenset({"metrics"})
 
 
 @dataclass
@@ -58,10 +56,7 @@ class Context:
         return info
 
     def spec(self) -> BackboneSpec:
-        d = dict(self.stage_info("fetch")["info"]["spec"])
-        d["preprocessing"] = Preprocessing(**d["preprocessing"])
-        d["alternates"] = tuple(d.get("alternates", ()))
-        return BackboneSpec(**d)
+        return BackboneSpec.from_dict(self.stage_info("fetch")["info"]["spec"])
 
     def graph_path(self) -> Path:
         return Path(self.stage_info("fetch")["outputs"]["graph"]["path"])
@@ -69,15 +64,19 @@ class Context:
     def dataset(self) -> Dataset:
         return Dataset.from_dict(read_json(self.run.stage("retrain") / "split.json"))
 
+    def savedmodel(self) -> Path:
+        return self.run.stage("export") / "savedmodel"
+
+    def outputs(self, stage: str) -> dict[str, Path]:
+        return {k: Path(o["path"]) for k, o in self.stage_info(stage)["outputs"].items()}
+
 
 def _digest(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def _listing_digest(folder: Path | None) -> str | None:
+def _listing_digest(folder: Path) -> str:
     """Cheap change detector for an image folder: names, sizes and modification times."""
-    if folder is None:
-        return None
     h = hashlib.sha256()
     for p in sorted(Path(folder).rglob("*")):
         if p.is_file():
@@ -86,21 +85,16 @@ def _listing_digest(folder: Path | None) -> str | None:
     return h.hexdigest()
 
 
-# Outputs that describe a run (timings, counts) rather than feed the next stage: a change in them
-# must not make the next stage re-run.
-INFORMATIONAL_OUTPUTS = frozenset({"metrics"})
-
-
-def _upstream(ctx: Context, *names: str) -> dict:
-    return {n: {k: v["sha256"] for k, v in ctx.stage_info(n)["outputs"].items() if k not in INFORMATIONAL_OUTPUTS}
-            for n in names}
-
-
 def _folder_key(folder: Path | None) -> list:
     """A folder as a fingerprint: its absolute path (so ./a and /x/a are the same) and listing."""
     if folder is None:
         return [None, None]
     return [str(Path(folder).resolve()), _listing_digest(folder)]
+
+
+def _upstream(ctx: Context, *names: str) -> dict:
+    return {n: {k: v["sha256"] for k, v in ctx.stage_info(n)["outputs"].items() if k not in INFORMATIONAL_OUTPUTS}
+            for n in names}
 
 
 # --- fetch -------------------------------------------------------------------------------------
@@ -120,10 +114,10 @@ def _fetch_run(ctx: Context) -> tuple[dict[str, Path], dict]:
     used = resolved.bottleneck_tensor
     found_by = "name" if used == spec.bottleneck_tensor else "alternate" if used in spec.alternates else "shape"
     if found_by != "name":
-        log(f"note: bottleneck {spec.bottleneck_tensor} not in the graph; using {used} (found by {found_by})")
+        log.info(f"note: bottleneck {spec.bottleneck_tensor} not in the graph; using {used} (found by {found_by})")
     fixes = graph_fixes(got.graph_path, resolved)
     for fix in fixes:
-        log(f"note: graph rewritten: {fix.note()}")
+        log.info(f"note: graph rewritten: {fix.note()}")
     info = {"spec": resolved.to_dict(), "source": got.source, "checksum": got.checksum,
             "archive_sha256": got.archive_sha256,
             "bottleneck": {"requested": spec.bottleneck_tensor, "used": used, "found_by": found_by},
@@ -137,108 +131,37 @@ def _retrain_fingerprint(ctx: Context) -> dict:
     c = ctx.cfg
     return {
         "fetch": _upstream(ctx, "fetch"), "spec": ctx.spec().to_dict(),
-        "images": _folder_key(c.images),
-        "test_images": _folder_key(c.test_images),
-        "split": [c.validation_pct, c.test_pct], "train": c.train.to_dict(),
-        "augment": c.augment.to_dict(),
+        "images": _folder_key(c.images), "test_images": _folder_key(c.test_images),
+        "split": [c.validation_pct, c.test_pct], "train": c.train.to_dict(), "augment": c.augment.to_dict(),
     }
 
 
 def _retrain_run(ctx: Context) -> tuple[dict[str, Path], dict]:
-    from pipeline.bottlenecks import extract
     from pipeline.fetch import default_cache_dir
-    from pipeline.report import plot_confusion_matrices, plot_training
-    from pipeline.retrain import evaluate_head, train_head
+    from pipeline.retrain import retrain
 
     c, out = ctx.cfg, ctx.run.stage("retrain")
     if c.images is None:
         raise PipelineError("retrain needs --images DIR (one sub-folder per class)")
-    ds = build_dataset(c.images, c.test_images, c.validation_pct, c.test_pct)
-    spec, graph = ctx.spec(), ctx.graph_path()
-    counts = ds.counts()
-    for name, n in counts["train"].items():
-        if n < 20:
-            log(f"warning: class {name!r} has only {n} training images; 20 or more give a usable head")
-    graph_sha = ctx.stage_info("fetch")["outputs"]["graph"]["sha256"]
-    cache_root = Path(c.cache_dir or default_cache_dir()) / "bottlenecks"
-    t0 = time.perf_counter()
-    ext = extract([e.path for e in ds.examples], graph, spec, graph_sha, cache_root,
-                  progress=c.progress, augment=c.augment,
-                  augment_indices=[i for i, e in enumerate(ds.examples) if e.split == "train"])
-    extract_s = time.perf_counter() - t0
-    skipped = {ds.examples[i].path: why for i, why in sorted(ext.skipped.items())}
-    for path, why in skipped.items():
-        log(f"skipped {path}: {why}")
-    warnings = leakage_warnings(ds, ext.hashes)
-    for w in warnings[:MAX_WARNING_LINES]:
-        log(f"warning: {w}")
-    if len(warnings) > MAX_WARNING_LINES:
-        log(f"warning: ... and {len(warnings) - MAX_WARNING_LINES} more duplicates (all in {out / 'metrics.json'})")
-    ok = set(ext.ok)
-    kept = [e for i, e in enumerate(ds.examples) if i in ok]
-    ds = Dataset(ds.classes, tuple(kept))
-    feats = ext.features
-    y = np.array([e.label for e in kept], np.int64)
-    split = np.array([e.split for e in kept])
-    train = split == "train"
-    missing = [name for k, name in enumerate(ds.classes) if not np.any(y[train] == k)]
-    if missing:
-        raise DatasetError(
-            f"{c.images}: no readable training images in class(es) {', '.join(map(repr, missing))} "
-            f"({len(skipped)} image(s) skipped, listed above); add readable images or remove the folder"
-        )
-    pause_point("train")
-    x_train, y_train = feats[train], y[train]
-    if ext.augmented is not None:
-        # Augmented copies join the training set only; validation and test stay untouched.
-        extra = ext.augmented[train]
-        x_train = np.concatenate([x_train, extra.reshape(-1, extra.shape[-1])])
-        y_train = np.concatenate([y_train, np.repeat(y[train], extra.shape[1])])
     summaries = None
     if c.summaries_dir:
         # One sub-folder per run, kept between runs, as TensorBoard expects.
         stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
         summaries = Path(c.summaries_dir) / f"{Path(c.out).name}-{stamp}"
-    head = train_head(x_train, y_train, len(ds.classes), c.train,
-                      feats[split == "validation"], y[split == "validation"], progress=c.progress,
-                      summaries_dir=summaries,
-                      checkpoint_dir=out / "checkpoints" if c.train.checkpoint_every else None)
-    metrics = {s: evaluate_head(head, feats[split == s], y[split == s], len(ds.classes))
-               for s in ("train", "validation", "test")}
-    test_idx = np.nonzero(split == "test")[0]
-    test_pred = head.logits(feats[test_idx]).argmax(1) if len(test_idx) else np.zeros(0, int)
-    misclassified = [
-        {"path": kept[i].path, "true": ds.classes[y[i]], "predicted": ds.classes[p]}
-        for i, p in zip(test_idx, test_pred) if p != y[i]
-    ]
+    result = retrain(
+        build_dataset(c.images, c.test_images, c.validation_pct, c.test_pct), ctx.graph_path(), ctx.spec(),
+        ctx.stage_info("fetch")["outputs"]["graph"]["sha256"], Path(c.cache_dir or default_cache_dir()) / "bottlenecks",
+        c.train, c.augment, progress=c.progress, summaries_dir=summaries, images_dir=c.images,
+        checkpoint_dir=out / "checkpoints" if c.train.checkpoint_every else None)
     if c.print_misclassified:
-        for m in misclassified:
-            log(f"misclassified: {m['path']} (true {m['true']!r}, predicted {m['predicted']!r})")
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out / "split.json", ds.to_dict())
-    atomic_write_text(out / "labels.txt", "\n".join(ds.classes) + "\n")
-    import io
-
-    buf = io.BytesIO()
-    np.savez(buf, **head.to_npz())
-    atomic_write_bytes(out / "head.npz", buf.getvalue())
-    atomic_write_json(out / "metrics.json", {
-        "counts": counts, "skipped": skipped, "warnings": warnings,
-        "bottlenecks": {"computed": ext.computed, "cached": ext.cached, "seconds": round(extract_s, 2)},
-        "history": head.history, "misclassified": misclassified,
-        "augmented_training_examples": int(len(x_train) - train.sum()), **metrics,
-    })
-    plot_training(out / "training.png", head.history)
-    plot_confusion_matrices(out / "confusion_matrix.png",
-                            [{"artifact": "head", "runtime": "test split", **metrics["test"]}], list(ds.classes))
+        for m in result.misclassified:
+            log.info(f"misclassified: {m['path']} (true {m['true']!r}, predicted {m['predicted']!r})")
+    outputs = result.save(out)
     for s in ("validation", "test"):
-        m = metrics[s]
+        m = result.metrics[s]
         if m["n"]:
-            log(f"retrain: {s} accuracy {m['accuracy']:.4f}, macro F1 {m['macro_f1']:.4f} on {m['n']} images")
-    outputs = {k: out / f for k, f in (("split", "split.json"), ("labels", "labels.txt"),
-                                       ("head", "head.npz"), ("metrics", "metrics.json"))}
-    return outputs, {"bottlenecks": {"computed": ext.computed, "cached": ext.cached,
-                                     "skipped": len(ext.skipped), "seconds": round(extract_s, 2)}}
+            log.info(f"retrain: {s} accuracy {m['accuracy']:.4f}, macro F1 {m['macro_f1']:.4f} on {m['n']} images")
+    return outputs, {"bottlenecks": {**result.bottlenecks, "skipped": len(result.skipped)}}
 
 
 # --- export ------------------------------------------------------------------------------------
@@ -250,27 +173,20 @@ def _export_fingerprint(ctx: Context) -> dict:
 def _export_run(ctx: Context) -> tuple[dict[str, Path], dict]:
     from pipeline.backbone import load_graph_def
     from pipeline.export import export_savedmodel
-
     from pipeline.retrain import Head
 
     head = Head.from_npz(np.load(ctx.run.stage("retrain") / "head.npz"))
-    classes = list(ctx.dataset().classes)
     out = ctx.run.stage("export")
-    sm = export_savedmodel(load_graph_def(ctx.graph_path()), ctx.spec(), head.layers, classes, out)
+    sm = export_savedmodel(load_graph_def(ctx.graph_path()), ctx.spec(), head.layers, list(ctx.dataset().classes), out)
     return {"savedmodel": sm, "labels": out / "labels.txt", "preprocessing": out / "preprocessing.json"}, {}
 
 
 # --- quantize ----------------------------------------------------------------------------------
 
 def _calibration_paths(ctx: Context) -> list[str]:
-    """A fixed sample of the training split (never validation or test), spread over classes."""
-    train = sorted(ctx.dataset().split("train"), key=lambda e: hashlib.sha1(e.path.encode()).hexdigest())
-    return [e.path for e in train[: ctx.cfg.calibration_images]]
+    from pipeline.quantize import calibration_sample
 
-
-def _quantize_fingerprint(ctx: Context) -> dict:
-    return {"export": _upstream(ctx, "export"), "modes": [m.value for m in ctx.cfg.quant_modes],
-            "calibration": _calibration_paths(ctx), "golden": _golden_source(ctx)}
+    return calibration_sample(ctx.dataset().split("train"), ctx.cfg.calibration_images)
 
 
 def _golden_source(ctx: Context) -> list[str]:
@@ -278,45 +194,26 @@ def _golden_source(ctx: Context) -> list[str]:
     return sorted(e.path for e in ctx.dataset().split("test"))
 
 
-def _golden(ctx: Context):
-    from pipeline.golden import build_golden
-
-    return build_golden(ctx.run.stage("export") / "savedmodel", ctx.dataset().split("test"),
-                        ctx.dataset().classes, ctx.spec().preprocessing)
+def _quantize_fingerprint(ctx: Context) -> dict:
+    return {"export": _upstream(ctx, "export"), "modes": [m.value for m in ctx.cfg.quant_modes],
+            "calibration": _calibration_paths(ctx), "golden": _golden_source(ctx)}
 
 
 def _quantize_run(ctx: Context) -> tuple[dict[str, Path], dict]:
-    from pipeline.golden import GOLDEN_DIR, write_golden
-    from pipeline.images import load_files
-    from pipeline.metadata import preprocessing_contract, with_metadata
-    from pipeline.quantize import convert_tflite, write_tflite
+    from pipeline.golden import GOLDEN_DIR, build_golden, write_golden
+    from pipeline.metadata import preprocessing_contract
+    from pipeline.quantize import quantize
 
-    sm = ctx.run.stage("export") / "savedmodel"
-    labels = list(ctx.dataset().classes)
+    ds, spec, out = ctx.dataset(), ctx.spec(), ctx.run.stage("quantize")
+    calibration = _calibration_paths(ctx)
     contract = preprocessing_contract(read_json(ctx.run.stage("export") / "preprocessing.json"))
-    prep = ctx.spec().preprocessing
-    calib = _calibration_paths(ctx)
-
-    def representative():
-        for k in range(0, len(calib), 16):
-            for img in load_files(calib[k:k + 16], prep):
-                yield img[None]
-
-    outputs = {}
-    for mode in ctx.cfg.quant_modes:
-        t0 = time.perf_counter()
-        path = ctx.run.stage("quantize") / f"{mode.value}.tflite"
-        # Every file carries its labels and preprocessing contract (TFLite metadata).
-        about = (f"{ctx.spec().name} + retrained head, {len(labels)} classes, TFLite {mode.value}, by edgepipe "
-                 f"{__version__}. Input float32 RGB 0..255 at {contract['size']}x{contract['size']}; "
-                 "see preprocessing.json.")
-        write_tflite(path, with_metadata(convert_tflite(sm, mode, representative), labels, contract,
-                                         f"edgepipe {ctx.spec().name} {mode.value}", about))
-        log(f"quantize: {path.name} {path.stat().st_size / 1e6:.2f} MB in {time.perf_counter() - t0:.1f} s")
-        pause_point("quantize")
-        outputs[f"tflite-{mode.value}"] = path
-    outputs["golden"] = write_golden(ctx.run.stage("quantize") / GOLDEN_DIR, _golden(ctx)).parent
-    return outputs, {"calibration_images": len(calib)}
+    files = quantize(ctx.savedmodel(), ctx.cfg.quant_modes, calibration, spec.preprocessing, ds.classes,
+                     contract, spec.name, out)
+    outputs = {f"tflite-{mode.value}": path for mode, path in files.items()}
+    # The golden self-test set, built once per run: tfjs copies it into every bundle.
+    golden = build_golden(ctx.savedmodel(), ds.split("test"), ds.classes, spec.preprocessing)
+    outputs["golden"] = write_golden(out / GOLDEN_DIR, golden).parent
+    return outputs, {"calibration_images": len(calibration)}
 
 
 # --- tfjs --------------------------------------------------------------------------------------
@@ -329,35 +226,19 @@ def _tfjs_fingerprint(ctx: Context) -> dict:
 
 
 def _tfjs_run(ctx: Context) -> tuple[dict[str, Path], dict]:
-    from pipeline.golden import GOLDEN_DIR, write_golden
-    from pipeline.tfjs import bundle_size, convert_tfjs
+    from pipeline.tfjs import convert_all
 
-    sm = ctx.run.stage("export") / "savedmodel"
-    golden = _golden(ctx) if ctx.cfg.tfjs_modes else None
     meta = {
         "labels": list(ctx.dataset().classes),
         "preprocessing": read_json(ctx.run.stage("export") / "preprocessing.json"),
         "backbone": ctx.spec().name,
     }
-    outputs, warnings = {}, []
-    if TfjsMode.UINT8 in ctx.cfg.tfjs_modes:
-        # tfjs-examples' quantization study: MobileNetV2 top-1 0.618 → 0.280 with 8-bit weights.
-        warnings.append("TF.js uint8 weights are known to collapse MobileNet accuracy (tfjs-examples: "
-                        "MobileNetV2 top-1 0.618 → 0.280); trust the verify figures, not the size")
-    for mode in ctx.cfg.tfjs_modes:
-        t0 = time.perf_counter()
-        bundle = convert_tfjs(sm, ctx.run.stage("tfjs") / mode.value, mode, meta,
-                              shard_size_bytes=int(ctx.cfg.tfjs_shard_mb * 1024 * 1024))
-        write_golden(bundle / GOLDEN_DIR, golden)
-        size = bundle_size(bundle)
-        log(f"tfjs: {mode.value} bundle {size / 1e6:.2f} MB in {time.perf_counter() - t0:.1f} s")
-        if size > TFJS_LARGE_BYTES:
-            warnings.append(f"TF.js {mode.value} bundle is {size / 1e6:.1f} MB: over 30 MB, browsers on phones "
-                            "download it slowly and may run out of memory; try --tfjs float16 or a smaller backbone")
-        outputs[f"tfjs-{mode.value}"] = bundle
+    bundles, warnings = convert_all(ctx.savedmodel(), ctx.cfg.tfjs_modes, ctx.run.stage("tfjs"), meta,
+                                    golden_dir=ctx.outputs("quantize")["golden"],
+                                    shard_size_bytes=int(ctx.cfg.tfjs_shard_mb * 1024 * 1024))
     for w in warnings:
-        log(f"warning: {w}")
-    return outputs, {"warnings": warnings}
+        log.warning(f"warning: {w}")
+    return {f"tfjs-{mode.value}": path for mode, path in bundles.items()}, {"warnings": warnings}
 
 
 # --- verify ------------------------------------------------------------------------------------
@@ -369,136 +250,35 @@ def _verify_fingerprint(ctx: Context) -> dict:
             "stress": c.stress, "app_preprocessing": c.app_preprocessing.to_dict()}
 
 
-def _verify_run(ctx: Context) -> tuple[dict[str, Path], dict]:
-    from pipeline.images import ImageError, decode_rgb, read_image_file
-    from pipeline.report import plot_confusion_matrices, plot_tradeoffs, write_reports
-    from pipeline.report_html import write_html_report
-    from pipeline.stress import MISTAKES, AppPreprocessing, prepare_batch
-    from pipeline.runners.mediapipe import MediapipeRunner, unsupported_input
-    from pipeline.runners.tflite import TfliteRunner
-    from pipeline.runners.tfjs_node import TfjsWasmRunner
+def _artifacts(ctx: Context) -> list:
     from pipeline.tfjs import bundle_size
-    from pipeline.verify import Artifact, SavedModelRunner, evaluate, run_one
+    from pipeline.verify import Artifact
 
-    ds = ctx.dataset()
-    test = ds.split("test")
-    if not test:
-        raise DatasetError("the test split is empty: raise --test-pct or pass --test-images DIR")
-    prep = ctx.spec().preprocessing
-    images, labels, skipped = [], [], []
-    for e in test:
-        try:
-            images.append(decode_rgb(read_image_file(e.path), e.path))
-            labels.append(e.label)
-        except (ImageError, OSError) as err:
-            # Readable at retrain time (unreadable ones were dropped there), changed since.
-            why = err.reason if isinstance(err, ImageError) else f"cannot read ({err.strerror or err})"
-            skipped.append({"path": e.path, "reason": why})
-            log(f"skipped {e.path}: {why}")
-    if not images:
-        raise DatasetError(f"none of the {len(test)} test images can be read (listed above); "
-                           "restore them or run retrain again")
-    x = prepare_batch(images, prep, AppPreprocessing())
-    app = ctx.cfg.app_preprocessing
-    app_differs = app != AppPreprocessing()
-    # Converted models get their inputs the way the deploying app prepares them (the contract
-    # unless --app-preprocessing says otherwise); the reference always gets the contract.
-    x_app = prepare_batch(images, prep, app) if app_differs else x
-    y = np.array(labels)
-    n_cls = len(ds.classes)
-    sm_dir = ctx.run.stage("export") / "savedmodel"
-    sm = Artifact("savedmodel", sm_dir, sum(p.stat().st_size for p in sm_dir.rglob("*") if p.is_file()))
-    log(f"verify: reference SavedModel on {len(x)} test images")
-    reference = SavedModelRunner()  # loads the SavedModel once for the reference and --stress
-    ref_pred = reference.predict(sm.path, x)
-    ref = ref_pred.probabilities
-    results = [evaluate(sm, "tensorflow", ref_pred, ref, y, n_cls, ctx.cfg.gate("savedmodel"))]
-    pairs = []
-    for name, o in ctx.stage_info("quantize")["outputs"].items():
-        if not name.startswith("tflite-"):
-            continue  # quantize/golden
-        art = Artifact(name, Path(o["path"]), Path(o["path"]).stat().st_size)
-        pairs += [(art, TfliteRunner(r)) for r in ("tflite-runtime", "ai-edge-litert") if r in ctx.cfg.runtimes]
-        if "mediapipe-tasks" in ctx.cfg.runtimes:
-            why = unsupported_input(art.path)
-            if why:
-                log(f"verify: {art.name:15s} mediapipe-tasks skipped: {why}")
-            else:
-                pairs.append((art, MediapipeRunner(ds.classes)))
-    if "tfjs-wasm" in ctx.cfg.runtimes:
-        for name, o in ctx.stage_info("tfjs")["outputs"].items():
-            pairs.append((Artifact(name, Path(o["path"]), bundle_size(Path(o["path"]))), TfjsWasmRunner()))
-    for art, runner in pairs:
-        # MediaPipe prepares pixels itself from the TFLite metadata, so --app-preprocessing is not its.
-        inputs = x if isinstance(runner, MediapipeRunner) else x_app
-        pred, err = run_one(runner, art, inputs, ctx.cfg.runtime_timeout_s)
-        row = evaluate(art, runner.name, pred, ref, y, n_cls, ctx.cfg.gate(art.name), err)
-        results.append(row)
-        status = "ok" if row.passed else "FAILED"
-        detail = row.error or f"agreement {row.top1_agreement:.4f}, acc {row.accuracy:.4f}, {row.latency_ms:.2f} ms/img"
-        log(f"verify: {art.name:15s} {runner.name:15s} {status}: {detail}")
-    stress = []
-    if ctx.cfg.stress:
-        for name, mistake in MISTAKES.items():
-            probs = reference.predict(sm.path, prepare_batch(images, prep, mistake), timing=False).probabilities
-            agree = float((probs.argmax(1) == ref.argmax(1)).mean())
-            acc = float((probs.argmax(1) == y).mean())
-            stress.append({"mistake": name, "setting": mistake.differences()[0], "accuracy": acc,
-                           "accuracy_drop": results[0].accuracy - acc, "top1_agreement": agree,
-                           "mean_abs_diff": float(np.abs(probs - ref).mean())})
-            log(f"verify --stress: {name:38s} accuracy {acc:.4f} ({acc - results[0].accuracy:+.4f}), agreement {agree:.4f}")
-    out = ctx.run.stage("verify")
-    out.mkdir(parents=True, exist_ok=True)
-    rows = [r.to_dict() for r in results]
+    arts = [Artifact(name, path, path.stat().st_size, ArtifactKind.TFLITE)
+            for name, path in ctx.outputs("quantize").items() if name.startswith("tflite-")]
+    return arts + [Artifact(name, path, bundle_size(path), ArtifactKind.TFJS)
+                   for name, path in ctx.outputs("tfjs").items()]
+
+
+def _verify_run(ctx: Context) -> tuple[dict[str, Path], dict]:
+    from pipeline.verify import Artifact, VerifySettings, load_holdout, verify
+
+    c, ds = ctx.cfg, ctx.dataset()
+    holdout = load_holdout(ds.split("test"))
+    sm = ctx.savedmodel()
+    reference = Artifact("savedmodel", sm, sum(p.stat().st_size for p in sm.rglob("*") if p.is_file()),
+                         ArtifactKind.SAVEDMODEL)
+    settings = VerifySettings(classes=ds.classes, contract=ctx.spec().preprocessing, runtimes=c.runtimes,
+                              gates={k: c.gate(k) for k in DEFAULT_GATES} | c.gates,
+                              app=c.app_preprocessing, stress=c.stress, timeout_s=c.runtime_timeout_s)
+    report = verify(reference, _artifacts(ctx), holdout, settings)
     # Images dropped by retrain (train, validation and test alike) belong in the report as well.
     retrain_metrics = read_json(ctx.run.stage("retrain") / "metrics.json", default={}) or {}
-    retrain_skipped = [{"path": p, "reason": r} for p, r in retrain_metrics.get("skipped", {}).items()]
-    report = {
-        "backbone": ctx.spec().name, "classes": list(ds.classes), "n_test": int(len(x)),
-        "test_images": [e.path for e in test if e.path not in {s["path"] for s in skipped}],
-        "skipped_images": retrain_skipped + skipped, "warnings": retrain_metrics.get("warnings", []),
-        "results": rows,
-        "passed": all(r.passed for r in results),
-        "app_preprocessing": {"settings": app.to_dict(), "differences": app.differences()},
-        "stress": stress,
-        "reference_top1": [int(k) for k in ref.argmax(1)],
-        "recommendation": recommend(rows),
-    }
-    write_reports(ctx.run.root, report)
-    plot_confusion_matrices(out / "confusion_matrices.png", rows, list(ds.classes))
-    plot_tradeoffs(out / "tradeoffs.png", rows)
-    write_html_report(ctx.run.root / "report.html", report, images, out / "tradeoffs.png")
-    import io
-
-    buf = io.BytesIO()
-    np.savez_compressed(buf, probabilities=ref, labels=y)
-    atomic_write_bytes(out / "reference.npz", buf.getvalue())
-    outputs = {"report": ctx.run.root / "report.json", "report_md": ctx.run.root / "report.md"}
-    outputs["report_html"] = ctx.run.root / "report.html"
-    return outputs, {"passed": report["passed"], "failed": [f"{r.artifact}/{r.runtime}" for r in results if not r.passed],
-                     "app_differences": app.differences()}
-
-
-def recommend(rows: list[dict]) -> dict | None:
-    """The smallest converted artifact that passes every gate in every runtime it ran in, the
-    fastest (runtime, artifact) among the passing ones, and why."""
-    by_artifact: dict[str, list[dict]] = {}
-    for r in rows:
-        if r["artifact"] != "savedmodel":
-            by_artifact.setdefault(r["artifact"], []).append(r)
-    passing = {a: rs for a, rs in by_artifact.items() if all(r["passed"] for r in rs)}
-    if not passing:
-        return None
-    smallest = min(passing, key=lambda a: (passing[a][0]["size_bytes"], min(r["latency_ms"] for r in passing[a])))
-    fastest = min((r for rs in passing.values() for r in rs), key=lambda r: (r["latency_ms"], r["size_bytes"]))
-    best_rt = min(passing[smallest], key=lambda r: r["latency_ms"])
-    return {
-        "artifact": smallest, "runtime": best_rt["runtime"], "size_bytes": best_rt["size_bytes"],
-        "latency_ms": best_rt["latency_ms"], "top1_agreement": min(r["top1_agreement"] for r in passing[smallest]),
-        "accuracy": best_rt["accuracy"],
-        "fastest": {"artifact": fastest["artifact"], "runtime": fastest["runtime"], "latency_ms": fastest["latency_ms"]},
-        "why": f"smallest of {len(passing)} artifacts that pass every gate in every runtime",
-    }
+    outputs = report.save(ctx.run.root, ctx.spec().name,
+                          [{"path": p, "reason": r} for p, r in retrain_metrics.get("skipped", {}).items()],
+                          retrain_metrics.get("warnings", []))
+    return outputs, {"passed": report.passed, "failed": report.failed,
+                     "app_differences": c.app_preprocessing.differences()}
 
 
 @dataclass(frozen=True)
@@ -552,8 +332,11 @@ def _remove_temporaries(folder: Path) -> None:
                 p.unlink(missing_ok=True)
 
 
-def run_stages(cfg: RunConfig, until: str = "verify") -> dict:
+def run_stages(cfg: RunConfig, until: str = "verify", verbose: bool = False) -> dict:
     """Runs the stages up to and including ``until``, skipping those that are up to date.
+
+    Library output (TensorFlow's C++ logs, the converters) of each stage goes to
+    ``RUN/logs/<stage>.log``, and with ``verbose`` to the console as well.
 
     Returns:
         The final manifest.
@@ -572,15 +355,16 @@ def run_stages(cfg: RunConfig, until: str = "verify") -> dict:
         fp = _digest(stage.fingerprint(ctx))
         info = manifest["stages"].get(stage.name)
         if _up_to_date(info, fp):
-            log(f"{stage.name}: up to date, skipped")
+            log.info(f"{stage.name}: up to date, skipped")
             continue
-        log(f"{stage.name}: running")
+        log.info(f"{stage.name}: running")
         started = time.perf_counter()
         manifest["stages"][stage.name] = {"status": "running", "fingerprint": fp}
         run.save_manifest(manifest)
         try:
             _remove_temporaries(run.stage(stage.name))
-            outputs, extra = stage.run(ctx)
+            with library_output(run.root / "logs" / f"{stage.name}.log", verbose):
+                outputs, extra = stage.run(ctx)
         except BaseException as err:
             mapped = disk_error(err, str(run.stage(stage.name)))
             manifest["stages"][stage.name].update(status="failed", error=str(mapped or err)[:500])
@@ -601,12 +385,12 @@ def run_stages(cfg: RunConfig, until: str = "verify") -> dict:
             entry["status"] = "failed"
         manifest["stages"][stage.name] = entry
         run.save_manifest(manifest)
-        log(f"{stage.name}: done in {entry['seconds']:.1f} s")
+        log.info(f"{stage.name}: done in {entry['seconds']:.1f} s")
     verify = manifest["stages"].get("verify")
     if until == "verify" and verify and verify.get("status") == "failed":
         cause = ""
         if verify["info"].get("app_differences"):
-            cause = (f"; the app preprocessing differs from the contract: {', '.join(verify['info']['app_differences'])}")
+            cause = f"; the app preprocessing differs from the contract: {', '.join(verify['info']['app_differences'])}"
         raise VerificationFailed(
             f"verification failed for {', '.join(verify['info']['failed'])}{cause}; see {run.root / 'report.md'}"
         )

@@ -1,7 +1,7 @@
 """A test hook that stops a run at a named point, so a test can kill it there deterministically.
 
 Never set in normal use. With ``EDGEPIPE_TEST_PAUSE_AT=<point>`` the process logs
-``test hook: paused at <point>`` on stderr and sleeps until it is killed. Points:
+``test hook: paused at <point>`` (logger ``edgepipe``, on the console) and sleeps until it is killed. Points:
 
   bottlenecks  after the first batch of bottlenecks is in the cache
   train        every bottleneck extracted, before the head is trained and written
@@ -9,8 +9,8 @@ Never set in normal use. With ``EDGEPIPE_TEST_PAUSE_AT=<point>`` the process log
 """
 from __future__ import annotations
 
+import logging
 import os
-import sys
 import time
 
 ENV = "EDGEPIPE_TEST_PAUSE_AT"
@@ -18,6 +18,6 @@ ENV = "EDGEPIPE_TEST_PAUSE_AT"
 
 def pause_point(name: str) -> None:
     if os.environ.get(ENV) == name:
-        print(f"test hook: paused at {name}", file=sys.stderr, flush=True)
+        logging.getLogger("edgepipe").info(f"test hook: paused at {name}")
         while True:
             time.sleep(60)

@@ -1,4 +1,6 @@
-"""SavedModel → TF.js graph-model bundles, one per :class:`TfjsMode` (weights dtype).
+"""The tfjs stage: SavedModel → TF.js graph-model bundles, one per :class:`TfjsMode` (weights dtype).
+
+:func:`convert_all` is the stage as a function; :func:`convert_tfjs` converts one bundle.
 
 Each bundle is a folder with ``model.json`` (labels and the preprocessing contract in
 ``userDefinedMetadata``), its weight shards and a static demo page (``index.html`` + ``tf.min.js``,
@@ -7,9 +9,12 @@ see :mod:`pipeline.web`).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
+import time
 from pathlib import Path
+from typing import Sequence
 
 from pipeline.errors import ConversionError
 from pipeline.rundir import atomic_dir
@@ -18,6 +23,9 @@ from pipeline.web import PAGE_FILES, add_demo_page
 
 # TF-DF (imported by tensorflowjs) imports IPython for a banner when stdout is not a tty.
 os.environ.setdefault("TFDF_DISABLE_WELCOME_MESSAGE", "1")
+
+log = logging.getLogger("edgepipe")
+LARGE_BYTES = 30 * 1000 * 1000  # a bundle over this is slow to download on a phone
 
 # Weight dtype maps for the converter; "*" matches every weight.
 QUANTIZATION = {
@@ -69,3 +77,38 @@ def bundle_size(bundle: Path) -> int:
     """Bytes of the model (``model.json`` + shards); the demo page's files are not the model."""
     files = (p for p in Path(bundle).iterdir() if p.is_file() and p.name not in PAGE_FILES)
     return sum(p.stat().st_size for p in files)
+
+
+def convert_all(
+    saved_model_dir: Path, modes: Sequence[TfjsMode], out_dir: Path, metadata: dict,
+    golden_dir: Path | None = None, shard_size_bytes: int = 4 * 1024 * 1024,
+) -> tuple[dict[TfjsMode, Path], list[str]]:
+    """Writes ``out_dir/<mode>/`` for every mode: model.json + shards, the demo page and, when
+    ``golden_dir`` is given, a copy of the golden self-test images.
+
+    Returns:
+        The bundle folder of each mode, and warnings (uint8 accuracy, bundles over 30 MB).
+
+    Raises:
+        ConversionError: the converter refused the model.
+    """
+    from pipeline.golden import GOLDEN_DIR, copy_golden
+
+    bundles, warnings = {}, []
+    if TfjsMode.UINT8 in modes:
+        # tfjs-examples' quantization study: MobileNetV2 top-1 0.618 → 0.280 with 8-bit weights.
+        warnings.append("TF.js uint8 weights are known to collapse MobileNet accuracy (tfjs-examples: "
+                        "MobileNetV2 top-1 0.618 → 0.280); trust the verify figures, not the size")
+    for mode in modes:
+        t0 = time.perf_counter()
+        bundle = convert_tfjs(saved_model_dir, Path(out_dir) / mode.value, mode, metadata,
+                              shard_size_bytes=shard_size_bytes)
+        if golden_dir is not None:
+            copy_golden(golden_dir, bundle / GOLDEN_DIR)
+        size = bundle_size(bundle)
+        log.info(f"tfjs: {mode.value} bundle {size / 1e6:.2f} MB in {time.perf_counter() - t0:.1f} s")
+        if size > LARGE_BYTES:
+            warnings.append(f"TF.js {mode.value} bundle is {size / 1e6:.1f} MB: over 30 MB, browsers on phones "
+                            "download it slowly and may run out of memory; try --tfjs float16 or a smaller backbone")
+        bundles[mode] = bundle
+    return bundles, warnings

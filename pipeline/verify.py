@@ -1,35 +1,28 @@
 """Running the reference and every converted model on the holdout, and gating the drift.
 
-The SavedModel is the reference. Every (artifact, runtime) pair is compared with it on the same
-preprocessed images: top-1 agreement, |Δprobability|, KL divergence, and the usual metrics against
-the true labels. Each artifact kind has an agreement gate; one failed gate fails the verify stage.
+:func:`verify` is the whole stage as a function: the SavedModel is the reference, and every
+(artifact, runtime) pair the runner registry (:data:`pipeline.runners.REGISTRY`) allows is
+compared with it on the same images: top-1 agreement, |Δprobability|, KL divergence, and the usual
+metrics against the true labels. Each artifact kind has an agreement gate; one failed gate fails
+the report. :meth:`Report.save` writes report.json, report.md, report.html and the pictures.
 """
 from __future__ import annotations
 
-import time
+import io
+import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Mapping, Sequence
 
 import numpy as np
 
-from pipeline.metrics import classification_metrics
+from pipeline.config import DEFAULT_GATES, AppPreprocessing  # noqa: F401 (DEFAULT_GATES re-exported)
+from pipeline.errors import DatasetError
+from pipeline.runners import REGISTRY, Feed, runtimes_for
 from pipeline.runners.base import Prediction, RuntimeFailed
+from pipeline.types import ArtifactKind, Preprocessing, Runtime
 
-# Minimum top-1 agreement with the reference. float16 keeps nearly every answer; int8 may move
-# borderline images, so it gets more room. Override per artifact with --gate NAME=VALUE.
-DEFAULT_GATES: dict[str, float] = {
-    "savedmodel": 1.0,
-    "tflite-float32": 0.99,
-    "tflite-float16": 0.98,
-    "tflite-dynamic": 0.95,
-    "tflite-int8": 0.90,
-    "tflite-int8-int8": 0.90,
-    "tflite-int8-uint8": 0.90,
-    "tflite-int16x8": 0.95,
-    "tfjs-float32": 0.99,
-    "tfjs-float16": 0.98,
-    "tfjs-uint8": 0.90,
-}
+log = logging.getLogger("edgepipe")
 
 
 @dataclass
@@ -37,6 +30,7 @@ class Artifact:
     name: str          # e.g. "tflite-int8", the gate key
     path: Path
     size_bytes: int
+    kind: ArtifactKind = ArtifactKind.TFLITE
 
 
 @dataclass
@@ -65,8 +59,143 @@ class Result:
         return asdict(self)
 
 
+@dataclass(frozen=True)
+class Holdout:
+    """The decoded test images verify runs on.
+
+    Attributes:
+        images: uint8 RGB photos as decoded (any size; each runner's input is prepared from them).
+        labels: their true class indices.
+        paths: their files, in the same order.
+        skipped: ``{"path", "reason"}`` for test images that could not be read.
+    """
+
+    images: list[np.ndarray]
+    labels: np.ndarray
+    paths: list[str]
+    skipped: list[dict]
+
+
+def load_holdout(examples: Sequence) -> Holdout:
+    """Decodes the test examples (``pipeline.dataset.Example``); unreadable ones are skipped.
+
+    Raises:
+        DatasetError: there are no test examples, or none can be read.
+    """
+    from pipeline.images import ImageError, decode_rgb, read_image_file
+
+    if not examples:
+        raise DatasetError("the test split is empty: raise --test-pct or pass --test-images DIR")
+    images, labels, paths, skipped = [], [], [], []
+    for e in examples:
+        try:
+            images.append(decode_rgb(read_image_file(e.path), e.path))
+            labels.append(e.label)
+            paths.append(e.path)
+        except (ImageError, OSError) as err:
+            # Readable at retrain time (unreadable ones were dropped there), changed since.
+            why = err.reason if isinstance(err, ImageError) else f"cannot read ({err.strerror or err})"
+            skipped.append({"path": e.path, "reason": why})
+            log.info(f"skipped {e.path}: {why}")
+    if not images:
+        raise DatasetError(f"none of the {len(examples)} test images can be read (listed above); "
+                           "restore them or run retrain again")
+    return Holdout(images, np.array(labels), paths, skipped)
+
+
+@dataclass(frozen=True)
+class VerifySettings:
+    """How to verify.
+
+    Attributes:
+        classes: class names in output order.
+        contract: the preprocessing the models were exported with.
+        runtimes: where converted models run (the reference always runs in TensorFlow).
+        gates: minimum top-1 agreement per artifact name (missing names: DEFAULT_GATES, else 1.0).
+        app: how the deploying app prepares pixels; runners fed APP pixels get them this way.
+        stress: also run the reference with each usual preprocessing mistake.
+        timeout_s: wall-clock limit for one runtime on one artifact.
+    """
+
+    classes: tuple[str, ...]
+    contract: Preprocessing
+    runtimes: tuple[Runtime, ...]
+    gates: Mapping[str, float] = field(default_factory=dict)
+    app: AppPreprocessing = field(default_factory=AppPreprocessing)
+    stress: bool = False
+    timeout_s: float = 600.0
+
+    def gate(self, artifact: str) -> float:
+        return self.gates.get(artifact, DEFAULT_GATES.get(artifact, 1.0))
+
+
+@dataclass
+class Report:
+    """What :func:`verify` found. ``results[0]`` is the reference."""
+
+    results: list[Result]
+    stress: list[dict]
+    reference: np.ndarray  # the reference's probabilities, float32 [N, classes]
+    holdout: Holdout
+    settings: VerifySettings
+
+    @property
+    def passed(self) -> bool:
+        return all(r.passed for r in self.results)
+
+    @property
+    def failed(self) -> list[str]:
+        return [f"{r.artifact}/{r.runtime}" for r in self.results if not r.passed]
+
+    def to_dict(self, backbone: str, earlier_skipped: Sequence[dict] = (), warnings: Sequence[str] = ()) -> dict:
+        """report.json's contents.
+
+        Args:
+            backbone: the backbone's name, for the title.
+            earlier_skipped: images retrain dropped (train, validation and test alike).
+            warnings: dataset warnings (duplicates, leaks) to repeat in the report.
+        """
+        rows = [r.to_dict() for r in self.results]
+        app = self.settings.app
+        return {
+            "backbone": backbone, "classes": list(self.settings.classes), "n_test": len(self.holdout.images),
+            "test_images": list(self.holdout.paths),
+            "skipped_images": list(earlier_skipped) + list(self.holdout.skipped), "warnings": list(warnings),
+            "results": rows,
+            "passed": self.passed,
+            "app_preprocessing": {"settings": app.to_dict(), "differences": app.differences()},
+            "stress": self.stress,
+            "reference_top1": [int(k) for k in self.reference.argmax(1)],
+            "recommendation": recommend(rows),
+        }
+
+    def save(self, run_root: Path, backbone: str, earlier_skipped: Sequence[dict] = (),
+             warnings: Sequence[str] = ()) -> dict[str, Path]:
+        """Writes report.json, report.md and report.html at ``run_root`` and the pictures and the
+        reference's probabilities under ``run_root/verify``; returns the report files by name."""
+        from pipeline.report import plot_confusion_matrices, plot_tradeoffs, write_reports
+        from pipeline.report_html import write_html_report
+        from pipeline.rundir import atomic_write_bytes
+
+        run_root = Path(run_root)
+        out = run_root / "verify"
+        out.mkdir(parents=True, exist_ok=True)
+        report = self.to_dict(backbone, earlier_skipped, warnings)
+        write_reports(run_root, report)
+        plot_confusion_matrices(out / "confusion_matrices.png", report["results"], list(self.settings.classes))
+        plot_tradeoffs(out / "tradeoffs.png", report["results"])
+        write_html_report(run_root / "report.html", report, self.holdout.images, out / "tradeoffs.png")
+        buf = io.BytesIO()
+        np.savez_compressed(buf, probabilities=self.reference, labels=self.holdout.labels)
+        atomic_write_bytes(out / "reference.npz", buf.getvalue())
+        return {"report": run_root / "report.json", "report_md": run_root / "report.md",
+                "report_html": run_root / "report.html"}
+
+
 def compare(reference: np.ndarray, probs: np.ndarray, labels: np.ndarray, num_classes: int) -> dict:
     """Drift and quality figures of one prediction against the reference and the truth."""
+    from pipeline.metrics import classification_metrics
+
     if probs.shape != reference.shape:
         raise RuntimeFailed(f"output shape {probs.shape} differs from the reference {reference.shape}")
     diff = np.abs(probs - reference)
@@ -114,39 +243,88 @@ def evaluate(
     )
 
 
-class SavedModelRunner:
-    """The reference: the exported SavedModel in TensorFlow, in this process."""
-
-    name = "tensorflow"
-
-    def __init__(self):
-        self._loaded: dict[str, object] = {}
-
-    def predict(self, artifact: Path, images: np.ndarray, timeout_s: float = 600.0,
-                timing: bool = True) -> Prediction:
-        import tensorflow as tf
-
-        key = str(artifact)
-        if key not in self._loaded:
-            self._loaded[key] = tf.saved_model.load(key).signatures["serving_default"]
-        fn = self._loaded[key]
-        probs = np.concatenate([
-            fn(images=tf.constant(images[k:k + 32]))["probabilities"].numpy()
-            for k in range(0, len(images), 32)
-        ]) if len(images) else np.zeros((0, 0), np.float32)
-        if not timing:
-            return Prediction(probs.astype(np.float32), float("nan"))
-        fn(images=tf.constant(images[:1]))  # warm-up for the latency figure
-        start = time.perf_counter()
-        for img in images:
-            fn(images=tf.constant(img[None]))
-        latency = 1000 * (time.perf_counter() - start) / max(len(images), 1)
-        return Prediction(probs.astype(np.float32), latency)
-
-
 def run_one(runner, artifact: Artifact, images: np.ndarray, timeout_s: float):
     """(prediction, error) for one pair; runtime failures become an error string."""
     try:
         return runner.predict(artifact.path, images, timeout_s=timeout_s), None
     except RuntimeFailed as err:
         return None, str(err)
+
+
+def verify(reference: Artifact, artifacts: Sequence[Artifact], holdout: Holdout,
+           settings: VerifySettings) -> Report:
+    """Runs the reference and every (artifact, runtime) pair on the holdout and gates the drift.
+
+    Args:
+        reference: the SavedModel (kind SAVEDMODEL); its predictions are what the others must match.
+        artifacts: converted models, in report order; each runs in every chosen runtime that
+            takes its kind (registry order).
+        holdout: the decoded test images (:func:`load_holdout`).
+        settings: runtimes, gates, app preprocessing, stress, timeout.
+
+    Returns:
+        Every row, failed ones included (a runtime that crashes or hangs is a failed row with
+        the reason); the caller decides what a failed report means.
+    """
+    from pipeline.stress import MISTAKES, prepare_batch
+
+    prep, y, n_cls = settings.contract, holdout.labels, len(settings.classes)
+    x = prepare_batch(holdout.images, prep, AppPreprocessing())
+    app = settings.app
+    # Converted models get their inputs the way the deploying app prepares them (the contract
+    # unless settings.app says otherwise); the reference always gets the contract.
+    x_app = prepare_batch(holdout.images, prep, app) if app != AppPreprocessing() else x
+    log.info(f"verify: reference SavedModel on {len(x)} test images")
+    ref_runner = REGISTRY[Runtime.TENSORFLOW].create(settings.classes)  # kept for --stress
+    ref_pred = ref_runner.predict(reference.path, x)
+    ref = ref_pred.probabilities
+    results = [evaluate(reference, ref_runner.name, ref_pred, ref, y, n_cls, settings.gate(reference.name))]
+    for art in artifacts:
+        for info in runtimes_for(art.kind, settings.runtimes):
+            runner = info.create(settings.classes)
+            why = runner.unsupported(art.path)
+            if why:
+                log.info(f"verify: {art.name:15s} {runner.name} skipped: {why}")
+                continue
+            inputs = x if info.feed is Feed.CONTRACT else x_app
+            pred, err = run_one(runner, art, inputs, settings.timeout_s)
+            row = evaluate(art, runner.name, pred, ref, y, n_cls, settings.gate(art.name), err)
+            results.append(row)
+            status = "ok" if row.passed else "FAILED"
+            detail = row.error or f"agreement {row.top1_agreement:.4f}, acc {row.accuracy:.4f}, {row.latency_ms:.2f} ms/img"
+            log.info(f"verify: {art.name:15s} {runner.name:15s} {status}: {detail}")
+    stress = []
+    if settings.stress:
+        for name, mistake in MISTAKES.items():
+            probs = ref_runner.predict(reference.path, prepare_batch(holdout.images, prep, mistake),
+                                       timing=False).probabilities
+            agree = float((probs.argmax(1) == ref.argmax(1)).mean())
+            acc = float((probs.argmax(1) == y).mean())
+            stress.append({"mistake": name, "setting": mistake.differences()[0], "accuracy": acc,
+                           "accuracy_drop": results[0].accuracy - acc, "top1_agreement": agree,
+                           "mean_abs_diff": float(np.abs(probs - ref).mean())})
+            log.info(f"verify --stress: {name:38s} accuracy {acc:.4f} ({acc - results[0].accuracy:+.4f}), "
+                     f"agreement {agree:.4f}")
+    return Report(results, stress, ref, holdout, settings)
+
+
+def recommend(rows: list[dict]) -> dict | None:
+    """The smallest converted artifact that passes every gate in every runtime it ran in, the
+    fastest (runtime, artifact) among the passing ones, and why."""
+    by_artifact: dict[str, list[dict]] = {}
+    for r in rows:
+        if r["artifact"] != "savedmodel":
+            by_artifact.setdefault(r["artifact"], []).append(r)
+    passing = {a: rs for a, rs in by_artifact.items() if all(r["passed"] for r in rs)}
+    if not passing:
+        return None
+    smallest = min(passing, key=lambda a: (passing[a][0]["size_bytes"], min(r["latency_ms"] for r in passing[a])))
+    fastest = min((r for rs in passing.values() for r in rs), key=lambda r: (r["latency_ms"], r["size_bytes"]))
+    best_rt = min(passing[smallest], key=lambda r: r["latency_ms"])
+    return {
+        "artifact": smallest, "runtime": best_rt["runtime"], "size_bytes": best_rt["size_bytes"],
+        "latency_ms": best_rt["latency_ms"], "top1_agreement": min(r["top1_agreement"] for r in passing[smallest]),
+        "accuracy": best_rt["accuracy"],
+        "fastest": {"artifact": fastest["artifact"], "runtime": fastest["runtime"], "latency_ms": fastest["latency_ms"]},
+        "why": f"smallest of {len(passing)} artifacts that pass every gate in every runtime",
+    }

@@ -46,7 +46,7 @@ def poets_baseline(paths: list[Path], graph_path: Path, spec, bottleneck_dir: Pa
     import numpy as np
     import tensorflow as tf
 
-    from pipeline.backbone import load_graph_def
+    from pipeline.graph import load_graph_def
 
     graph = tf.Graph()
     with graph.as_default():
@@ -77,7 +77,7 @@ def fused_baseline(paths: list[Path], graph_path: Path, spec) -> float:
     image, and no cache written."""
     import tensorflow as tf
 
-    from pipeline.backbone import load_graph_def
+    from pipeline.graph import load_graph_def
 
     graph = tf.Graph()
     with graph.as_default():
@@ -167,9 +167,10 @@ def replicate(paths: list[Path], dest: Path, times: int) -> Path:
 
 
 def load(backbone: str):
-    from pipeline.backbone import load_graph_def, resolve_spec
+    from pipeline.backbone import resolve_spec
     from pipeline.catalog import get_backbone
     from pipeline.fetch import fetch
+    from pipeline.graph import load_graph_def
 
     spec = get_backbone(backbone)
     got = fetch(spec, progress=False)

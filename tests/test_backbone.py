@@ -3,9 +3,10 @@ import dataclasses
 import numpy as np
 import pytest
 
-from pipeline.backbone import FeatureExtractor, load_graph_def, resolve_spec
+from pipeline.backbone import FeatureExtractor, resolve_spec
 from pipeline.catalog import custom_backbone, get_backbone, load_catalog
 from pipeline.errors import ConfigError, GraphError
+from pipeline.graph import load_graph_def
 from tests.conftest import TINY_BOTTLENECK, TINY_SIZE
 
 

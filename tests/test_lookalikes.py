@@ -13,9 +13,10 @@ import re
 import numpy as np
 import pytest
 
-from pipeline.backbone import FeatureExtractor, load_graph_def, resolve_spec
+from pipeline.backbone import FeatureExtractor, resolve_spec
 from pipeline.catalog import get_backbone
 from pipeline.fetch import mirror_relpath
+from pipeline.graph import load_graph_def
 from pipeline.graphfix import feature_subgraph, legacy_ops_rewritten
 from tests.lookalikes import (
     LOOKALIKES, OLD_PRODUCER, V4_POOL_RENAMED, GraphBuilder, inception_v4_archive,

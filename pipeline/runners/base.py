@@ -26,11 +26,25 @@ class RuntimeFailed(Exception):
 
 
 class Runner(Protocol):
-    """Runs an artifact on preprocessed images (float32 RGB ``[N, H, W, 3]`` in 0..255)."""
+    """Runs an artifact on preprocessed images (float32 RGB ``[N, H, W, 3]`` in 0..255).
+
+    Each runtime module also has ``create(runtime, labels) -> Runner`` for the registry
+    (:data:`pipeline.runners.REGISTRY`).
+    """
 
     name: str
 
     def predict(self, artifact: Path, images: np.ndarray, timeout_s: float = 600.0) -> Prediction:
+        """Probabilities ``[N, classes]`` and the mean single-image latency.
+
+        Raises:
+            RuntimeFailed: the runtime crashed, hung or refused the artifact.
+        """
+        ...
+
+    def unsupported(self, artifact: Path) -> str | None:
+        """Why this runtime cannot take ``artifact`` at all (verify then leaves the pair out
+        rather than failing it for a reason that is not drift), or None."""
         ...
 
 

@@ -23,9 +23,10 @@ from typing import Sequence
 import numpy as np
 
 from pipeline.runners.base import Prediction, run_python_worker
+from pipeline.types import Runtime
 
 
-RUNTIME_NAME = "mediapipe-tasks"
+RUNTIME_NAME = Runtime.MEDIAPIPE.value
 # The output tensor MediaPipe reports as a head named like its metadata: the model's other head is
 # "logits", which MediaPipe would report as scores as they are (no softmax).
 HEAD_NAME = "probabilities"
@@ -67,6 +68,9 @@ class MediapipeRunner:
     def __init__(self, labels: Sequence[str]):
         self.labels = list(labels)
 
+    def unsupported(self, artifact: Path) -> str | None:
+        return unsupported_input(artifact)
+
     def predict(self, artifact: Path, images: np.ndarray, timeout_s: float = 600.0) -> Prediction:
         """Runs ``artifact`` on ``images`` (float32 RGB ``[N, H, W, 3]`` 0..255, at the model's size).
 
@@ -85,6 +89,10 @@ class MediapipeRunner:
             labels.write_text(json.dumps(self.labels), encoding="utf-8")
             return run_python_worker(self.name, artifact, "pipeline.runners.mediapipe",
                                      [str(artifact), str(inp), str(labels), str(out)], out, timeout_s)
+
+
+def create(runtime: Runtime, labels: Sequence[str]) -> MediapipeRunner:
+    return MediapipeRunner(labels)
 
 
 class _Mismatch(Exception):

@@ -13,10 +13,12 @@ import signal
 import subprocess
 import tempfile
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
 from pipeline.runners.base import Prediction, RuntimeFailed
+from pipeline.types import Runtime
 
 NODE_DIR = Path(__file__).parent / "tfjs"
 RUN_SCRIPT = NODE_DIR / "run.mjs"
@@ -54,10 +56,13 @@ class TfjsWasmRunner:
         output_key: the SavedModel signature output to return (``probabilities`` or ``logits``).
     """
 
-    name = "tfjs-wasm"
+    name = Runtime.TFJS_WASM.value
 
     def __init__(self, output_key: str = "probabilities") -> None:
         self.output_key = output_key
+
+    def unsupported(self, artifact: Path) -> str | None:
+        return None
 
     def predict(self, artifact: Path, images: np.ndarray, timeout_s: float = 600.0) -> Prediction:
         """Classifies ``images`` one at a time after one warm-up call.
@@ -113,6 +118,10 @@ class TfjsWasmRunner:
                 probabilities=_read_outputs(output_path, summary["shape"]),
                 latency_ms=float(summary["latency_ms"]),
             )
+
+
+def create(runtime: Runtime, labels: Sequence[str]) -> TfjsWasmRunner:
+    return TfjsWasmRunner()
 
 
 def _describe_exit(returncode: int) -> str:

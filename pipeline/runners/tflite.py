@@ -9,14 +9,16 @@ import json
 import sys
 import tempfile
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
 from pipeline.runners.base import Prediction, run_python_worker
+from pipeline.types import Runtime
 
 RUNTIME_MODULES = {
-    "tflite-runtime": "tflite_runtime.interpreter",
-    "ai-edge-litert": "ai_edge_litert.interpreter",
+    Runtime.TFLITE_RUNTIME.value: "tflite_runtime.interpreter",
+    Runtime.LITERT.value: "ai_edge_litert.interpreter",
 }
 
 
@@ -28,12 +30,19 @@ class TfliteRunner:
             raise ValueError(f"unknown TFLite runtime {name!r}; known: {sorted(RUNTIME_MODULES)}")
         self.name = name
 
+    def unsupported(self, artifact: Path) -> str | None:
+        return None
+
     def predict(self, artifact: Path, images: np.ndarray, timeout_s: float = 600.0) -> Prediction:
         with tempfile.TemporaryDirectory(prefix="edgepipe-tflite-") as tmp:
             inp, out = Path(tmp) / "in.npy", Path(tmp) / "out.npy"
             np.save(inp, np.asarray(images, np.float32))
             return run_python_worker(self.name, Path(artifact), "pipeline.runners.tflite",
                                      [self.name, str(artifact), str(inp), str(out)], out, timeout_s)
+
+
+def create(runtime: Runtime, labels: Sequence[str]) -> TfliteRunner:
+    return TfliteRunner(runtime.value)
 
 
 def _quantise(x: np.ndarray, detail: dict) -> np.ndarray:

@@ -1,0 +1,291 @@
+"""Frozen GraphDefs: reading them, naming their tensors, and finding their pooled features.
+
+Everything here that needs TensorFlow imports it inside the function: the fetch stage checks a
+download with :func:`graph_def_problem`, and a cache hit or a failed download should not pay the
+seconds TensorFlow takes to load.
+
+- :func:`parse_graph_def` is the one GraphDef parser; :func:`load_graph_def` (a graph to run,
+  legacy ops rewritten) and :func:`graph_def_problem` (the fetch stage's check of a file) use it.
+- :func:`node_name` and :func:`closest_names` turn tensor names into what an error message needs.
+- :func:`bottleneck_candidates` and :func:`best_bottleneck` find the tensors shaped like a pooled
+  feature, ``[N,1,1,C]`` or ``[N,C]``: ``edgepipe inspect`` lists them, and
+  ``backbone.resolve_spec`` picks one when a catalog bottleneck was renamed between TensorFlow
+  versions.
+"""
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline.errors import GraphError
+from pipeline.graphfix import legacy_ops_rewritten
+
+PLACEHOLDER_OPS = ("Placeholder", "PlaceholderV2")
+
+
+# --- reading a GraphDef ------------------------------------------------------------------------
+
+
+def parse_graph_def(data: bytes):
+    """The GraphDef serialized in ``data``.
+
+    Args:
+        data: the bytes of a frozen graph (``.pb``) file.
+
+    Returns:
+        a ``tf.compat.v1.GraphDef``. It has no nodes when ``data`` is empty: an empty byte string
+        is a valid protobuf message.
+
+    Raises:
+        google.protobuf.message.DecodeError: ``data`` is not a serialized GraphDef.
+    """
+    import tensorflow as tf
+
+    graph_def = tf.compat.v1.GraphDef()
+    graph_def.ParseFromString(data)
+    return graph_def
+
+
+def load_graph_def(path: Path, *, fix: bool = True):
+    """Reads a frozen GraphDef, with ops that TensorFlow or a converter rejects rewritten.
+
+    Args:
+        path: the frozen graph (``.pb``) file.
+        fix: rewrite legacy ops (``graphfix.legacy_ops_rewritten``); False returns the file as is.
+
+    Returns:
+        the ``tf.compat.v1.GraphDef``.
+
+    Raises:
+        GraphError: the file is missing, is not a serialized GraphDef, or holds no nodes.
+    """
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise GraphError(f"cannot read graph {path}: {err.strerror}") from None
+    try:
+        graph_def = parse_graph_def(data)
+    except ImportError:
+        raise  # a broken TensorFlow install is not a bad file
+    except Exception:  # protobuf raises DecodeError or RuntimeWarning-like errors
+        raise GraphError(
+            f"{path} is not a frozen TensorFlow GraphDef (.pb); export your model with "
+            "tf.compat.v1.graph_util.convert_variables_to_constants or pass a catalog --backbone"
+        ) from None
+    if not graph_def.node:
+        raise GraphError(f"{path} holds an empty GraphDef; is it the right file?")
+    if fix:
+        graph_def, _ = legacy_ops_rewritten(graph_def)
+    return graph_def
+
+
+def graph_def_problem(path: Path) -> str | None:
+    """Why ``path`` is not a frozen TensorFlow graph, or None if it parses as a GraphDef.
+
+    Args:
+        path: the file to check.
+
+    Returns:
+        None for a GraphDef with at least one node; otherwise the reason, worded to follow the
+        file's name (``"is not a TensorFlow GraphDef (...)"``).
+
+    Raises:
+        OSError: the file cannot be read.
+    """
+    from google.protobuf.message import DecodeError
+
+    data = Path(path).read_bytes()
+    try:
+        graph_def = parse_graph_def(data)
+    except DecodeError as err:
+        return f"is not a TensorFlow GraphDef ({_one_line(err)})"
+    if not graph_def.node:
+        return "is not a TensorFlow GraphDef (it parses as an empty graph)"
+    return None
+
+
+# --- tensor names ------------------------------------------------------------------------------
+
+
+def node_name(tensor: str) -> str:
+    """The name of the node that makes ``tensor``: ``"input:0"`` → ``"input"``.
+
+    Args:
+        tensor: a tensor name, with or without its ``:index``.
+
+    Returns:
+        the part before the ``:``.
+    """
+    return tensor.split(":")[0]
+
+
+def closest_names(name: str, graph_def, n: int = 5) -> str:
+    """The graph's tensors named most like ``name``, for an error about a name that is not there.
+
+    Args:
+        name: the tensor name asked for.
+        graph_def: the GraphDef to look in.
+        n: how many names at most.
+
+    Returns:
+        e.g. ``"input:0, input_1:0"``, or ``"none similar"``.
+    """
+    names = [node.name for node in graph_def.node]
+    close = difflib.get_close_matches(node_name(name), names, n=n, cutoff=0.4)
+    return ", ".join(f"{c}:0" for c in close) or "none similar"
+
+
+# --- tensors shaped like a pooled feature -----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """One tensor of a graph, with its statically known shape.
+
+    Attributes:
+        name: e.g. ``input:0``.
+        op: the type of the op that makes it.
+        dtype: e.g. ``float32``.
+        shape: one entry per dimension (None where unknown); None when even the rank is unknown.
+    """
+
+    name: str
+    op: str
+    dtype: str
+    shape: tuple[int | None, ...] | None
+
+    @property
+    def features(self) -> int | None:
+        """``C`` when the tensor is ``[N,1,1,C]`` (pooled) or ``[N,C]`` (flat), else None."""
+        s = self.shape
+        if s is None or not s[-1] or s[-1] < 2:
+            return None
+        if len(s) == 2 or (len(s) == 4 and s[1] == 1 and s[2] == 1):
+            return s[-1]
+        return None
+
+    def shape_text(self) -> str:
+        """The shape as ``edgepipe inspect`` prints it: ``[?, 224, 224, 3]``, or ``unknown``."""
+        if self.shape is None:
+            return "unknown"
+        return "[" + ", ".join("?" if d is None else str(d) for d in self.shape) + "]"
+
+
+def tensor_info(tensor) -> TensorInfo:
+    """What :class:`TensorInfo` records of a ``tf.Tensor`` of an imported graph.
+
+    Args:
+        tensor: a tensor of a ``tf.Graph``.
+
+    Returns:
+        its name, op type, dtype and static shape.
+    """
+    shape = None if tensor.shape.rank is None else tuple(tensor.shape.as_list())
+    return TensorInfo(tensor.name, tensor.op.type, tensor.dtype.name, shape)
+
+
+def imported_graph(graph_def):
+    """A new ``tf.Graph`` holding ``graph_def``, its node names unprefixed.
+
+    Args:
+        graph_def: a frozen GraphDef (legacy ops already rewritten, so it imports).
+
+    Returns:
+        the ``tf.Graph``.
+
+    Raises:
+        GraphError: TensorFlow refuses the graph (the first line of its reason is given).
+    """
+    import tensorflow as tf
+
+    graph = tf.Graph()
+    try:
+        with graph.as_default():
+            tf.graph_util.import_graph_def(graph_def, name="")
+    except (ValueError, tf.errors.OpError) as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise GraphError(f"the graph does not import into TensorFlow: {first}") from None
+    return graph
+
+
+def downstream_ops(starts) -> set:
+    """Every op that depends on one of ``starts``, through data or control edges.
+
+    Args:
+        starts: ops of one ``tf.Graph``.
+
+    Returns:
+        the set of ops reached, ``starts`` included.
+    """
+    seen: set = set()
+    stack = list(starts)
+    while stack:
+        op = stack.pop()
+        if op in seen:
+            continue
+        seen.add(op)
+        stack += [c for out in op.outputs for c in out.consumers()]
+        stack += op._control_outputs
+    return seen
+
+
+def bottleneck_candidates(graph_def, input_tensor: str | None = None) -> list[TensorInfo]:
+    """Float tensors shaped like a pooled feature, largest feature size first.
+
+    Args:
+        graph_def: a frozen GraphDef (legacy ops already rewritten, so it imports).
+        input_tensor: only tensors computed from this one; None means from any placeholder.
+
+    Returns:
+        the tensors, each with :attr:`TensorInfo.features` set; empty when there is none.
+
+    Raises:
+        GraphError: the graph does not import, or ``input_tensor`` is not in it.
+    """
+    graph = imported_graph(graph_def)
+    if input_tensor is None:
+        starts = [op for op in graph.get_operations() if op.type in PLACEHOLDER_OPS]
+    else:
+        try:
+            starts = [graph.get_tensor_by_name(input_tensor).op]
+        except (KeyError, ValueError):
+            raise GraphError(f"input tensor {input_tensor!r} is not in the graph") from None
+    reached = downstream_ops(starts)
+    found = [
+        info for op in graph.get_operations() if op in reached and op not in starts
+        for info in map(tensor_info, op.outputs) if info.features and info.dtype.startswith("float")
+    ]
+    return sorted(found, key=lambda t: -t.features)
+
+
+def best_bottleneck(candidates: list[TensorInfo], feature_size: int = 0, like: str = "") -> TensorInfo | None:
+    """The candidate most likely to be the backbone's pooled feature.
+
+    Pooling ops' names (``AvgPool``, ``pool_3``) first, then the name closest to ``like``, then the
+    largest.
+
+    Args:
+        candidates: from :func:`bottleneck_candidates`.
+        feature_size: when not 0, only candidates with this many features count.
+        like: the name the tensor was expected to have, if any.
+
+    Returns:
+        the chosen candidate, or None when none has ``feature_size``.
+    """
+    pool = [t for t in candidates if not feature_size or t.features == feature_size]
+    if not pool:
+        return None
+
+    def key(t: TensorInfo):
+        similarity = difflib.SequenceMatcher(None, t.name, like).ratio() if like else 0.0
+        return ("pool" not in t.name.lower(), -similarity, -t.features)
+
+    return min(pool, key=key)
+
+
+def _one_line(err: BaseException) -> str:
+    # The same squashing as fetch's messages: a protobuf reason goes into a one-line error.
+    text = " ".join(str(err).split())
+    return text if len(text) <= 200 else text[:197] + "..."
