@@ -8,9 +8,13 @@ NODE_STAMP := $(NODE_DIR)/node_modules/.package-lock.json
 CHROMIUM := /usr/bin/chromium
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test bench clean
+.PHONY: setup browser demo test bench clean
 
-setup: $(STAMP) $(NODE_STAMP) $(CHROMIUM)
+# Python and Node dependencies: all `make demo` needs (no root, no browser).
+setup: $(STAMP) $(NODE_STAMP)
+
+# Headless Chromium, for the tests of each TF.js bundle's demo page (tests/test_browser.py).
+browser: $(CHROMIUM)
 
 $(STAMP): pyproject.toml requirements.lock
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -31,7 +35,7 @@ $(CHROMIUM):
 demo: setup
 	$(PY) scripts/demo.py
 
-test: setup
+test: setup browser
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # Bottleneck extraction and retrain speed against poets' loop (about 3 minutes; README "Measured").

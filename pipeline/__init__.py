@@ -14,7 +14,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Collection
 
-__version__ = "0.1.0"
+from pipeline.version import __version__
+
 __all__ = [
     "__version__", "run", "resume", "load_config", "validate", "RunConfig", "TrainConfig", "AugmentConfig",
     "AppPreprocessing", "CustomGraph", "PipelineError", "ConfigError", "VerificationFailed", "STAGE_NAMES",
@@ -24,7 +25,14 @@ STAGE_NAMES = ("fetch", "retrain", "export", "quantize", "tfjs", "verify")
 
 if TYPE_CHECKING:
     from pipeline.config import (  # noqa: F401
-        AppPreprocessing, AugmentConfig, CustomGraph, RunConfig, TrainConfig, load_config, resume, validate,
+        AppPreprocessing,
+        AugmentConfig,
+        CustomGraph,
+        RunConfig,
+        TrainConfig,
+        load_config,
+        resume,
+        validate,
     )
     from pipeline.errors import ConfigError, PipelineError, VerificationFailed  # noqa: F401
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.console import log
 from pipeline.errors import GraphError
 from pipeline.graph import best_bottleneck, bottleneck_candidates, closest_names, load_graph_def, node_name
 from pipeline.graphfix import Fix, feature_subgraph, legacy_ops_rewritten
@@ -222,7 +223,5 @@ def get_extractor(graph_path: str, spec: BackboneSpec, engine: str = "litert") -
         try:
             return LiteRTFeatureExtractor(Path(graph_path), spec)
         except RuntimeError as err:
-            import sys
-
-            print(f"note: bottlenecks computed with TensorFlow: {str(err).splitlines()[0]}", file=sys.stderr)
+            log.info(f"note: bottlenecks computed with TensorFlow: {str(err).splitlines()[0]}")
     return FeatureExtractor(Path(graph_path), spec)

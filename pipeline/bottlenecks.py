@@ -11,7 +11,6 @@ import hashlib
 import io
 import json
 import os
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -21,9 +20,9 @@ from typing import Sequence
 import numpy as np
 
 from pipeline.augment import augmented_image
+from pipeline.backbone import get_extractor
 from pipeline.config import AugmentConfig
 from pipeline.console import progress as progress_bar
-from pipeline.backbone import get_extractor
 from pipeline.hashindex import HashIndex
 from pipeline.images import ImageError, load_image, load_pixels, read_image_file
 from pipeline.rundir import atomic_write_bytes

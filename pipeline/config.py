@@ -16,7 +16,14 @@ from typing import Any, Collection, Iterable, Mapping
 from pipeline.catalog import DEFAULT_BACKBONE, custom_backbone, get_backbone
 from pipeline.errors import ConfigError, PipelineError
 from pipeline.types import (
-    BackboneSpec, ChannelOrder, ClassWeights, QuantMode, ResizeMethod, Runtime, TfjsMode, ValueRange,
+    BackboneSpec,
+    ChannelOrder,
+    ClassWeights,
+    QuantMode,
+    ResizeMethod,
+    Runtime,
+    TfjsMode,
+    ValueRange,
 )
 
 # Minimum top-1 agreement with the reference. float16 keeps nearly every answer; int8 may move

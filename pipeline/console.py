@@ -42,13 +42,16 @@ class _ConsoleHandler(logging.Handler):
 
 def setup_logging() -> None:
     """Gives the ``edgepipe`` logger a console handler, unless the application configured one."""
-    if not any(isinstance(h, _ConsoleHandler) for h in log.handlers) and not log.handlers:
+    if not log.handlers:
         handler = _ConsoleHandler()
         handler.setFormatter(logging.Formatter("%(message)s"))
         log.addHandler(handler)
         log.propagate = False
     if log.level == logging.NOTSET:
         log.setLevel(logging.INFO)
+
+
+setup_logging()  # edgepipe is a tool: its lines show unless the application says otherwise
 
 
 def progress(**kwargs):

@@ -39,7 +39,6 @@ import posixpath
 import re
 import shutil
 import socket
-import sys
 import tarfile
 import tempfile
 import time
@@ -51,13 +50,14 @@ from urllib.parse import unquote, urlsplit
 
 import requests
 import urllib3
-from tqdm import tqdm
 
-from pipeline import __version__
+from pipeline.console import log
+from pipeline.console import progress as progress_bar
 from pipeline.errors import ConfigError, FetchError
 from pipeline.graph import graph_def_problem
 from pipeline.rundir import atomic_write_json, sha256_file
 from pipeline.types import BackboneSpec
+from pipeline.version import __version__
 
 MIRROR_ENV = "EDGEPIPE_MIRROR"
 CACHE_ENV = "EDGEPIPE_CACHE_DIR"
@@ -213,6 +213,56 @@ def fetch(
             f"cannot write to the cache {entry.cache} ({e.strerror}: {e.filename}); "
             f"free some space, or set {CACHE_ENV} to a folder you can write"
         ) from None
+
+
+@dataclass(frozen=True)
+class FetchedBackbone:
+    """The fetch stage's result: the checked graph and its spec resolved against it.
+
+    Attributes:
+        graph: what :func:`fetch` returned.
+        spec: the spec with the tensors found in the graph and the feature size filled in.
+        found_by: how the bottleneck was found: ``name``, ``alternate`` or ``shape``.
+        fixes: what edgepipe rewrites in this graph (``pipeline.graphfix``).
+    """
+
+    graph: FetchResult
+    requested: BackboneSpec
+    spec: BackboneSpec
+    found_by: str
+    fixes: list
+
+    def info(self) -> dict[str, Any]:
+        """What the manifest records about the fetch."""
+        return {"spec": self.spec.to_dict(), "source": self.graph.source, "checksum": self.graph.checksum,
+                "archive_sha256": self.graph.archive_sha256,
+                "bottleneck": {"requested": self.requested.bottleneck_tensor, "used": self.spec.bottleneck_tensor,
+                               "found_by": self.found_by},
+                "graph_fixes": [fix.to_dict() for fix in self.fixes]}
+
+
+def fetch_backbone(spec: BackboneSpec, *, cache_dir: Path | None = None, mirror: str | None = None,
+                   offline: bool = False, progress: bool = True) -> FetchedBackbone:
+    """The fetch stage: :func:`fetch`, then the spec resolved against the graph (tensors checked,
+    a renamed bottleneck found by its alternates or its shape) and the graph's rewrites listed.
+
+    Raises:
+        FetchError: see :func:`fetch`.
+        GraphError: the graph lacks the spec's input or bottleneck tensor.
+    """
+    from pipeline.backbone import graph_fixes, resolve_spec
+    from pipeline.graph import load_graph_def
+
+    got = fetch(spec, cache_dir=cache_dir, mirror=mirror, offline=offline, progress=progress)
+    resolved = resolve_spec(load_graph_def(got.graph_path), spec)
+    used = resolved.bottleneck_tensor
+    found_by = "name" if used == spec.bottleneck_tensor else "alternate" if used in spec.alternates else "shape"
+    if found_by != "name":
+        log.info(f"note: bottleneck {spec.bottleneck_tensor} not in the graph; using {used} (found by {found_by})")
+    fixes = graph_fixes(got.graph_path, resolved)
+    for fix in fixes:
+        log.info(f"note: graph rewritten: {fix.note()}")
+    return FetchedBackbone(got, spec, resolved, found_by, fixes)
 
 
 def cache_status(spec: BackboneSpec, cache_dir: Path | None = None) -> dict[str, Any]:
@@ -386,10 +436,9 @@ def _record_hash(entry: _Entry, sha256: str, size: int, source: str) -> None:
             "recorded": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         }
         atomic_write_json(entry.lock_path, lock)
-    print(
+    log.info(
         f"note: {entry.url} has no pinned sha256; recorded {sha256} in {entry.lock_path}, and "
-        f"later downloads must match it (pin it as sha256 in models/backbones.toml)",
-        file=sys.stderr,
+        f"later downloads must match it (pin it as sha256 in models/backbones.toml)"
     )
 
 
@@ -511,15 +560,14 @@ def _copy_file(src: Path, dst: Path, desc: str, progress: bool) -> None:
             bar.update(len(block))
 
 
-def _bar(total: int | None, initial: int, desc: str, enabled: bool) -> tqdm:
-    return tqdm(
+def _bar(total: int | None, initial: int, desc: str, enabled: bool):
+    return progress_bar(
         total=total,
         initial=initial,
         desc=desc,
         unit="B",
         unit_scale=True,
         unit_divisor=1024,
-        file=sys.stderr,
         disable=not enabled,
     )
 
@@ -695,8 +743,7 @@ def _fetch_locked(
                 bad.append((src, e))
                 if src is not sources[-1]:
                     # Said now, because a good download from the next source would hide it.
-                    print(f"warning: {src.label}: {e.what}; trying the next source",
-                          file=sys.stderr)
+                    log.warning(f"warning: {src.label}: {e.what}; trying the next source")
                 continue
             return result
         # Member names and server text end up in the message; the CLI prints exactly one line.

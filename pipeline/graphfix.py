@@ -217,6 +217,7 @@ def _batch_1_shape(nodes, shape_input: str) -> np.ndarray | None:
 def _placeholder_for(node, index: int):
     """A Placeholder standing in for output ``index`` of ``node`` (same name, same dtype)."""
     import tensorflow as tf
+
     # The registry of op signatures says which attr holds an output's dtype (T, dtype, DstT...).
     from tensorflow.python.framework import op_def_registry
 

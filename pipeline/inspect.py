@@ -12,7 +12,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline.graph import (
-    PLACEHOLDER_OPS, TensorInfo, best_bottleneck, bottleneck_candidates, imported_graph, load_graph_def,
+    PLACEHOLDER_OPS,
+    TensorInfo,
+    best_bottleneck,
+    bottleneck_candidates,
+    imported_graph,
+    load_graph_def,
     tensor_info,
 )
 from pipeline.graphfix import Fix, legacy_ops_rewritten

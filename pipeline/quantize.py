@@ -19,20 +19,19 @@ Modes (each a converter recipe registered below):
 from __future__ import annotations
 
 import hashlib
-import logging
 import time
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
-from pipeline import __version__
+from pipeline.console import log
 from pipeline.errors import ConversionError
 from pipeline.rundir import atomic_write_bytes
 from pipeline.testhook import pause_point
 from pipeline.types import Preprocessing, QuantMode
+from pipeline.version import __version__
 
-log = logging.getLogger("edgepipe")
 CALIBRATION_BATCH = 16  # images decoded at a time for the representative dataset
 
 _RECIPES: dict[QuantMode, Callable] = {}

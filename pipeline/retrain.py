@@ -9,7 +9,6 @@ stopping on validation loss. The same seed gives the same weights.
 from __future__ import annotations
 
 import io
-import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.config import AugmentConfig, TrainConfig
+from pipeline.console import log
 from pipeline.console import progress as progress_bar
 from pipeline.dataset import Dataset, leakage_warnings
 from pipeline.errors import DatasetError
@@ -24,7 +24,6 @@ from pipeline.rundir import atomic_write_bytes, atomic_write_json, atomic_write_
 from pipeline.testhook import pause_point
 from pipeline.types import BackboneSpec, ClassWeights
 
-log = logging.getLogger("edgepipe")
 MAX_WARNING_LINES = 20
 FEW_IMAGES = 20  # per class: fewer training images rarely give a usable head
 

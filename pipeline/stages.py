@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import logging
 import platform
 import shutil
 import time
@@ -24,15 +23,13 @@ from typing import Callable
 
 import numpy as np
 
-from pipeline import __version__
 from pipeline.config import DEFAULT_GATES, RunConfig
-from pipeline.console import library_output
+from pipeline.console import library_output, log
 from pipeline.dataset import Dataset, build_dataset
 from pipeline.errors import PipelineError, VerificationFailed, disk_error
 from pipeline.rundir import RunDir, read_json, sha256_tree
 from pipeline.types import ArtifactKind, BackboneSpec
-
-log = logging.getLogger("edgepipe")
+from pipeline.version import __version__
 
 VERSIONED_PACKAGES = (
     "tensorflow", "tensorflowjs", "numpy", "keras", "tflite-runtime", "ai-edge-litert", "mediapipe",
@@ -104,25 +101,11 @@ def _fetch_fingerprint(ctx: Context) -> dict:
 
 
 def _fetch_run(ctx: Context) -> tuple[dict[str, Path], dict]:
-    from pipeline.backbone import graph_fixes, load_graph_def, resolve_spec
-    from pipeline.fetch import fetch
+    from pipeline.fetch import fetch_backbone
 
-    spec = ctx.cfg.backbone_spec()
-    got = fetch(spec, cache_dir=ctx.cfg.cache_dir, mirror=ctx.cfg.mirror,
-                offline=ctx.cfg.offline, progress=ctx.cfg.progress)
-    resolved = resolve_spec(load_graph_def(got.graph_path), spec)
-    used = resolved.bottleneck_tensor
-    found_by = "name" if used == spec.bottleneck_tensor else "alternate" if used in spec.alternates else "shape"
-    if found_by != "name":
-        log.info(f"note: bottleneck {spec.bottleneck_tensor} not in the graph; using {used} (found by {found_by})")
-    fixes = graph_fixes(got.graph_path, resolved)
-    for fix in fixes:
-        log.info(f"note: graph rewritten: {fix.note()}")
-    info = {"spec": resolved.to_dict(), "source": got.source, "checksum": got.checksum,
-            "archive_sha256": got.archive_sha256,
-            "bottleneck": {"requested": spec.bottleneck_tensor, "used": used, "found_by": found_by},
-            "graph_fixes": [fix.to_dict() for fix in fixes]}
-    return {"graph": Path(got.graph_path)}, info
+    got = fetch_backbone(ctx.cfg.backbone_spec(), cache_dir=ctx.cfg.cache_dir, mirror=ctx.cfg.mirror,
+                         offline=ctx.cfg.offline, progress=ctx.cfg.progress)
+    return {"graph": Path(got.graph.graph_path)}, got.info()
 
 
 # --- retrain -----------------------------------------------------------------------------------

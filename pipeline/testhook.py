@@ -9,15 +9,16 @@ Never set in normal use. With ``EDGEPIPE_TEST_PAUSE_AT=<point>`` the process log
 """
 from __future__ import annotations
 
-import logging
 import os
 import time
+
+from pipeline.console import log
 
 ENV = "EDGEPIPE_TEST_PAUSE_AT"
 
 
 def pause_point(name: str) -> None:
     if os.environ.get(ENV) == name:
-        logging.getLogger("edgepipe").info(f"test hook: paused at {name}")
+        log.info(f"test hook: paused at {name}")
         while True:
             time.sleep(60)

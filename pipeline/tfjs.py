@@ -9,13 +9,13 @@ see :mod:`pipeline.web`).
 from __future__ import annotations
 
 import json
-import logging
 import os
 import shutil
 import time
 from pathlib import Path
 from typing import Sequence
 
+from pipeline.console import log
 from pipeline.errors import ConversionError
 from pipeline.rundir import atomic_dir
 from pipeline.types import TfjsMode
@@ -24,7 +24,6 @@ from pipeline.web import PAGE_FILES, add_demo_page
 # TF-DF (imported by tensorflowjs) imports IPython for a banner when stdout is not a tty.
 os.environ.setdefault("TFDF_DISABLE_WELCOME_MESSAGE", "1")
 
-log = logging.getLogger("edgepipe")
 LARGE_BYTES = 30 * 1000 * 1000  # a bundle over this is slow to download on a phone
 
 # Weight dtype maps for the converter; "*" matches every weight.

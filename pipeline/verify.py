@@ -9,7 +9,6 @@ the report. :meth:`Report.save` writes report.json, report.md, report.html and t
 from __future__ import annotations
 
 import io
-import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -17,12 +16,11 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from pipeline.config import DEFAULT_GATES, AppPreprocessing  # noqa: F401 (DEFAULT_GATES re-exported)
+from pipeline.console import log
 from pipeline.errors import DatasetError
 from pipeline.runners import REGISTRY, Feed, runtimes_for
 from pipeline.runners.base import Prediction, RuntimeFailed
 from pipeline.types import ArtifactKind, Preprocessing, Runtime
-
-log = logging.getLogger("edgepipe")
 
 
 @dataclass

@@ -1,13 +1,13 @@
 #!/usr/bin/env python3
-"""`make demo`: the whole chain on the default backbone, as a new user would run it.
+"""`make demo`: the whole chain on the default backbone, through the Python API.
 
 Uses ../shared/datasets/flowers8 when it exists (else a small generated image set) and points
-EDGEPIPE_MIRROR at ../shared/mirror when that exists, then prints the verification table.
+EDGEPIPE_MIRROR at ../shared/mirror when that exists, then prints the verification table. The
+same as `edgepipe run --images TRAIN --test-images TEST --backbone mobilenet_v1_0.25_224 --out runs/demo`.
 """
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -34,19 +34,26 @@ def generated_images(root: Path) -> tuple[Path, Path]:
 
 
 def main() -> int:
-    env = dict(os.environ)
     if (SHARED / "mirror").is_dir():
-        env.setdefault("EDGEPIPE_MIRROR", str(SHARED / "mirror"))
+        os.environ.setdefault("EDGEPIPE_MIRROR", str(SHARED / "mirror"))
+    sys.path.insert(0, str(REPO))
+    import pipeline
+
     flowers = SHARED / "datasets" / "flowers8"
     if flowers.is_dir():
         train, test = flowers / "train", flowers / "test"
     else:
         print("../shared/datasets/flowers8 not found: generating a small image set", file=sys.stderr)
         train, test = generated_images(REPO / "runs" / "demo-images")
-    argv = [sys.executable, "-m", "pipeline.cli", "run", "--images", str(train), "--test-images", str(test),
-            "--backbone", "mobilenet_v1_0.25_224", "--out", str(OUT)]
-    print("$ edgepipe " + " ".join(argv[3:]), file=sys.stderr)
-    return subprocess.call(argv, env=env, cwd=REPO)
+    print(f"$ edgepipe run --images {train} --test-images {test} --backbone mobilenet_v1_0.25_224 --out {OUT}",
+          file=sys.stderr)
+    try:
+        pipeline.run(pipeline.resume(OUT, images=train, test_images=test, backbone="mobilenet_v1_0.25_224"))
+    except pipeline.PipelineError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return err.exit_code
+    print((OUT / "report.md").read_text(encoding="utf-8"))
+    return 0
 
 
 if __name__ == "__main__":

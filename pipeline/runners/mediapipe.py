@@ -25,7 +25,6 @@ import numpy as np
 from pipeline.runners.base import Prediction, run_python_worker
 from pipeline.types import Runtime
 
-
 RUNTIME_NAME = Runtime.MEDIAPIPE.value
 # The output tensor MediaPipe reports as a head named like its metadata: the model's other head is
 # "logits", which MediaPipe would report as scores as they are (no softmax).
