@@ -473,11 +473,6 @@ _AUGMENT_KEYS = {"augment_copies": "copies", "flip_left_right": "flip", "random_
 _GRAPH_KEYS = ("graph", "input_tensor", "input_size", "mean", "std")
 
 
-def from_dict(d: dict) -> RunConfig:
-    """Inverse of :meth:`RunConfig.to_dict`."""
-    return RunConfig.from_dict(d)
-
-
 def validate(cfg: RunConfig, needs_images: bool = True, given: Collection[str] = ()) -> None:
     """Checks every option at once and raises one ConfigError listing all problems.
 
