@@ -200,3 +200,22 @@ def test_the_readme_example_runs(tmp_path):
     assert manifest["stages"]["verify"]["status"] == "done"
     assert "quantize: up to date, skipped" not in done.stderr  # the second call changed quantize's variants
     assert (tmp_path / "api" / "quantize" / "float16.tflite").is_file()
+
+
+def test_the_api_validates_before_any_work_and_takes_plain_values(tmp_path):
+    import pipeline
+    from pipeline.types import QuantMode, Runtime
+
+    cfg = pipeline.RunConfig(out=str(tmp_path / "r"), images=str(tmp_path / "nope"), quant_modes=["int8"],
+                             runtimes=["ai-edge-litert", "tflite-runtime"])
+    assert cfg.quant_modes == (QuantMode.INT8,) and cfg.runtimes == (Runtime.LITERT, Runtime.TFLITE_RUNTIME)
+    with pytest.raises(pipeline.ConfigError) as err:
+        pipeline.run(pipeline.resume(cfg.out, images=tmp_path / "nope", epochs=0, runtimes=["tensorflow"]))
+    assert str(err.value) == (f"--images {tmp_path / 'nope'}: no such folder; --epochs 0: must be at least 1; "
+                              "--runtime tensorflow: unknown; choose from tflite-runtime, ai-edge-litert, "
+                              "tfjs-wasm, mediapipe-tasks")
+    assert not (tmp_path / "r").exists()
+    with pytest.raises(pipeline.ConfigError, match="until='bogus': choose one of fetch, retrain"):
+        pipeline.run(cfg, until="bogus")
+    with pytest.raises(pipeline.ConfigError, match="unknown option"):
+        cfg.with_options(epoch=3)
