@@ -1,9 +1,5 @@
-"""Shared fixtures: a tiny MobileNet-shaped frozen graph and tiny image folders.
-
-The tiny graph reproduces the quirks that matter for the pipeline (an ``input:0`` placeholder
-with a FIXED batch of 1, a pooled ``[N,1,1,C]`` bottleneck under the real MobileNet v1 name), so
-the fast tests exercise the same code paths as the real backbone in a fraction of the time.
-"""
+"""Shared fixtures: the tiny world and the session chain. The helpers they use live in
+``tests/helpers/``."""
 from __future__ import annotations
 
 import os
@@ -13,61 +9,16 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 # tensorflowjs imports TF-DF, which imports IPython for a banner when stdout is not a tty.
 os.environ.setdefault("TFDF_DISABLE_WELCOME_MESSAGE", "1")
 
-import numpy as np
 import pytest
-from PIL import Image
 
-REPO = Path(__file__).resolve().parent.parent
-SHARED = REPO.parent / "shared"
-MIRROR = SHARED / "mirror"
-FLOWERS = SHARED / "datasets" / "flowers8"
-TINY_SIZE = 32
-TINY_BOTTLENECK = "MobilenetV1/Logits/AvgPool_1a/AvgPool:0"
-
-
-def build_tiny_graph(path: Path, size: int = TINY_SIZE, channels: int = 16, seed: int = 0) -> Path:
-    """Writes a frozen GraphDef: input:0 [1,size,size,3] → conv → relu6 → avg-pool [N,1,1,C] → logits."""
-    import tensorflow as tf
-
-    rng = np.random.default_rng(seed)
-    graph = tf.Graph()
-    with graph.as_default():
-        x = tf.compat.v1.placeholder(tf.float32, [1, size, size, 3], name="input")
-        k = tf.constant(rng.normal(0, 0.5, (3, 3, 3, channels)).astype(np.float32))
-        # A per-channel bias, as real graphs have: tfjs fuses conv+bias into FusedConv2D, whose
-        # wasm kernel rejects a scalar (rank-0) bias.
-        bias = tf.constant(np.full(channels, 1.0, np.float32))
-        h = tf.nn.relu6(tf.nn.conv2d(x, k, strides=2, padding="SAME") + bias)
-        k2 = tf.constant(rng.normal(0, 0.3, (3, 3, channels, channels)).astype(np.float32))
-        h = tf.nn.relu6(tf.nn.conv2d(h, k2, strides=2, padding="SAME"))
-        pool = tf.nn.avg_pool2d(h, ksize=size // 4, strides=1, padding="VALID",
-                                name="MobilenetV1/Logits/AvgPool_1a/AvgPool")
-        w = tf.constant(rng.normal(0, 0.3, (channels, 5)).astype(np.float32))
-        logits = tf.reshape(tf.matmul(tf.reshape(pool, [-1, channels]), w), [-1, 5], name="MobilenetV1/Predictions/Reshape")
-        tf.nn.softmax(logits, name="MobilenetV1/Predictions/Reshape_1")
-    path.write_bytes(graph.as_graph_def().SerializeToString())
-    return path
+from tests.helpers.browser import require_browser
+from tests.helpers.chain import SESSION_VARIANTS, Chain, build_chain, tree_state
+from tests.helpers.world import build_tiny_graph, make_image_folders, tiny_graph_options
 
 
 @pytest.fixture(scope="session")
 def tiny_graph(tmp_path_factory) -> Path:
     return build_tiny_graph(tmp_path_factory.mktemp("graph") / "tiny_frozen.pb")
-
-
-COLOURS = {"Red": (200, 40, 40), "green_leaf": (40, 180, 60), "Blue sky": (50, 70, 210)}
-
-
-def make_image_folders(root: Path, per_class: int = 16, size: int = 40, seed: int = 0,
-                       colours: dict = COLOURS) -> Path:
-    """Solid-colour classes with noise: trivially separable, like TFLite Model Maker's tests."""
-    rng = np.random.default_rng(seed)
-    for name, rgb in colours.items():
-        d = root / name
-        d.mkdir(parents=True, exist_ok=True)
-        for i in range(per_class):
-            arr = np.clip(np.array(rgb) + rng.normal(0, 25, (size, size, 3)), 0, 255).astype(np.uint8)
-            Image.fromarray(arr).save(d / f"{name.lower().replace(' ', '_')}_{i:03d}.png")
-    return root
 
 
 @pytest.fixture(scope="session")
@@ -87,13 +38,28 @@ def cache_dir(tmp_path, monkeypatch) -> Path:
     return d
 
 
-def tiny_cli_args(graph: Path) -> list[str]:
-    return ["--graph", str(graph), "--input-tensor", "input:0", "--bottleneck-tensor", TINY_BOTTLENECK,
-            "--input-size", str(TINY_SIZE), "--mean", "127.5", "--std", "127.5"]
+@pytest.fixture(scope="session")
+def session_chain(tiny_graph, tiny_images, tiny_holdout, tmp_path_factory) -> Chain:
+    """The whole chain on the tiny world, every variant and runtime, built once in-process.
+
+    Tests only read it; one that changes a run directory takes ``chain_copy``. That it stayed
+    untouched is checked when the session ends.
+    """
+    root = tmp_path_factory.mktemp("session-chain")
+    chain = build_chain(root / "run", root / "cache", images=tiny_images, test_images=tiny_holdout,
+                        **tiny_graph_options(tiny_graph), **SESSION_VARIANTS)
+    before = tree_state(chain.out)
+    yield chain
+    changed = sorted(set(before.items()) ^ set(tree_state(chain.out).items()))
+    assert not changed, f"a test wrote into the shared session chain (use chain_copy): {changed[:5]}"
 
 
-def needs_shared(path: Path):
-    """Real data lives in ../shared; CI always has it, so a missing folder is a failure, not a skip."""
-    if not path.exists():
-        pytest.fail(f"{path} is missing: tests read ../shared in place (see README)")
-    return path
+@pytest.fixture
+def chain_copy(session_chain, tmp_path) -> Chain:
+    """A private copy of the session chain, for a test that re-runs stages with other options."""
+    return session_chain.copy(tmp_path / "run")
+
+
+@pytest.fixture(scope="session")
+def browser_ready() -> None:
+    require_browser()

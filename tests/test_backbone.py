@@ -7,7 +7,7 @@ from pipeline.backbone import FeatureExtractor, resolve_spec
 from pipeline.catalog import custom_backbone, get_backbone, load_catalog
 from pipeline.errors import ConfigError, GraphError
 from pipeline.graph import load_graph_def
-from tests.conftest import TINY_BOTTLENECK, TINY_SIZE
+from tests.helpers.world import TINY_BOTTLENECK, TINY_SIZE
 
 
 def _spec(graph, bottleneck=TINY_BOTTLENECK):

@@ -27,11 +27,12 @@ from PIL import Image
 
 from pipeline.config import RunConfig, validate
 from pipeline.dataset import build_dataset, split_of
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, PipelineError
 from pipeline.images import ImageError, decode_rgb, load_image, read_image_file
 from pipeline.types import Preprocessing
-from tests.conftest import make_image_folders, tiny_cli_args
-from tests.test_cli import edgepipe
+from tests.helpers.chain import edgepipe_log, run_chain
+from tests.helpers.cli import edgepipe
+from tests.helpers.world import make_image_folders, tiny_graph_options
 
 
 # --- making bad and odd images ----------------------------------------------------------------
@@ -217,26 +218,29 @@ def troubled_run(tiny_graph, tmp_path_factory):
     shutil.copy(images / "Café" / "café_000.png", images / "玫瑰" / "copied.png")
     shutil.copy(images / "玫瑰" / "玫瑰_003.png", holdout / "玫瑰" / "leaked.png")
     out = base / "run $HOME; 'x' *"
-    proc = edgepipe("run", "--images", images, "--test-images", holdout, "--out", out, "--quiet",
-                    "--epochs", "40", "--learning-rate", "0.05", "--quant", "float32", "--tfjs", "float32",
-                    "--runtime", "ai-edge-litert", "--runtime", "tfjs-wasm", *tiny_cli_args(tiny_graph),
-                    env={"EDGEPIPE_CACHE_DIR": str(base / "cache")})
-    return images, holdout, out, proc
+    with edgepipe_log() as lines:  # what the command line prints on stderr
+        manifest = run_chain(out, images=images, test_images=holdout, epochs=40, learning_rate=0.05,
+                             quant_modes=["float32"], tfjs_modes=["float32"],
+                             runtimes=["ai-edge-litert", "tfjs-wasm"], **tiny_graph_options(tiny_graph),
+                             cache_dir=base / "cache")
+    return images, holdout, out, (manifest, lines)
 
 
+@pytest.mark.chain
 def test_bad_files_cost_one_line_each_and_the_run_succeeds(troubled_run):
-    images, _, out, proc = troubled_run
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("skipped ")]
+    images, _, out, (manifest, log) = troubled_run
+    assert all(s["status"] == "done" for s in manifest["stages"].values()), manifest["stages"]
+    lines = [ln for ln in log if ln.startswith("skipped ")]
     red = images / ODD_CLASS
     for name, reason in BAD.items():
         mine = [ln for ln in lines if ln.startswith(f"skipped {red / name}: ")]
         assert len(mine) == 1, (name, lines)
         assert mine[0].removeprefix(f"skipped {red / name}: ").startswith(reason), mine[0]
     assert len(lines) == len(BAD), lines
-    assert "Traceback" not in proc.stderr
+    assert not any("Traceback" in ln for ln in log)
 
 
+@pytest.mark.chain
 def test_odd_but_valid_images_are_trained_on(troubled_run):
     images, _, out, _ = troubled_run
     split = json.loads((out / "retrain" / "split.json").read_text())
@@ -246,6 +250,7 @@ def test_odd_but_valid_images_are_trained_on(troubled_run):
     assert not any(n.startswith(".") for n in used)
 
 
+@pytest.mark.chain
 def test_skips_are_counted_in_metrics_and_both_reports(troubled_run):
     images, _, out, _ = troubled_run
     metrics = json.loads((out / "retrain" / "metrics.json").read_text())
@@ -257,8 +262,9 @@ def test_skips_are_counted_in_metrics_and_both_reports(troubled_run):
     assert f"- `{images / ODD_CLASS / 'empty.jpg'}`: empty file (0 bytes)" in md
 
 
+@pytest.mark.chain
 def test_odd_names_become_clean_labels_everywhere(troubled_run):
-    _, _, out, proc = troubled_run
+    _, _, out, _ = troubled_run
     report = json.loads((out / "report.json").read_text())
     assert report["classes"] == ["café", "red apples home q", "玫瑰"]
     assert (out / "export" / "labels.txt").read_text(encoding="utf-8").splitlines() == report["classes"]
@@ -267,13 +273,14 @@ def test_odd_names_become_clean_labels_everywhere(troubled_run):
     assert all(r["passed"] for r in report["results"]), [(r["artifact"], r["runtime"], r["error"]) for r in report["results"]]
 
 
+@pytest.mark.chain
 def test_duplicates_across_classes_and_holdout_leaks_are_warned(troubled_run):
-    images, holdout, out, proc = troubled_run
+    images, holdout, out, (_, log) = troubled_run
     across = (f"warning: the same image is in classes 'café' and '玫瑰': "
               f"{images / 'Café' / 'café_000.png'}, {images / '玫瑰' / 'copied.png'}")
     leak_prefix = f"warning: test image {holdout / '玫瑰' / 'leaked.png'} is identical to "
-    assert across in proc.stderr.splitlines()
-    leak = [ln for ln in proc.stderr.splitlines() if ln.startswith(leak_prefix)]
+    assert across in log
+    leak = [ln for ln in log if ln.startswith(leak_prefix)]
     assert len(leak) == 1 and leak[0].endswith(
         f"image {images / '玫瑰' / '玫瑰_003.png'}; it makes test accuracy look better than it is")
     warnings = json.loads((out / "retrain" / "metrics.json").read_text())["warnings"]
@@ -289,12 +296,13 @@ def test_a_class_left_without_readable_training_images_is_exit_2(tiny_graph, tmp
     images = make_image_folders(tmp_path / "imgs", per_class=6, colours={"red": (200, 40, 40), "blue": (40, 40, 200)})
     for p in (images / "blue").iterdir():
         p.write_bytes(truncated_jpeg())
-    proc = edgepipe("retrain", "--images", images, "--out", tmp_path / "r", "--quiet", *tiny_cli_args(tiny_graph),
-                    env={"EDGEPIPE_CACHE_DIR": str(tmp_path / "cache")})
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    assert sum(ln.startswith("skipped ") for ln in proc.stderr.splitlines()) == 6
-    assert proc.stderr.strip().splitlines()[-1] == (
-        f"error: {images}: no readable training images in class(es) 'blue' (6 image(s) skipped, listed above); "
+    with edgepipe_log() as lines, pytest.raises(PipelineError) as err:
+        run_chain(tmp_path / "r", until="retrain", images=images, **tiny_graph_options(tiny_graph),
+                  cache_dir=tmp_path / "cache")
+    assert err.value.exit_code == 2
+    assert sum(ln.startswith("skipped ") for ln in lines) == 6
+    assert str(err.value) == (
+        f"{images}: no readable training images in class(es) 'blue' (6 image(s) skipped, listed above); "
         "add readable images or remove the folder")
 
 

@@ -10,7 +10,7 @@ from pipeline.bottlenecks import HASH_INDEX_NAME, BottleneckCache, backbone_key,
 from pipeline.hashindex import RACY_NS, HashIndex
 from pipeline.catalog import custom_backbone
 from pipeline.rundir import sha256_file
-from tests.conftest import TINY_BOTTLENECK, TINY_SIZE, make_image_folders
+from tests.helpers.world import TINY_BOTTLENECK, TINY_SIZE, make_image_folders
 
 
 def _spec(graph):

@@ -1,7 +1,7 @@
 """The demo page every TF.js bundle carries (index.html), in real headless Chromium.
 
-The chain runs on the tiny graph; the page then decodes the holdout PNGs itself, resizes them in
-tfjs and must agree with the reference SavedModel (``verify/reference.npz``). Chromium comes from
+The page of the session chain's float32 bundle (the tiny graph) decodes the holdout PNGs itself,
+resizes them in tfjs and must agree with the reference SavedModel (``verify/reference.npz``). Chromium comes from
 `make setup`; a missing browser fails these tests rather than skipping them, as an untested page
 would otherwise look tested. `pytest tests/test_browser.py --basetemp DIR` keeps the page's
 screenshot in DIR/screenshot0/ (the source of docs/tfjs-demo-page.png).
@@ -17,11 +17,12 @@ from PIL import Image
 
 from pipeline.images import decode_rgb, load_image, read_image_file
 from pipeline.runners.base import RuntimeFailed
-from pipeline.runners.browser import PageRun, classify_in_page, ensure_browser
+from pipeline.runners.browser import PageRun, classify_in_page
 from pipeline.types import Preprocessing
 from pipeline.web import TFJS_LIBRARY
-from tests.conftest import TINY_SIZE, tiny_cli_args
-from tests.test_cli import edgepipe
+from tests.helpers.world import TINY_SIZE
+
+pytestmark = pytest.mark.chain
 
 # The page decodes lossless PNGs and resizes in float32 like TensorFlow: measured |Δp| ~1e-7. A
 # contract break costs more: align_corners resizing moves these probabilities by ~6e-5, antialias
@@ -31,22 +32,8 @@ MIN_AGREEMENT = 0.99
 
 
 @pytest.fixture(scope="module")
-def browser_ready() -> None:
-    try:
-        ensure_browser()
-    except RuntimeFailed as err:
-        pytest.fail(str(err))
-
-
-@pytest.fixture(scope="module")
-def tiny_chain(tiny_graph, tiny_images, tiny_holdout, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("browser") / "run"
-    proc = edgepipe("run", "--images", tiny_images, "--test-images", tiny_holdout, "--out", out,
-                    "--tfjs", "float32", "--quant", "float32", "--quiet", "--epochs", "60",
-                    "--learning-rate", "0.05", *tiny_cli_args(tiny_graph),
-                    env={"EDGEPIPE_CACHE_DIR": str(tmp_path_factory.mktemp("browser-cache"))})
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return out
+def tiny_chain(session_chain) -> Path:
+    return session_chain.out
 
 
 @pytest.fixture(scope="module")
@@ -75,6 +62,7 @@ def test_every_bundle_carries_the_page_and_tfjs(tiny_chain):
     assert row["size_bytes"] == sum(p.stat().st_size for p in model_files)
 
 
+@pytest.mark.browser
 def test_page_agrees_with_the_reference_savedmodel(tiny_chain, holdout_page):
     page, _ = holdout_page
     report = json.loads((tiny_chain / "report.json").read_text())
@@ -90,6 +78,7 @@ def test_page_agrees_with_the_reference_savedmodel(tiny_chain, holdout_page):
     assert page.blocked_requests == [] and page.page_errors == []
 
 
+@pytest.mark.browser
 def test_file_picker_shows_the_api_result_and_screenshots(holdout_page):
     page, shot = holdout_page
     labels = page.labels
@@ -126,6 +115,7 @@ def _odd_images(folder: Path) -> list[Path]:
     return sorted(folder.iterdir())
 
 
+@pytest.mark.browser
 def test_page_decodes_other_shapes_and_formats_like_the_pipeline(tiny_chain, browser_ready, tmp_path):
     images = _odd_images(tmp_path / "odd")
     page = classify_in_page(tiny_chain / "tfjs" / "float32", images)
@@ -156,6 +146,7 @@ def test_missing_chromium_says_to_run_make_setup(tiny_chain, tmp_path):
         "(it installs Debian's chromium and the npm packages)")
 
 
+@pytest.mark.browser
 def test_page_agrees_on_the_cpu_backend_too(tiny_chain, browser_ready):
     """Headless Chromium gets WebGL from SwiftShader; a browser without WebGL falls back to cpu."""
     report = json.loads((tiny_chain / "report.json").read_text())

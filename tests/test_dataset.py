@@ -3,7 +3,7 @@ import pytest
 
 from pipeline.dataset import build_dataset, normalise_class_name, split_of
 from pipeline.errors import DatasetError
-from tests.conftest import make_image_folders
+from tests.helpers.world import make_image_folders
 
 
 def test_split_depends_only_on_the_name():

@@ -2,7 +2,9 @@
 
 Kill points are made deterministic with the test hook in ``pipeline/testhook.py``
 (``EDGEPIPE_TEST_PAUSE_AT``): the run logs ``test hook: paused at <point>`` and sleeps; the test
-then sends SIGKILL from outside, so nothing in the process gets to clean up. The full disk is a
+then sends SIGKILL from outside, so nothing in the process gets to clean up. Those runs, and the
+two at once on one cache, are real ``edgepipe`` processes (and ``slow``); the reference they must
+reproduce, the full disks and the hanging runtime run in-process through the library. The full disk is a
 real 1 MB tmpfs (``mount -t tmpfs``, as root); where mounting is not allowed those tests skip and
 ``test_a_failed_write_names_the_file_and_leaves_nothing_behind`` covers the same code by
 monkeypatching the write.
@@ -16,35 +18,44 @@ import signal
 import stat
 import subprocess
 import sys
-import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.errors import disk_error
+from pipeline.errors import PipelineError, VerificationFailed, disk_error
 from pipeline.rundir import atomic_write_bytes
-from tests.conftest import REPO, make_image_folders, tiny_cli_args
-from tests.test_cli import edgepipe
+from tests.helpers.chain import Chain, build_chain, edgepipe_log, run_chain
+from tests.helpers.cli import cli_args, edgepipe, kill_when_paused
+from tests.helpers.world import REPO, TINY_FEATURES, make_image_folders, tiny_cli_args, tiny_graph_options
 
 # Two TFLite variants so a kill can fall between them; one TF.js bundle; both kinds of runtime.
-VARIANTS = ["--quant", "float32", "--quant", "int8", "--tfjs", "float32",
-            "--runtime", "ai-edge-litert", "--runtime", "tfjs-wasm"]
+VARIANTS = {"quant_modes": ["float32", "int8"], "tfjs_modes": ["float32"],
+            "runtimes": ["ai-edge-litert", "tfjs-wasm"]}
 N_IMAGES = 3 * 16 + 3 * 6  # training folder + holdout; bottlenecks are extracted in batches of 64
 
 
+@dataclass(frozen=True)
+class World:
+    """What every run here shares: its options (``common`` as command-line arguments) and the
+    uninterrupted run they must all reproduce."""
+
+    options: dict
+    common: list
+    reference_run: Chain
+    reference: list[dict]
+
+
 @pytest.fixture(scope="module")
-def world(tiny_graph, tiny_images, tiny_holdout, tmp_path_factory):
-    """The arguments every run here shares, and the report of one uninterrupted run."""
+def world(tiny_graph, tiny_images, tiny_holdout, tmp_path_factory) -> World:
     base = tmp_path_factory.mktemp("faults")
-    common = ["--images", tiny_images, "--test-images", tiny_holdout, "--quiet", "--epochs", "40",
-              "--learning-rate", "0.05", *VARIANTS, *tiny_cli_args(tiny_graph)]
-    ref = base / "reference"
-    proc = edgepipe("run", "--out", ref, *common, env={"EDGEPIPE_CACHE_DIR": str(base / "ref-cache")})
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return base, common, comparable(ref)
+    options = {"images": tiny_images, "test_images": tiny_holdout, "epochs": 40, "learning_rate": 0.05,
+               **VARIANTS, **tiny_graph_options(tiny_graph)}
+    ref = build_chain(base / "reference", base / "ref-cache", **options)
+    return World(options, [*cli_args(options), "--quiet"], ref, comparable(ref.out))
 
 
 def comparable(run: Path) -> list[dict]:
@@ -58,34 +69,11 @@ def comparable(run: Path) -> list[dict]:
             for r in rows]
 
 
-def kill_when_paused(args: list, env: dict, point: str, timeout: float = 240) -> str:
-    """Starts `edgepipe ARGS`, SIGKILLs it once it reports the pause point; returns its stderr."""
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", *map(str, args)], cwd=REPO, text=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            env={**os.environ, **env, "EDGEPIPE_TEST_PAUSE_AT": point})
-    watchdog = threading.Timer(timeout, proc.kill)
-    watchdog.start()
-    lines = []
-    try:
-        for line in proc.stderr:
-            lines.append(line)
-            if line.strip() == f"test hook: paused at {point}":
-                os.kill(proc.pid, signal.SIGKILL)
-                break
-    finally:
-        watchdog.cancel()
-        proc.wait()
-        proc.stderr.close()
-    assert proc.returncode == -signal.SIGKILL, "".join(lines)[-3000:]
-    assert any(f"paused at {point}" in ln for ln in lines), "".join(lines)[-3000:]
-    return "".join(lines)
-
-
 def assert_cache_valid(cache: Path) -> int:
     """Every bottleneck in the cache loads as a full feature vector; no temporary is left over."""
     entries = list((cache / "bottlenecks").rglob("*.npy"))
     for p in entries:
-        assert np.load(p, allow_pickle=False).shape == (16,), p
+        assert np.load(p, allow_pickle=False).shape == (TINY_FEATURES,), p
     assert not list(cache.rglob("*.tmp")), list(cache.rglob("*.tmp"))
     return len(entries)
 
@@ -115,8 +103,10 @@ def manifest(run: Path) -> dict:
 
 # --- SIGKILL, then the same command again -----------------------------------------------------
 
+@pytest.mark.slow
+@pytest.mark.chain
 def test_killed_during_extraction_then_during_conversion_resumes_to_the_same_report(world, tmp_path):
-    base, common, reference = world
+    common, reference = world.common, world.reference
     out, cache = tmp_path / "run", tmp_path / "cache"
     env = {"EDGEPIPE_CACHE_DIR": str(cache)}
     args = ["run", "--out", out, *common]
@@ -146,8 +136,10 @@ def test_killed_during_extraction_then_during_conversion_resumes_to_the_same_rep
     assert_run_dir_complete(out)
 
 
+@pytest.mark.slow
+@pytest.mark.chain
 def test_killed_during_training_resumes_to_the_same_report(world, tmp_path):
-    base, common, reference = world
+    common, reference = world.common, world.reference
     out, cache = tmp_path / "run", tmp_path / "cache"
     env = {"EDGEPIPE_CACHE_DIR": str(cache)}
     kill_when_paused(["run", "--out", out, *common], env, "train")
@@ -169,6 +161,7 @@ def test_killed_during_training_resumes_to_the_same_report(world, tmp_path):
     assert_run_dir_complete(out)
 
 
+@pytest.mark.slow
 def test_an_external_kill_at_any_moment_never_leaves_a_torn_cache_entry(tiny_graph, tmp_path):
     """No hook here: SIGKILL lands wherever extraction happens to be (often inside a write)."""
     images = make_image_folders(tmp_path / "many", per_class=150, size=48, seed=3)
@@ -187,11 +180,13 @@ def test_an_external_kill_at_any_moment_never_leaves_a_torn_cache_entry(tiny_gra
     entries = list((cache / "bottlenecks").rglob("*.npy"))
     assert len(entries) >= 100 or proc.returncode == 0, "the run never got going"
     for p in entries:
-        assert np.load(p, allow_pickle=False).shape == (16,), p
+        assert np.load(p, allow_pickle=False).shape == (TINY_FEATURES,), p
 
 
+@pytest.mark.slow
+@pytest.mark.chain
 def test_two_runs_sharing_one_cache_both_finish_correctly(world, tmp_path):
-    base, common, reference = world
+    common, reference = world.common, world.reference
     env = {**os.environ, "EDGEPIPE_CACHE_DIR": str(tmp_path / "shared-cache")}
     procs = [subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", "--out", str(tmp_path / name),
                                *map(str, common)], cwd=REPO, env=env, text=True,
@@ -233,41 +228,43 @@ def small_disk(tmp_path):
         subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
+@pytest.mark.chain
 def test_cache_on_a_full_disk_is_exit_2_and_stays_valid_for_the_next_run(world, tmp_path, small_disk):
-    base, common, reference = world
     mount, fill = small_disk
     cache = mount / "cache"
     filler = fill(free=12 * 4096)  # room for a few cache entries (tmpfs gives each file a page)
     out = tmp_path / "run"
-    proc = edgepipe("run", "--out", out, *common, env={"EDGEPIPE_CACHE_DIR": str(cache)})
-    assert proc.returncode == 2, proc.stderr[-3000:]
-    last = proc.stderr.strip().splitlines()[-1]
-    prefix = f"error: no space left on device writing {cache / 'bottlenecks'}/"
-    assert last.startswith(prefix) and last.endswith(
-        ".npy; free some space or point --out / EDGEPIPE_CACHE_DIR at a disk with room"), last
-    assert "Traceback" not in proc.stderr
+    # A PipelineError, not a crash: the command line prints it as its one `error:` line, exit 2.
+    with pytest.raises(PipelineError) as err:
+        run_chain(out, **world.options, cache_dir=cache)
+    assert err.value.exit_code == 2
+    message = str(err.value)
+    prefix = f"no space left on device writing {cache / 'bottlenecks'}/"
+    assert message.startswith(prefix) and message.endswith(
+        ".npy; free some space or point --out / EDGEPIPE_CACHE_DIR at a disk with room"), message
+    assert "\n" not in message
     written = assert_cache_valid(cache)
     assert 0 < written < N_IMAGES
     assert manifest(out)["stages"]["retrain"]["status"] == "failed"
 
     filler.unlink()  # space again: the same command finishes and reuses what was cached
-    proc = edgepipe("run", "--out", out, *common, env={"EDGEPIPE_CACHE_DIR": str(cache)})
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_chain(out, **world.options, cache_dir=cache)
     assert manifest(out)["stages"]["retrain"]["info"]["bottlenecks"]["cached"] == written
-    assert comparable(out) == reference
+    assert comparable(out) == world.reference
 
 
+@pytest.mark.chain
 def test_an_artifact_on_a_full_disk_is_exit_2_and_nothing_half_written(world, tmp_path, small_disk):
-    base, common, reference = world
     mount, fill = small_disk
     out = tmp_path / "run"
     out.mkdir()
     (out / "quantize").symlink_to(mount)  # the quantize stage writes onto the full disk
     fill(free=0)
-    proc = edgepipe("run", "--out", out, *common, env={"EDGEPIPE_CACHE_DIR": str(tmp_path / "cache")})
-    assert proc.returncode == 2, proc.stderr[-3000:]
-    assert proc.stderr.strip().splitlines()[-1] == (
-        f"error: no space left on device writing {out / 'quantize' / 'float32.tflite'}; "
+    with pytest.raises(PipelineError) as err:
+        run_chain(out, **world.options, cache_dir=tmp_path / "cache")
+    assert err.value.exit_code == 2
+    assert str(err.value) == (
+        f"no space left on device writing {out / 'quantize' / 'float32.tflite'}; "
         "free some space or point --out / EDGEPIPE_CACHE_DIR at a disk with room")
     assert sorted(p.name for p in mount.iterdir()) == ["filler"]
     stages = manifest(out)["stages"]
@@ -276,7 +273,8 @@ def test_an_artifact_on_a_full_disk_is_exit_2_and_nothing_half_written(world, tm
 
 
 def test_a_read_only_run_folder_is_exit_2_with_one_line(world, tmp_path):
-    base, common, _ = world
+    """Through the command line: the run folder itself fails before any stage, at the CLI's boundary."""
+    common = world.common
     out = tmp_path / "ro"
     out.mkdir()
     done = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(out)], capture_output=True, text=True)
@@ -316,22 +314,22 @@ def test_a_failed_write_names_the_file_and_leaves_nothing_behind(tmp_path, monke
 
 # --- the Node runtime hangs -------------------------------------------------------------------
 
-def test_a_hanging_runtime_is_reported_failed_after_the_timeout_and_others_still_run(world, tmp_path):
-    base, common, _ = world
+@pytest.mark.chain
+def test_a_hanging_runtime_is_reported_failed_after_the_timeout_and_others_still_run(world, tmp_path, monkeypatch):
+    out = world.reference_run.copy(tmp_path / "run").out
     fake_bin = tmp_path / "bin"
     fake_bin.mkdir()
     node = fake_bin / "node"
     node.write_text("#!/bin/sh\nexec sleep 600\n")  # never answers, never exits
     node.chmod(node.stat().st_mode | stat.S_IEXEC)
-    out = base / "reference"
+    monkeypatch.setenv("PATH", f"{fake_bin}:{os.environ['PATH']}")
     started = time.monotonic()
-    proc = edgepipe("verify", "--out", out, "--runtime", "tfjs-wasm", "--runtime", "tflite-runtime",
-                    "--runtime-timeout", "3",
-                    env={"EDGEPIPE_CACHE_DIR": str(base / "ref-cache"), "PATH": f"{fake_bin}:{os.environ['PATH']}"})
+    with edgepipe_log() as lines, pytest.raises(VerificationFailed) as err:
+        run_chain(out, runtimes=["tfjs-wasm", "tflite-runtime"], runtime_timeout_s=3)
     assert time.monotonic() - started < 120
-    assert proc.returncode == 3, proc.stderr[-3000:]
+    assert err.value.exit_code == 3
     bundle = out / "tfjs" / "float32"
-    line = next(ln for ln in proc.stderr.splitlines() if ln.startswith("verify: tfjs-float32"))
+    line = next(ln for ln in lines if ln.startswith("verify: tfjs-float32"))
     assert line.endswith(f"FAILED: tfjs-wasm timed out after 3 s on {bundle} (18 images); the Node process was killed")
     rows = {(r["artifact"], r["runtime"]): r for r in json.loads((out / "report.json").read_text())["results"]}
     assert "timed out after 3 s" in rows[("tfjs-float32", "tfjs-wasm")]["error"]

@@ -9,7 +9,6 @@ import dataclasses
 import errno
 import gzip
 import hashlib
-import io
 import json
 import multiprocessing
 import os
@@ -30,10 +29,8 @@ from pipeline.errors import ConfigError, FetchError
 from pipeline.fetch import FetchResult, cache_status, default_cache_dir, fetch
 from pipeline.types import BackboneSpec, Preprocessing
 
-try:
-    from conftest_fetch_helpers import FakeServer, Route, fetch_in_process
-except ModuleNotFoundError:  # tests/ made a package, or --import-mode=importlib
-    from tests.conftest_fetch_helpers import FakeServer, Route, fetch_in_process
+from tests.helpers.lookalikes import make_tgz
+from tests.helpers.servers import FakeServer, Route, fetch_in_process
 
 REPO = Path(__file__).resolve().parent.parent
 MIRROR = REPO.parent / "shared" / "mirror"
@@ -121,18 +118,6 @@ def warm_cache(cache, server, graph_bytes) -> Path:
 
 
 # --- helpers ----------------------------------------------------------------------------------
-
-
-def make_tgz(files: list[tuple[str, bytes]], extra: list[tarfile.TarInfo] = ()) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
-        for name, data in files:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-        for info in extra:
-            tar.addfile(info)
-    return buf.getvalue()
 
 
 def tiny_spec(url: str, *, member: str | None = MEMBER, sha256: str | None = None,

@@ -1,6 +1,6 @@
 """Every catalog backbone besides MobileNet v1, as a faithful look-alike, through the whole chain.
 
-The look-alikes (``tests/lookalikes.py``) are packed like the official downloads and served by
+The look-alikes (``tests/helpers/lookalikes.py``) are packed like the official downloads and served by
 ``http.server`` on 127.0.0.1 as an ``EDGEPIPE_MIRROR`` base URL, so the catalog URLs are used
 unchanged; ``--offline`` keeps the official hosts out of reach. Also here: the legacy-op rewrites
 of ``pipeline/graphfix.py``, the bottleneck found by shape, and ``edgepipe inspect``.
@@ -15,17 +15,30 @@ import pytest
 
 from pipeline.backbone import FeatureExtractor, resolve_spec
 from pipeline.catalog import get_backbone
+from pipeline.errors import GraphError
 from pipeline.fetch import mirror_relpath
 from pipeline.graph import load_graph_def
 from pipeline.graphfix import feature_subgraph, legacy_ops_rewritten
-from tests.lookalikes import (
+from pipeline.inspect import describe, inspect_graph
+from tests.helpers.lookalikes import (
     LOOKALIKES, OLD_PRODUCER, V4_POOL_RENAMED, GraphBuilder, inception_v4_archive,
-    inception_v4_graph, lookalike_graph, serve_folder, write_mirror,
+    inception_v4_graph, lookalike_graph, write_mirror,
 )
-from tests.test_cli import edgepipe
+from tests.helpers.chain import edgepipe_log, run_chain
+from tests.helpers.cli import edgepipe
+from tests.helpers.servers import serve_folder
 
 TFLITE_MODES = ("float32", "float16", "dynamic", "int8")
 NO_PROXY = {"NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost"}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _no_proxy_for_the_local_mirror():
+    """The mirror is on 127.0.0.1: a proxy from the environment must not be asked for it."""
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in NO_PROXY.items():
+            patch.setenv(name, value)
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -35,20 +48,19 @@ def mirror(tmp_path_factory):
         yield url
 
 
-def _run_chain(name, mirror, images, holdout, out, cache, *extra):
-    args = ["run", "--backbone", name, "--images", images, "--test-images", holdout, "--out", out,
-            "--mirror", mirror, "--offline", "--quiet", "--epochs", "30", "--learning-rate", "0.05",
-            *extra]
-    return edgepipe(*args, env={"EDGEPIPE_CACHE_DIR": str(cache), **NO_PROXY})
-
-
 @pytest.fixture(scope="module", params=list(LOOKALIKES))
 def chain(request, mirror, tiny_images, tiny_holdout, tmp_path_factory):
-    """One whole-chain run per look-alike: (name, run directory, finished process)."""
+    """One whole chain per look-alike, in-process: (name, run directory, the lines it printed).
+
+    The look-alike graphs take the real input sizes (224, 299), so these chains cost far more
+    than the tiny graph's: they are ``slow``.
+    """
     name = request.param
     out = tmp_path_factory.mktemp("run") / name
-    proc = _run_chain(name, mirror, tiny_images, tiny_holdout, out, tmp_path_factory.mktemp("cache"))
-    return name, out, proc
+    with edgepipe_log() as lines:
+        run_chain(out, backbone=name, images=tiny_images, test_images=tiny_holdout, mirror=mirror, offline=True,
+                  epochs=30, learning_rate=0.05, cache_dir=tmp_path_factory.mktemp("cache"))
+    return name, out, "\n".join(lines)
 
 
 def _manifest(out) -> dict:
@@ -58,9 +70,10 @@ def _manifest(out) -> dict:
 # --- the whole chain -------------------------------------------------------------------------
 
 
+@pytest.mark.slow
+@pytest.mark.chain
 def test_every_artifact_passes_in_every_runtime(chain):
-    name, out, proc = chain
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    name, out, stderr = chain
     report = json.loads((out / "report.json").read_text())
     assert report["backbone"] == name
     rows = {(r["artifact"], r["runtime"]): r for r in report["results"]}
@@ -75,9 +88,10 @@ def test_every_artifact_passes_in_every_runtime(chain):
     assert rows[("tfjs-float32", "tfjs-wasm")]["max_abs_diff"] < 1e-4
 
 
+@pytest.mark.slow
+@pytest.mark.chain
 def test_graph_came_from_the_mirror_and_its_hash_was_recorded(chain, mirror):
-    name, out, proc = chain
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    name, out, stderr = chain
     spec = get_backbone(name)
     fetch = _manifest(out)["stages"]["fetch"]["info"]
     assert fetch["source"] == mirror + mirror_relpath(spec.url)
@@ -89,13 +103,14 @@ def test_graph_came_from_the_mirror_and_its_hash_was_recorded(chain, mirror):
     assert features["computed"] == 48 + 18
 
 
+@pytest.mark.slow
+@pytest.mark.chain
 def test_only_inception_v3_needed_rewrites(chain):
-    name, out, proc = chain
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    name, out, stderr = chain
     fixes = {f["what"]: f for f in _manifest(out)["stages"]["fetch"]["info"]["graph_fixes"]}
     if name != "inception_v3":
         assert fixes == {}
-        assert "graph rewritten" not in proc.stderr
+        assert "graph rewritten" not in stderr
         return
     assert fixes["BatchNormWithGlobalNormalization"]["nodes"] == ["conv/batchnorm", "conv_1/batchnorm"]
     assert fixes["CheckNumerics"]["into"] == "Identity"
@@ -104,18 +119,19 @@ def test_only_inception_v3_needed_rewrites(chain):
     assert head["nodes"] == ["DecodeJpeg/contents", "DecodeJpeg", "Cast", "ExpandDims/dim", "ExpandDims",
                              "ResizeBilinear/size", "ResizeBilinear", "Sub/y", "Sub", "Mul/y"]
     assert fixes["Reshape to a batch of 1"]["nodes"] == ["pool_3/_reshape [1, 2048]"]
-    notes = [line for line in proc.stderr.splitlines() if line.startswith("note: graph rewritten:")]
+    notes = [line for line in stderr.splitlines() if line.startswith("note: graph rewritten:")]
     assert len(notes) == 4
     assert any("BatchNormWithGlobalNormalization → Sub, AddV2, Rsqrt, Mul, AddV2" in n for n in notes)
 
 
+@pytest.mark.slow
+@pytest.mark.chain
 def test_exported_models_hold_only_the_feature_path(chain):
     """No JPEG head (Inception v3 decodes its own input), legacy op or ImageNet logits is exported."""
     import tensorflow as tf
     from ai_edge_litert.interpreter import Interpreter
 
-    name, out, proc = chain
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    name, out, stderr = chain
     unwanted = {"DecodeJpeg", "Cast", "ResizeBilinear", "BatchNormWithGlobalNormalization", "CheckNumerics"}
     logits = {1001, 1008}  # ImageNet classes after the bottleneck; the head replaces them
     for mode in TFLITE_MODES:
@@ -246,51 +262,62 @@ def test_renamed_bottleneck_is_found_by_shape(tmp_path):
 
 def test_bottleneck_found_by_shape_is_recorded_in_the_manifest(tmp_path, tiny_images, tiny_holdout):
     archive = inception_v4_archive(inception_v4_graph(pool_name=V4_POOL_RENAMED))
-    with serve_folder(write_mirror(tmp_path / "mirror", {"inception_v4": archive})) as url:
-        proc = edgepipe("retrain", "--backbone", "inception_v4", "--images", tiny_images,
-                        "--test-images", tiny_holdout, "--out", tmp_path / "run", "--mirror", url,
-                        "--offline", "--quiet", "--epochs", "5",
-                        env={"EDGEPIPE_CACHE_DIR": str(tmp_path / "cache"), **NO_PROXY})
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    with serve_folder(write_mirror(tmp_path / "mirror", {"inception_v4": archive})) as url, edgepipe_log() as lines:
+        run_chain(tmp_path / "run", until="retrain", backbone="inception_v4", images=tiny_images,
+                  test_images=tiny_holdout, mirror=url, offline=True, epochs=5, cache_dir=tmp_path / "cache")
     info = _manifest(tmp_path / "run")["stages"]["fetch"]["info"]
     used = f"{V4_POOL_RENAMED}:0"
     assert info["bottleneck"] == {"requested": "InceptionV4/Logits/AvgPool_1a/AvgPool:0", "used": used,
                                   "found_by": "shape"}
     assert info["spec"]["bottleneck_tensor"] == used
     assert (f"note: bottleneck InceptionV4/Logits/AvgPool_1a/AvgPool:0 not in the graph; using {used} "
-            "(found by shape)") in proc.stderr
+            "(found by shape)") in "\n".join(lines)
 
 
 # --- edgepipe inspect -------------------------------------------------------------------------
 
 
+def _inspect(path) -> str:
+    """What ``edgepipe inspect PATH`` prints."""
+    return describe(inspect_graph(path))
+
+
 def test_inspect_lists_placeholders_and_pooled_tensors(tmp_path):
     path = tmp_path / "mobilenet_v2_1.4_224_frozen.pb"
     path.write_bytes(lookalike_graph("mobilenet_v2_1.4_224"))
-    proc = edgepipe("inspect", path)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    lines = proc.stdout.splitlines()
-    assert re.search(r"^  input:0 +float32 +\[1, 224, 224, 3\]$", proc.stdout, re.M), proc.stdout
+    stdout = _inspect(path)
+    lines = stdout.splitlines()
+    assert re.search(r"^  input:0 +float32 +\[1, 224, 224, 3\]$", stdout, re.M), stdout
     pooled = [line for line in lines if line.startswith("  MobilenetV2/Logits/AvgPool:0 ")]
     assert len(pooled) == 1 and "[1, 1, 1, 1792]" in pooled[0] and "1792 features" in pooled[0]
     candidates = lines[lines.index("bottleneck candidates ([N,1,1,C] pooled or [N,C] flat, largest first):") + 1:]
     assert candidates[0] == pooled[0]  # largest first
     assert (f"try: --graph {path} --input-tensor input:0 --bottleneck-tensor "
-            "MobilenetV2/Logits/AvgPool:0 --input-size 224") in proc.stdout
+            "MobilenetV2/Logits/AvgPool:0 --input-size 224") in stdout
 
 
 def test_inspect_shows_where_to_feed_a_graph_that_decodes_jpeg(tmp_path):
     path = tmp_path / "classify_image_graph_def.pb"
     path.write_bytes(lookalike_graph("inception_v3"))
-    proc = edgepipe("inspect", path)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert re.search(r"^  DecodeJpeg/contents:0 +string ", proc.stdout, re.M), proc.stdout
-    assert re.search(r"^  Mul:0 +Mul +\[1, 299, 299, 3\]$", proc.stdout, re.M), proc.stdout
-    assert re.search(r"^  pool_3/_reshape:0 +Reshape +\[1, 2048\] +2048 features$", proc.stdout, re.M)
-    assert "note: edgepipe rewrites BatchNormWithGlobalNormalization" in proc.stdout
+    stdout = _inspect(path)
+    assert re.search(r"^  DecodeJpeg/contents:0 +string ", stdout, re.M), stdout
+    assert re.search(r"^  Mul:0 +Mul +\[1, 299, 299, 3\]$", stdout, re.M), stdout
+    assert re.search(r"^  pool_3/_reshape:0 +Reshape +\[1, 2048\] +2048 features$", stdout, re.M)
+    assert "note: edgepipe rewrites BatchNormWithGlobalNormalization" in stdout
 
 
 def test_inspect_of_a_file_that_is_not_a_graph_is_one_line(tmp_path):
+    bad = tmp_path / "model.pb"
+    bad.write_bytes(b"\xff\xfe not protobuf " * 10)
+    with pytest.raises(GraphError) as err:
+        inspect_graph(bad)
+    assert err.value.exit_code == 2 and "\n" not in str(err.value)
+    assert str(err.value).startswith(f"{bad} is not a frozen TensorFlow GraphDef")
+
+
+@pytest.mark.slow
+def test_inspect_of_a_file_that_is_not_a_graph_is_exit_2_on_the_command_line(tmp_path):
+    """Through the command line: exit code 2 and the `error:` line last."""
     bad = tmp_path / "model.pb"
     bad.write_bytes(b"\xff\xfe not protobuf " * 10)
     proc = edgepipe("inspect", bad)

@@ -1,7 +1,7 @@
 """The preprocessing contract travels with every artifact: TFLite metadata, MediaPipe, golden vectors.
 
-One chain on the tiny graph (float32 + int8 TFLite, float32 TF.js), verified in tflite-runtime,
-ai-edge-litert and MediaPipe Tasks. The metadata is read back by MediaPipe's own code (its
+The session chain on the tiny graph (every TFLite variant, float32 and float16 TF.js), verified in
+tflite-runtime, ai-edge-litert and MediaPipe Tasks. The metadata is read back by MediaPipe's own code (its
 ``MetadataDisplayer`` and its ``ImageClassifier``, in subprocesses without TensorFlow), not only by
 ``pipeline.metadata.read_metadata``.
 """
@@ -20,10 +20,11 @@ from pipeline.golden import GOLDEN_DIR, GOLDEN_FILE, read_golden
 from pipeline.metadata import LABELS_FILE, PREPROCESSING_FILE, read_metadata, with_metadata
 from pipeline.runners.base import RuntimeFailed
 from pipeline.runners.mediapipe import MediapipeRunner
-from tests.conftest import REPO, TINY_SIZE, tiny_cli_args
-from tests.test_cli import edgepipe
+from tests.helpers.world import REPO, TINY_SIZE
 
-MODES = ("float32", "int8")
+pytestmark = pytest.mark.chain
+
+MODES = ("float32", "int8")  # the variants checked file by file in every runtime
 RUNTIMES = ("tflite-runtime", "ai-edge-litert", "mediapipe-tasks")
 
 # MediaPipe's metadata module imports a compiled version helper the wheel does not ship
@@ -70,15 +71,8 @@ def _python(script: str, *args) -> dict:
 
 
 @pytest.fixture(scope="module")
-def run(tiny_graph, tiny_images, tiny_holdout, tmp_path_factory):
-    out = tmp_path_factory.mktemp("run") / "run"
-    env = {"EDGEPIPE_CACHE_DIR": str(tmp_path_factory.mktemp("cache"))}
-    runtimes = [a for r in RUNTIMES for a in ("--runtime", r)]
-    proc = edgepipe("run", "--images", tiny_images, "--test-images", tiny_holdout, "--out", out,
-                    "--quant", "float32", "--quant", "int8", "--tfjs", "float32", "--quiet",
-                    "--epochs", "60", "--learning-rate", "0.05", *runtimes, *tiny_cli_args(tiny_graph), env=env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return out
+def run(session_chain):
+    return session_chain.out
 
 
 @pytest.fixture(scope="module")
@@ -87,14 +81,15 @@ def labels(run) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def rows(run) -> dict:
-    report = json.loads((run / "report.json").read_text())
-    return {(r["artifact"], r["runtime"]): r for r in report["results"]}
+def rows(session_chain) -> dict:
+    return session_chain.rows()
 
 
 def test_every_tflite_file_carries_metadata_that_mediapipe_reads(run, labels):
     files = sorted((run / "quantize").glob("*.tflite"))
-    assert [f.stem for f in files] == sorted(MODES)
+    quant_modes = json.loads((run / "manifest.json").read_text())["config"]["quant_modes"]
+    assert set(MODES) <= set(quant_modes)
+    assert sorted(f.stem for f in files) == sorted(quant_modes)  # one file per variant asked for, no more
     shown = _python(MEDIAPIPE_DISPLAYER, *files)
     contract = json.loads((run / "export" / "preprocessing.json").read_text())
     for f in files:

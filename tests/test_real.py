@@ -12,9 +12,9 @@ from pipeline.backbone import FeatureExtractor
 from pipeline.catalog import get_backbone
 from pipeline.fetch import fetch
 from pipeline.images import load_files
-from tests.conftest import FLOWERS, MIRROR, SHARED, needs_shared
-from tests.lookalikes import serve_folder
-from tests.test_cli import edgepipe
+from tests.helpers.world import FLOWERS, MIRROR, SHARED, needs_shared
+from tests.helpers.chain import run_chain
+from tests.helpers.servers import serve_folder
 
 pytestmark = pytest.mark.slow
 
@@ -55,18 +55,19 @@ def test_litert_features_are_bit_identical_whatever_the_batch_and_input_dtype(tm
     np.testing.assert_allclose(one, FeatureExtractor(graph, spec)(np.stack(pixels)), atol=1e-4)
 
 
+@pytest.mark.chain
 @pytest.mark.parametrize("via", ["mirror folder", "local HTTP server"])
-def test_whole_chain_on_real_mobilenet_v1_0_25_128(tmp_path, via):
+def test_whole_chain_on_real_mobilenet_v1_0_25_128(tmp_path, via, monkeypatch):
     needs_shared(FLOWERS)
     needs_shared(MIRROR)
     out = tmp_path / "run"
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
     with contextlib.ExitStack() as stack:
         mirror = str(MIRROR) if via == "mirror folder" else stack.enter_context(serve_folder(MIRROR))
-        proc = edgepipe("run", "--images", FLOWERS / "train", "--test-images", FLOWERS / "test",
-                        "--backbone", "mobilenet_v1_0.25_128", "--out", out, "--quiet", "--offline",
-                        env={"EDGEPIPE_MIRROR": mirror, "EDGEPIPE_CACHE_DIR": str(tmp_path / "cache"),
-                             "NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost"})
-    assert proc.returncode == 0, proc.stderr[-3000:]
+        monkeypatch.setenv("EDGEPIPE_MIRROR", mirror)  # found through the environment, as a user sets it
+        run_chain(out, images=FLOWERS / "train", test_images=FLOWERS / "test", backbone="mobilenet_v1_0.25_128",
+                  offline=True, cache_dir=tmp_path / "cache")
     report = json.loads((out / "report.json").read_text())
     assert report["n_test"] == 160 and len(report["classes"]) == 8
     rows = {(r["artifact"], r["runtime"]): r for r in report["results"]}
@@ -93,7 +94,7 @@ def test_the_extraction_benchmark_runs_and_prints_every_figure(tmp_path):
     import subprocess
     import sys
 
-    from tests.conftest import REPO
+    from tests.helpers.world import REPO
 
     needs_shared(FLOWERS)
     needs_shared(MIRROR)

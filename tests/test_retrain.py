@@ -6,9 +6,11 @@ import json
 import numpy as np
 import pytest
 
+import pipeline
+from pipeline.errors import ConfigError
 from pipeline.retrain import Head, TrainConfig, class_weight_vector, evaluate_head, train_head
-from tests.conftest import tiny_cli_args
-from tests.test_cli import edgepipe
+from tests.helpers.chain import run_chain
+from tests.helpers.world import tiny_graph_options
 
 
 def blobs(n_per_class=(40, 40, 40), dim=8, seed=0):
@@ -74,21 +76,24 @@ def test_label_smoothing_softens_confidence():
     assert soft.probabilities(x).max(1).mean() < sharp.probabilities(x).max(1).mean()
 
 
+def _knobs(root, tiny_graph, tiny_images) -> dict:
+    return dict(images=tiny_images, **tiny_graph_options(tiny_graph), cache_dir=root / "cache",
+                epochs=6, eval_every=2, checkpoint_every=3, summaries_dir=root / "tb", hidden_units=8,
+                dropout=0.1, augment_copies=2, flip_left_right=True, random_crop=10, random_scale=10,
+                random_brightness=10, validation_pct=20, test_pct=20, print_misclassified=True)
+
+
 @pytest.fixture(scope="module")
 def knob_run(tiny_graph, tiny_images, tmp_path_factory):
+    """Every training and augmentation knob at once, through retrain (in-process)."""
     root = tmp_path_factory.mktemp("knobs")
-    env = {"EDGEPIPE_CACHE_DIR": str(root / "cache")}
-    args = ["retrain", "--images", tiny_images, "--out", root / "run", "--quiet", *tiny_cli_args(tiny_graph),
-            "--epochs", "6", "--eval-every", "2", "--checkpoint-every", "3", "--summaries-dir", root / "tb",
-            "--hidden-units", "8", "--dropout", "0.1", "--augment-copies", "2", "--flip-left-right",
-            "--random-crop", "10", "--random-scale", "10", "--random-brightness", "10",
-            "--validation-pct", "20", "--test-pct", "20", "--print-misclassified"]
-    return root, args, env, edgepipe(*args, env=env)
+    options = _knobs(root, tiny_graph, tiny_images)
+    run_chain(root / "run", until="retrain", **options)
+    return root, options
 
 
 def test_knobs_reach_the_run_directory(knob_run):
-    root, _, _, proc = knob_run
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    root, _ = knob_run
     out = root / "run" / "retrain"
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["history"]["epoch"] == [2, 4, 6]
@@ -104,26 +109,24 @@ def test_knobs_reach_the_run_directory(knob_run):
 
 
 def test_augmented_bottlenecks_are_cached(knob_run, tmp_path):
-    root, args, env, _ = knob_run
-    args = [a if a != root / "run" else tmp_path / "again" for a in args]
-    proc = edgepipe(*args, env=env)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    root, options = knob_run
+    run_chain(tmp_path / "again", until="retrain", **options)
     info = json.loads((tmp_path / "again" / "manifest.json").read_text())["stages"]["retrain"]["info"]
     assert info["bottlenecks"]["computed"] == 0 and info["bottlenecks"]["cached"] > 0
 
 
-def test_hidden_layer_head_exports_and_verifies(knob_run, tiny_holdout):
-    root, _, env, _ = knob_run
-    proc = edgepipe("run", "--out", root / "run", "--quiet", "--quant", "float32", "--quant", "int8",
-                    "--tfjs", "float32", env=env)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+@pytest.mark.chain
+def test_hidden_layer_head_exports_and_verifies(knob_run):
+    root, _ = knob_run
+    run_chain(root / "run", quant_modes=["float32", "int8"], tfjs_modes=["float32"])
     report = json.loads((root / "run" / "report.json").read_text())
     assert all(r["passed"] for r in report["results"])
     assert {r["artifact"] for r in report["results"]} == {"savedmodel", "tflite-float32", "tflite-int8", "tfjs-float32"}
 
 
 def test_dropout_without_hidden_layer_is_a_config_error(tiny_images, tmp_path):
-    proc = edgepipe("retrain", "--images", tiny_images, "--out", tmp_path / "r", "--dropout", "0.5",
-                    "--random-crop", "5")
-    assert proc.returncode == 2
-    assert "--dropout 0.5 needs --hidden-units" in proc.stderr and "--augment-copies" in proc.stderr
+    cfg = pipeline.resume(tmp_path / "r", images=tiny_images, dropout=0.5, random_crop=5)
+    with pytest.raises(ConfigError) as err:
+        pipeline.validate(cfg)
+    assert err.value.exit_code == 2
+    assert "--dropout 0.5 needs --hidden-units" in str(err.value) and "--augment-copies" in str(err.value)

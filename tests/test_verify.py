@@ -8,25 +8,14 @@ import re
 import pytest
 
 from pipeline.stress import AppPreprocessing, parse_app_preprocessing
-from pipeline.errors import ConfigError
-from tests.conftest import tiny_cli_args
-from tests.test_cli import edgepipe
+from pipeline.errors import ConfigError, VerificationFailed
+from tests.helpers.chain import edgepipe_log, run_chain
+from tests.helpers.cli import edgepipe
 
 
-@pytest.fixture(scope="module")
-def small_run(tiny_graph, tiny_images, tiny_holdout, tmp_path_factory):
-    root = tmp_path_factory.mktemp("verify")
-    env = {"EDGEPIPE_CACHE_DIR": str(root / "cache")}
-    out = root / "run"
-    proc = edgepipe("run", "--images", tiny_images, "--test-images", tiny_holdout, "--out", out, "--quiet",
-                    "--epochs", "60", "--learning-rate", "0.05", "--quant", "float32", "--quant", "int8-uint8",
-                    "--tfjs", "float32", "--stress", *tiny_cli_args(tiny_graph), env=env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return out, env
-
-
-def test_stress_reproduces_a_measurable_drop(small_run):
-    out, _ = small_run
+@pytest.mark.chain
+def test_stress_reproduces_a_measurable_drop(session_chain):
+    out = session_chain.out
     report = json.loads((out / "report.json").read_text())
     stress = {s["mistake"]: s for s in report["stress"]}
     # Red and blue classes swap under BGR; [0,1] input collapses every image to one answer.
@@ -35,25 +24,41 @@ def test_stress_reproduces_a_measurable_drop(small_run):
     assert "Preprocessing stress" in (out / "report.html").read_text()
 
 
-def test_wrong_app_preprocessing_fails_with_exit_3_and_names_the_cause(small_run):
-    out, env = small_run
-    proc = edgepipe("verify", "--out", out, "--quiet", "--app-preprocessing", "channel_order=BGR", env=env)
-    assert proc.returncode == 3, proc.stderr[-2000:]
-    last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: verification failed for tflite-float32/")
-    assert "channel order BGR (contract: RGB)" in last
+@pytest.mark.chain
+def test_wrong_app_preprocessing_fails_verification_and_names_the_cause(chain_copy):
+    out = chain_copy.out
+    # One runtime keeps it short; every TFLite variant still runs the way the app feeds it.
+    with pytest.raises(VerificationFailed) as err:
+        run_chain(out, app_preprocessing=["channel_order=BGR"], runtimes=["ai-edge-litert"])
+    assert err.value.exit_code == 3
+    assert str(err.value).startswith("verification failed for tflite-float32/")
+    assert "channel order BGR (contract: RGB)" in str(err.value) and "\n" not in str(err.value)
     report = json.loads((out / "report.json").read_text())
     assert report["app_preprocessing"]["differences"] == ["channel order BGR (contract: RGB)"]
     assert not report["passed"]
     # Back to the contract: the same run directory passes again.
-    proc = edgepipe("verify", "--out", out, "--quiet", "--app-preprocessing", "channel_order=RGB", env=env)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    manifest = run_chain(out, app_preprocessing=["channel_order=RGB"])
+    assert manifest["stages"]["verify"]["status"] == "done"
+    assert json.loads((out / "report.json").read_text())["passed"]
 
 
-def test_uint8_io_model_is_fed_pixels_directly(small_run):
+@pytest.mark.slow
+@pytest.mark.chain
+def test_wrong_app_preprocessing_is_exit_3_and_one_error_line_on_the_command_line(chain_copy):
+    """The same failure as a user sees it (a process that imports TensorFlow and runs verify)."""
+    proc = edgepipe("verify", "--out", chain_copy.out, "--quiet", "--app-preprocessing", "channel_order=BGR",
+                    "--runtime", "ai-edge-litert", "--no-stress", env={"EDGEPIPE_CACHE_DIR": str(chain_copy.cache)})
+    assert proc.returncode == 3, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: verification failed for tflite-float32/")
+    assert "channel order BGR (contract: RGB)" in last
+
+
+@pytest.mark.chain
+def test_uint8_io_model_is_fed_pixels_directly(session_chain):
     from ai_edge_litert.interpreter import Interpreter
 
-    out, _ = small_run
+    out = session_chain.out
     interp = Interpreter(model_path=str(out / "quantize" / "int8-uint8.tflite"))
     detail = interp.get_signature_runner().get_input_details()["images"]
     assert detail["dtype"].__name__ == "uint8"
@@ -63,13 +68,19 @@ def test_uint8_io_model_is_fed_pixels_directly(small_run):
     assert all(r["passed"] for r in rows if r["artifact"] == "tflite-int8-uint8")
 
 
-def test_report_html_is_self_contained(small_run):
-    out, _ = small_run
+@pytest.mark.chain
+def test_report_html_is_self_contained(session_chain):
+    out = session_chain.out
     page = (out / "report.html").read_text()
     assert "<table>" in page and "data:image/png;base64," in page
     assert not re.search(r"""(src|href)=['"](?!data:)""", page), "every picture is inlined"
     report = json.loads((out / "report.json").read_text())
-    assert report["recommendation"]["artifact"] in {"tflite-float32", "tflite-int8-uint8", "tfjs-float32"}
+    # The recommendation is one of this run's converted artifacts: the smallest that passes everywhere.
+    rows = [r for r in report["results"] if r["artifact"] != "savedmodel"]
+    passing = {r["artifact"]: r["size_bytes"] for r in rows
+               if all(o["passed"] for o in rows if o["artifact"] == r["artifact"])}
+    assert report["recommendation"]["artifact"] in passing
+    assert passing[report["recommendation"]["artifact"]] == min(passing.values())
 
 
 def test_app_preprocessing_parsing_lists_every_problem():
@@ -79,12 +90,12 @@ def test_app_preprocessing_parsing_lists_every_problem():
     assert str(err.value).count("--app-preprocessing") == 2
 
 
-def test_tfjs_uint8_warns_and_shard_size_is_honoured(small_run, tmp_path):
-    out, env = small_run
-    proc = edgepipe("tfjs", "--out", out, "--quiet", "--tfjs", "uint8", "--tfjs", "float32",
-                    "--tfjs-shard-mb", "0.001", env=env)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "warning: TF.js uint8 weights are known to collapse MobileNet accuracy" in proc.stderr
+@pytest.mark.chain
+def test_tfjs_uint8_warns_and_shard_size_is_honoured(chain_copy):
+    out = chain_copy.out
+    with edgepipe_log() as lines:
+        run_chain(out, until="tfjs", tfjs_modes=["uint8", "float32"], tfjs_shard_mb=0.001)
+    assert any(ln.startswith("warning: TF.js uint8 weights are known to collapse MobileNet accuracy") for ln in lines)
     model = json.loads((out / "tfjs" / "float32" / "model.json").read_text())
     shards = [p for group in model["weightsManifest"] for p in group["paths"]]
     assert len(shards) > 1

@@ -1,19 +1,21 @@
-"""A local HTTP server that misbehaves on request, and the worker for the two-process fetch test.
+"""HTTP servers on 127.0.0.1 standing in for the network, which tests never touch.
 
-Kept out of ``test_fetch.py`` so that processes started with ``spawn`` can import the worker
-without importing pytest's test module.
+:class:`FakeServer` misbehaves on request (status codes, dropped connections, stalls, ignored
+ranges) and doubles as an HTTP proxy; :func:`serve_folder` serves a mirror folder as it is.
+:func:`fetch_in_process` is the worker of the two-process fetch test.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import http.server
 import re
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 from urllib.parse import unquote, urlsplit
-
-from pipeline.fetch import fetch
 
 
 @dataclass
@@ -164,8 +166,31 @@ class FakeServer:
         self._httpd.server_close()
 
 
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def serve_folder(root: Path) -> Iterator[str]:
+    """``http.server`` on 127.0.0.1 (a free port) over ``root``; yields its base URL."""
+    handler = functools.partial(_QuietHandler, directory=str(root))
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    httpd.daemon_threads = True
+    thread = threading.Thread(target=httpd.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}/"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
 def fetch_in_process(spec, cache_dir: str, barrier, results) -> None:
-    """Target of the two-process test: wait for the sibling, fetch, report (or report the error)."""
+    """Target of the two-process fetch test (started with ``spawn``, so it lives in a module
+    without pytest's test modules): wait for the sibling, fetch, report (or report the error)."""
+    from pipeline.fetch import fetch
+
     barrier.wait(timeout=60)
     try:
         result = fetch(spec, cache_dir=Path(cache_dir), mirror="", progress=False, retries=0)

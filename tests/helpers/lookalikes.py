@@ -1,4 +1,4 @@
-"""Look-alikes of the catalog's official downloads, and a local HTTP mirror that serves them.
+"""Look-alikes of the catalog's official downloads, laid out as a mirror folder.
 
 The official archives cannot be reached from tests, so each backbone other than MobileNet v1 gets a
 SMALL frozen graph packed exactly like the real one: same archive name and member path, same
@@ -23,14 +23,11 @@ bottleneck (the ImageNet logits) are zeros: nothing the pipeline keeps depends o
 """
 from __future__ import annotations
 
-import contextlib
 import functools
-import http.server
 import io
 import tarfile
-import threading
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterable
 
 import numpy as np
 
@@ -336,7 +333,8 @@ LOOKALIKES: dict[str, tuple[Callable[[], bytes], Callable[[bytes], bytes]]] = {
 }
 
 
-def make_tgz(files: list[tuple[str, bytes]]) -> bytes:
+def make_tgz(files: list[tuple[str, bytes]], extra: Iterable[tarfile.TarInfo] = ()) -> bytes:
+    """A .tgz of ``files`` (name, bytes), mode 0644, then the bare members ``extra`` (links, FIFOs...)."""
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w:gz") as tar:
         for name, data in files:
@@ -344,6 +342,8 @@ def make_tgz(files: list[tuple[str, bytes]]) -> bytes:
             info.size = len(data)
             info.mode = 0o644
             tar.addfile(info, io.BytesIO(data))
+        for info in extra:
+            tar.addfile(info)
     return buf.getvalue()
 
 
@@ -371,23 +371,3 @@ def write_mirror(root: Path, archives: dict[str, bytes] | None = None) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(data)
     return root
-
-
-class _QuietHandler(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, format: str, *args: object) -> None:
-        pass
-
-
-@contextlib.contextmanager
-def serve_folder(root: Path) -> Iterator[str]:
-    """``http.server`` on 127.0.0.1 (a free port) over ``root``; yields its base URL."""
-    handler = functools.partial(_QuietHandler, directory=str(root))
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    httpd.daemon_threads = True
-    thread = threading.Thread(target=httpd.serve_forever, args=(0.05,), daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{httpd.server_address[1]}/"
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
