@@ -2,7 +2,7 @@
 
 The page of the session chain's float32 bundle (the tiny graph) decodes the holdout PNGs itself,
 resizes them in tfjs and must agree with the reference SavedModel (``verify/reference.npz``). Chromium comes from
-`make setup`; a missing browser fails these tests rather than skipping them, as an untested page
+`make browser` (part of `make test`); a missing browser fails these tests rather than skipping them, as an untested page
 would otherwise look tested. `pytest tests/test_browser.py --basetemp DIR` keeps the page's
 screenshot in DIR/screenshot0/ (the source of docs/tfjs-demo-page.png).
 """
@@ -138,12 +138,12 @@ def test_the_tolerance_catches_a_wrong_resize(tiny_chain):
     assert np.abs(_savedmodel_probabilities(tiny_chain, aligned) - reference).max() > 2 * MAX_ABS_DIFF
 
 
-def test_missing_chromium_says_to_run_make_setup(tiny_chain, tmp_path):
+def test_missing_chromium_says_to_run_make_browser(tiny_chain, tmp_path):
     with pytest.raises(RuntimeFailed) as caught:
         classify_in_page(tiny_chain / "tfjs" / "float32", [], chromium=tmp_path / "no-chromium")
     assert str(caught.value).endswith(
-        f"Chromium not found at {tmp_path / 'no-chromium'}: run `make setup` "
-        "(it installs Debian's chromium and the npm packages)")
+        f"Chromium not found at {tmp_path / 'no-chromium'}: run `make browser` "
+        "(it installs Debian's chromium) and `make setup` (the npm packages)")
 
 
 @pytest.mark.browser

@@ -20,7 +20,7 @@ from pipeline.runners.tfjs_node import NODE_DIR, _describe_exit, _node_executabl
 CHECK_SCRIPT = NODE_DIR / "browser_check.mjs"
 # Debian's package: Playwright's own browser download needs a network CI does not have.
 CHROMIUM = Path("/usr/bin/chromium")
-SETUP_HINT = "run `make setup` (it installs Debian's chromium and the npm packages)"
+SETUP_HINT = "run `make browser` (it installs Debian's chromium) and `make setup` (the npm packages)"
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ import { parseArgs } from 'node:util';
 
 import { chromium } from 'playwright-core';
 
-const SETUP_HINT = 'run `make setup` (it installs Debian\'s chromium)';
+const SETUP_HINT = 'run `make browser` (it installs Debian\'s chromium)';
 // Launch flags that work without a network: Chromium's background services (component updates,
 // sync, field trials, QUIC probes) would otherwise try to connect out and be refused.
 const CHROMIUM_ARGS = [
