@@ -12,6 +12,13 @@ EXIT_BAD_INPUT = 2
 EXIT_GATE_FAILED = 3
 
 
+def one_line(err: BaseException | str, limit: int = 200) -> str:
+    """An exception's text squashed onto one line of at most ``limit`` characters, for messages
+    the CLI prints as a single line."""
+    text = " ".join(str(err).split())
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 class PipelineError(Exception):
     """Base class: a problem with input, configuration or environment the user can act on."""
 

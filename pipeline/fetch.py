@@ -53,7 +53,7 @@ import urllib3
 
 from pipeline.console import log
 from pipeline.console import progress as progress_bar
-from pipeline.errors import ConfigError, FetchError
+from pipeline.errors import ConfigError, FetchError, one_line
 from pipeline.graph import graph_def_problem
 from pipeline.rundir import atomic_write_json, sha256_file
 from pipeline.types import BackboneSpec
@@ -406,7 +406,7 @@ def _read_lock(path: Path) -> dict[str, Any]:
         return {"version": 1, "entries": {}}
     except (ValueError, OSError) as e:
         raise FetchError(
-            f"cannot read {path} ({_one_line(e)}); fix it, or delete it to record hashes again"
+            f"cannot read {path} ({one_line(e)}); fix it, or delete it to record hashes again"
         ) from None
     entries = data.get("entries") if isinstance(data, dict) else None
     if not isinstance(entries, dict) or not all(
@@ -680,8 +680,8 @@ def _request_failure(e: requests.RequestException, url: str, net: _Net) -> Excep
     if isinstance(e, requests.Timeout) or _timed_out(e):
         return _Retry(f"no response within {net.timeout_s:g} s")
     if isinstance(e, _FINAL_REQUEST_ERRORS):
-        return _Unavailable(_one_line(e))
-    return _Retry(f"connection failed: {_one_line(e)}")
+        return _Unavailable(one_line(e))
+    return _Retry(f"connection failed: {one_line(e)}")
 
 
 def _causes(exc: BaseException) -> Iterator[BaseException]:
@@ -898,7 +898,7 @@ def _extract(archive: Path, member: str, dest: Path, label: str, name: str) -> N
         elif isinstance(e, tarfile.ReadError) and "could not be opened" in str(e):
             why = "not a tar, tar.gz, tar.bz2 or tar.xz file"
         else:
-            why = _one_line(e)
+            why = one_line(e)
         raise _BadContent(
             f"{label} is not a readable archive ({why})",
             f"the download is damaged: delete it and fetch again, {_GRAPH_HINT}",
@@ -1080,8 +1080,3 @@ def _list_names(members: list[tarfile.TarInfo], limit: int = 10) -> str:
         return "no files"
     more = f" and {len(files) - limit} more" if len(files) > limit else ""
     return ", ".join(files[:limit]) + more
-
-
-def _one_line(e: BaseException | str) -> str:
-    text = " ".join(str(e).split())
-    return text if len(text) <= 200 else text[:197] + "..."

@@ -18,7 +18,7 @@ import difflib
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.errors import GraphError
+from pipeline.errors import GraphError, one_line
 from pipeline.graphfix import legacy_ops_rewritten
 
 PLACEHOLDER_OPS = ("Placeholder", "PlaceholderV2")
@@ -100,7 +100,7 @@ def graph_def_problem(path: Path) -> str | None:
     try:
         graph_def = parse_graph_def(data)
     except DecodeError as err:
-        return f"is not a TensorFlow GraphDef ({_one_line(err)})"
+        return f"is not a TensorFlow GraphDef ({one_line(err)})"
     if not graph_def.node:
         return "is not a TensorFlow GraphDef (it parses as an empty graph)"
     return None
@@ -283,9 +283,3 @@ def best_bottleneck(candidates: list[TensorInfo], feature_size: int = 0, like: s
         return ("pool" not in t.name.lower(), -similarity, -t.features)
 
     return min(pool, key=key)
-
-
-def _one_line(err: BaseException) -> str:
-    # The same squashing as fetch's messages: a protobuf reason goes into a one-line error.
-    text = " ".join(str(err).split())
-    return text if len(text) <= 200 else text[:197] + "..."
