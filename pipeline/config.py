@@ -406,7 +406,7 @@ class RunConfig:
         augment = {_AUGMENT_KEYS[k]: given.pop(k) for k in list(given) if k in _AUGMENT_KEYS}
         gates = given.pop("gates", None)
         app = given.pop("app_preprocessing", None)
-        unknown = sorted(set(given) - {f.name for f in dataclasses.fields(RunConfig)} - {"bottleneck_tensor"})
+        unknown = sorted(set(given) - {f.name for f in dataclasses.fields(RunConfig)})
         if unknown:
             raise ConfigError(f"unknown option(s) {', '.join(unknown)}")
         for key in ("quant_modes", "tfjs_modes", "runtimes"):

@@ -252,8 +252,7 @@ def _verify_run(ctx: Context) -> tuple[dict[str, Path], dict]:
     reference = Artifact("savedmodel", sm, sum(p.stat().st_size for p in sm.rglob("*") if p.is_file()),
                          ArtifactKind.SAVEDMODEL)
     settings = VerifySettings(classes=ds.classes, contract=ctx.spec().preprocessing, runtimes=c.runtimes,
-                              gates={k: c.gate(k) for k in DEFAULT_GATES} | c.gates,
-                              app=c.app_preprocessing, stress=c.stress, timeout_s=c.runtime_timeout_s)
+                              gates=c.gates, app=c.app_preprocessing, stress=c.stress, timeout_s=c.runtime_timeout_s)
     report = verify(reference, _artifacts(ctx), holdout, settings)
     # Images dropped by retrain (train, validation and test alike) belong in the report as well.
     retrain_metrics = read_json(ctx.run.stage("retrain") / "metrics.json", default={}) or {}
