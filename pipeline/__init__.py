@@ -21,8 +21,6 @@ __all__ = [
     "AppPreprocessing", "CustomGraph", "PipelineError", "ConfigError", "VerificationFailed", "STAGE_NAMES",
 ]
 
-STAGE_NAMES = ("fetch", "retrain", "export", "quantize", "tfjs", "verify")
-
 if TYPE_CHECKING:
     from pipeline.config import (  # noqa: F401
         AppPreprocessing,
@@ -40,6 +38,7 @@ _LAZY = {
     **{name: "pipeline.config" for name in ("RunConfig", "TrainConfig", "AugmentConfig", "AppPreprocessing",
                                             "CustomGraph", "resume", "load_config", "validate")},
     **{name: "pipeline.errors" for name in ("PipelineError", "ConfigError", "VerificationFailed")},
+    "STAGE_NAMES": "pipeline.stages",
 }
 
 
@@ -75,12 +74,10 @@ def run(config: "RunConfig", until: str = "verify", *, verbose: bool = False,
         VerificationFailed: a converted model drifted past its gate (reports are written).
     """
     from pipeline.config import validate as _validate
-    from pipeline.console import setup_logging
     from pipeline.errors import ConfigError as _ConfigError
-    from pipeline.stages import run_stages
+    from pipeline.stages import STAGE_NAMES, run_stages
 
     if until not in STAGE_NAMES:
         raise _ConfigError(f"until={until!r}: choose one of {', '.join(STAGE_NAMES)}")
-    setup_logging()
     _validate(config, needs_images=until != "fetch", given=explicit)
     return run_stages(config, until=until, verbose=verbose)

@@ -117,15 +117,18 @@ def _fail(err: PipelineError) -> None:
 
 def _run(command: str, until: str, out: Path, quiet: bool, offline: bool, verbose: bool, **opts) -> None:
     import pipeline
-    from pipeline.config import load_config, resume
+    from pipeline.config import RunConfig, load_config
 
     opts = {RENAMED.get(k, k): v for k, v in opts.items()}
     given = {k for k, v in opts.items() if v not in (None, [], ())}
     try:
-        if command in NEEDS_SAVED_CONFIG and load_config(out) is None:
+        saved = load_config(out)
+        if saved is None and command in NEEDS_SAVED_CONFIG:
             raise PipelineError(f"{out} holds no run yet; start it with `edgepipe run --images DIR --out {out}` "
                                 f"(or `edgepipe retrain --images DIR --out {out}`)")
-        cfg = resume(out, offline=offline or None, progress=False if quiet else None, **opts)
+        # What pipeline.resume(out, **opts) does, with the manifest read once.
+        cfg = (saved or RunConfig(out=out)).with_options(offline=offline or None,
+                                                         progress=False if quiet else None, **opts)
         pipeline.run(cfg, until=until, verbose=verbose, explicit=given)
     except PipelineError as err:
         _fail(err)
@@ -176,10 +179,9 @@ def fetch_command(
 ) -> None:
     """Download (or find in the mirror) a backbone into the cache, checksum-verified."""
     from pipeline.catalog import get_backbone, load_catalog
-    from pipeline.console import library_output, setup_logging
+    from pipeline.console import library_output
     from pipeline.fetch import cache_status, fetch
 
-    setup_logging()
     try:
         if list_:
             for spec in load_catalog().values():
