@@ -64,6 +64,8 @@ OPTIONS: dict[str, tuple[object, object]] = {
     "random_scale": (_opt(Optional[float], "Augment: random enlargement up to this percent.", AUGMENT), None),
     "random_brightness": (_opt(Optional[float], "Augment: brightness factor within ±percent.", AUGMENT), None),
     "quant": (_opt(Optional[list[QuantMode]], "TFLite variants (repeat; default all).", CONVERSION, "--quant"), None),
+    "calibration_images": (_opt(Optional[int], "Training images that calibrate the integer variants (default 100).",
+                                CONVERSION), None),
     "tfjs": (_opt(Optional[list[TfjsMode]], "TF.js variants (repeat; default float32, float16).", CONVERSION, "--tfjs"), None),
     "tfjs_shard_mb": (_opt(Optional[float], "TF.js weight shard size in MB (default 4).", CONVERSION), None),
     "runtime": (_opt(Optional[list[str]], "Runtimes to verify in (repeat): tflite-runtime, ai-edge-litert, tfjs-wasm "
@@ -71,6 +73,8 @@ OPTIONS: dict[str, tuple[object, object]] = {
     "gate": (_opt(Optional[list[str]], "Minimum top-1 agreement, ARTIFACT=VALUE (repeat).", VERIFICATION, "--gate"), None),
     "runtime_timeout": (_opt(Optional[float], "Seconds one runtime may take on one artifact before verify reports "
                                               "it failed.", VERIFICATION), None),
+    "latency_runs": (_opt(Optional[int], "Single-image calls timed per artifact and runtime, on one thread after a "
+                                         "warm-up (default 30; 0 = no latency figures).", VERIFICATION), None),
     "stress": (_opt(Optional[bool], "Also run the reference with the usual preprocessing mistakes and report the "
                                     "damage.", VERIFICATION, "--stress/--no-stress"), None),
     "app_preprocessing": (_opt(Optional[list[str]], "How your app prepares pixels, KEY=VALUE (repeat): channel_order=BGR, "
@@ -93,9 +97,9 @@ _TRAINING = ("epochs", "steps", "learning_rate", "batch_size", "validation_batch
              "label_smoothing", "class_weights", "early_stopping", "eval_every", "checkpoint_every", "seed",
              "summaries_dir", "print_misclassified")
 _AUGMENT = ("augment_copies", "flip_left_right", "random_crop", "random_scale", "random_brightness")
-_QUANTIZE = ("quant",)
+_QUANTIZE = ("quant", "calibration_images")
 _TFJS = ("tfjs", "tfjs_shard_mb")
-_VERIFY = ("runtime", "gate", "runtime_timeout", "stress", "app_preprocessing")
+_VERIFY = ("runtime", "gate", "runtime_timeout", "latency_runs", "stress", "app_preprocessing")
 _COMMON = ("mirror", "cache_dir", "offline", "quiet", "verbose")
 
 # The options each command takes: its own stage's. `run` takes every stage's.

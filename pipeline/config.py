@@ -304,6 +304,7 @@ class RunConfig:
     gates: dict[str, float] = field(default_factory=dict)  # overrides of DEFAULT_GATES only
     calibration_images: int = 100
     runtime_timeout_s: float = 600.0
+    latency_runs: int = 30
     cache_dir: Path | None = None
     mirror: str | None = None
     offline: bool = False
@@ -372,6 +373,8 @@ class RunConfig:
             problems.append(f"--tfjs-shard-mb {self.tfjs_shard_mb}: must be positive (4 is the converter's default)")
         if self.calibration_images < 1:
             problems.append(f"--calibration-images {self.calibration_images}: must be at least 1")
+        if self.latency_runs < 0:
+            problems.append(f"--latency-runs {self.latency_runs}: must be 0 (no latency figures) or more")
         if not self.runtime_timeout_s > 0:
             problems.append(f"--runtime-timeout {self.runtime_timeout_s:g}: must be a positive number of seconds")
         if self.test_images is not None and "test_pct" in given and self.test_pct != 0:

@@ -7,6 +7,7 @@ models. Normalisation (mean/std) happens inside the models, never here.
 from __future__ import annotations
 
 import errno
+import functools
 import io
 import os
 import re
@@ -17,7 +18,7 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import ExifTags, Image, ImageOps
 
 from pipeline.types import Preprocessing
 
@@ -93,6 +94,9 @@ def decode_rgb(data: bytes, source: str = "<bytes>") -> np.ndarray:
             if width * height > MAX_PIXELS:
                 raise refuse(_too_big(width * height, f"{width}x{height} pixels"))
             im.seek(0)
+            fast = _decode_jpeg_fast(im, data)
+            if fast is not None:
+                return fast
             # In place: the default returns a copy even when there is nothing to rotate.
             ImageOps.exif_transpose(im, in_place=True)
             if im.mode in ("I;16", "I;16B", "I;16L", "I"):
@@ -116,6 +120,78 @@ def decode_rgb(data: bytes, source: str = "<bytes>") -> np.ndarray:
     if arr.ndim != 3 or arr.shape[2] != 3 or arr.shape[0] < 1 or arr.shape[1] < 1:
         raise refuse(f"unexpected decoded shape {arr.shape}")
     return arr
+
+
+@functools.cache
+def _opencv():
+    """OpenCV (installed with mediapipe), or None: its JPEG decoder is only a faster path."""
+    try:
+        import cv2
+    except ImportError:
+        return None
+    return cv2 if hasattr(cv2, "IMREAD_COLOR_RGB") else None
+
+
+def _decode_jpeg_fast(im: Image.Image, data: bytes) -> np.ndarray | None:
+    """The pixels PIL would give, decoded by OpenCV's libjpeg-turbo in half PIL's time; or None.
+
+    Both call libjpeg-turbo with its defaults (ISLOW IDCT, fancy upsampling, its own YCbCr and
+    greyscale to RGB), so baseline and progressive YCbCr or greyscale JPEGs come out identical;
+    ``tests/test_bottlenecks.py`` checks it on every subsampling. PIL's path stays for what the two
+    treat differently: CMYK and YCCK (PIL's conversion), EXIF rotations (done by PIL here),
+    MPO, and a file that does not end in an EOI marker (PIL refuses a truncated file, libjpeg
+    would pad it with grey).
+    """
+    if im.format != "JPEG" or im.mode not in ("RGB", "L"):
+        return None
+    if im.getexif().get(ExifTags.Base.Orientation, 1) in range(2, 9):
+        return None
+    # The end marker, allowing a little padding after it (some writers and copies add zeros).
+    if data.rfind(b"\xff\xd9", max(0, len(data) - 64)) < 0:
+        return None
+    cv2 = _opencv()
+    if cv2 is None:
+        return None
+    arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR_RGB | cv2.IMREAD_IGNORE_ORIENTATION)
+    if arr is None or arr.shape != (im.height, im.width, 3):
+        return None
+    return arr
+
+
+def _bilinear_taps(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """TensorFlow's ResizeBilinear sample positions (half-pixel centres), in its float32 steps."""
+    scale = np.float32(in_size) / np.float32(out_size)
+    pos = (np.arange(out_size, dtype=np.float32) + np.float32(0.5)) * scale - np.float32(0.5)
+    floor = np.floor(pos)
+    lower = np.maximum(floor.astype(np.intp), 0)
+    upper = np.minimum(np.ceil(pos).astype(np.intp), in_size - 1)
+    return lower, upper, pos - floor
+
+
+def _resize_bilinear(rgb: np.ndarray, size: int) -> np.ndarray:
+    """``tf.image.resize(bilinear, antialias=False)`` of uint8 RGB, bit for bit, in numpy.
+
+    TensorFlow computes each output as ``top + (bottom - top) * y_lerp`` with
+    ``top = left + (right - left) * x_lerp`` in float32, no fused multiply-add; the same float32
+    operations in the same order, a row pass then a column pass, give the same values at about a
+    quarter of the cost of a TF call per image.
+    """
+    height, width = rgb.shape[:2]
+    ylo, yhi, ylerp = _bilinear_taps(height, size)
+    xlo, xhi, xlerp = _bilinear_taps(width, size)
+    rows, index = np.unique(np.concatenate([ylo, yhi]), return_inverse=True)
+    src = rgb[rows] if len(rows) < height else rgb
+    left = src[:, xlo].astype(np.float32)
+    across = src[:, xhi].astype(np.float32)
+    across -= left
+    across *= xlerp[:, None]
+    across += left
+    top = across[index[:size]]
+    out = across[index[size:]]
+    out -= top
+    out *= ylerp[:, None, None]
+    out += top
+    return out
 
 
 _resize_fns: dict[tuple, object] = {}
@@ -152,6 +228,8 @@ def resize(rgb: np.ndarray, prep: Preprocessing) -> np.ndarray:
     """Resizes uint8 RGB to float32 ``[size, size, 3]`` in 0..255 (bilinear, no antialias)."""
     if _resize_is_identity(rgb, prep):
         return rgb.astype(np.float32)
+    if prep.resize_method == "bilinear" and not prep.antialias:
+        return _resize_bilinear(rgb, prep.size)
     return _resize_fn(prep)(rgb).numpy()
 
 

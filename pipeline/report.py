@@ -1,7 +1,16 @@
-"""report.json, report.md and the pictures (confusion matrices, size/latency/accuracy)."""
+"""report.json, report.md and the pictures (confusion matrices, per-class agreement,
+size/latency/accuracy).
+
+Every layout here has to read at 8 classes and at 101 (Caltech-101) with 17+ result rows: the
+per-class agreement is one row per class, worst first; figures grow with the number of classes up
+to a cap and then shrink their fonts and thin their labels; point labels in the trade-off plot are
+merged where points coincide and moved apart where they would overlap.
+"""
 from __future__ import annotations
 
 import io
+import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +18,9 @@ import numpy as np
 from pipeline.rundir import atomic_write_bytes, atomic_write_json, atomic_write_text
 
 MAX_LISTED = 50  # skipped images and warnings listed in report.md; report.json has them all
+MAX_NAMED_CLASSES = 20  # the intro line names the classes up to this many; the per-class table has them all
+ANNOTATE_MAX_CLASSES = 20  # per-cell numbers in the matrices up to this many classes (too small to read beyond)
+MIN_FONT = 4.5  # points; labels smaller than this are thinned instead of shrunk further
 
 COLUMNS = [
     ("artifact", "artifact", "{}"), ("runtime", "runtime", "{}"),
@@ -20,7 +32,21 @@ COLUMNS = [
 ]
 
 
-def _fmt(key: str, fmt: str, value) -> str:
+def latency_text(r: dict) -> str:
+    """``p50 / p90`` when the row has a p90 (reports since issue 11), else the one figure."""
+    p50, p90 = r.get("latency_p50_ms", r.get("latency_ms")), r.get("latency_p90_ms")
+    if p50 is None:
+        return "—"
+    return f"{p50:.2f} / {p90:.2f}" if p90 is not None else f"{p50:.2f}"
+
+
+def has_p90(results: list[dict]) -> bool:
+    return any(r.get("latency_p90_ms") is not None for r in results)
+
+
+def _fmt(key: str, fmt: str, value, row: dict) -> str:
+    if key == "latency_ms":
+        return latency_text(row)
     if value is None:
         return "—"
     if key == "size_bytes":
@@ -31,25 +57,139 @@ def _fmt(key: str, fmt: str, value) -> str:
 
 
 def markdown_table(results: list[dict]) -> str:
-    head = "| " + " | ".join(h for _, h, _ in COLUMNS) + " |"
+    heads = [("ms/img p50 / p90" if k == "latency_ms" and has_p90(results) else h) for k, h, _ in COLUMNS]
+    head = "| " + " | ".join(heads) + " |"
     rule = "|" + "|".join("---" for _ in COLUMNS) + "|"
-    rows = ["| " + " | ".join(_fmt(k, f, r.get(k)) for k, _, f in COLUMNS) + " |" for r in results]
+    rows = ["| " + " | ".join(_fmt(k, f, r.get(k), r) for k, _, f in COLUMNS) + " |" for r in results]
     return "\n".join([head, rule, *rows])
 
 
+# --- per-class agreement ------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ClassAgreement:
+    """One class's agreement with the reference across the converted (artifact, runtime) rows.
+
+    Attributes:
+        name: the class.
+        n_images: its test images (None when the report has no reference confusion matrix).
+        per_row: its agreement in each of :func:`agreement_rows`' rows (None: no test image, or no value).
+        worst: the lowest of ``per_row`` (None when every value is None).
+        worst_in: ``"artifact / runtime"`` of every row at ``worst``.
+        below_one: how many rows agree on fewer than all of its images.
+    """
+
+    name: str
+    n_images: int | None
+    per_row: tuple[float | None, ...]
+    worst: float | None
+    worst_in: tuple[str, ...]
+    below_one: int
+
+
+def agreement_rows(results: list[dict]) -> list[dict]:
+    """The rows a per-class agreement is shown for: converted models that produced predictions
+    (the reference, ``results[0]``, agrees with itself everywhere)."""
+    return [r for r in results[1:] if r.get("per_class_agreement")]
+
+
+def class_agreement(results: list[dict], classes: list[str]) -> list[ClassAgreement]:
+    """Every class, worst agreement first; classes with no value at all (no test image) last."""
+    rows = agreement_rows(results)
+    ref_cm = results[0].get("confusion_matrix") if results else None
+    counts = [int(c) for c in np.asarray(ref_cm).sum(1)] if ref_cm else [None] * len(classes)
+    out = []
+    for k, name in enumerate(classes):
+        per_row = tuple(r["per_class_agreement"][k] if k < len(r["per_class_agreement"]) else None for r in rows)
+        known = [v for v in per_row if v is not None]
+        worst = min(known) if known else None
+        worst_in = tuple(f"{r['artifact']} / {r['runtime']}" for r, v in zip(rows, per_row)
+                         if worst is not None and v == worst)
+        out.append(ClassAgreement(name, counts[k], per_row, worst, worst_in, sum(v < 1 for v in known)))
+    return sorted(out, key=lambda c: (c.worst is None, c.worst if c.worst is not None else 0, c.name))
+
+
+def worst_in_text(c: ClassAgreement, n_rows: int, limit: int = 4) -> str:
+    """Where a class agrees least: ``tflite-int8, tflite-int8-int8 (tflite-runtime, ai-edge-litert)``,
+    artifacts worst in the same runtimes together, at most ``limit`` artifacts and then ``+k more``."""
+    if c.worst is None:
+        return "—"
+    if c.worst == 1 or len(c.worst_in) == n_rows:
+        return "every row" if n_rows > 1 else c.worst_in[0]
+    runtimes: dict[str, list[str]] = {}
+    for label in c.worst_in:
+        artifact, runtime = label.split(" / ", 1)
+        runtimes.setdefault(artifact, []).append(runtime)
+    # Artifacts that are worst in the same runtimes share one bracket.
+    by_runtimes: dict[tuple[str, ...], list[str]] = {}
+    for artifact, rts in runtimes.items():
+        by_runtimes.setdefault(tuple(rts), []).append(artifact)
+    parts, shown = [], 0
+    for rts, artifacts in by_runtimes.items():
+        if shown >= limit:
+            break
+        parts.append(f"{', '.join(artifacts[:limit - shown])} ({', '.join(rts)})")
+        shown += len(artifacts[:limit - shown])
+    more = len(runtimes) - shown
+    return "; ".join(parts) + (f"; +{more} more artifacts" if more > 0 else "")
+
+
+def worst_text(c: ClassAgreement) -> str:
+    """``0.900 (18/20)``: the worst agreement and the images that agree in that row."""
+    if c.worst is None:
+        return "—"
+    if c.n_images is None:
+        return f"{c.worst:.3f}"
+    return f"{c.worst:.3f} ({round(c.worst * c.n_images)}/{c.n_images})"
+
+
+def class_agreement_markdown(results: list[dict], classes: list[str]) -> list[str]:
+    """report.md's per-class section: one line per class that some row does not fully agree on,
+    worst first; the classes every row agrees on are named in one sentence after it."""
+    rows = agreement_rows(results)
+    if not rows:
+        return []
+    table = class_agreement(results, classes)
+    shown = [c for c in table if c.worst is None or c.worst < 1]
+    perfect = [c.name for c in table if c.worst is not None and c.worst >= 1]
+    lines = ["## Agreement per class", "",
+             f"Top-1 agreement with the reference per class, worst first, over the {len(rows)} converted "
+             "(artifact, runtime) rows; `verify/class_agreement.png` shows every class in every row.", ""]
+    if shown:
+        lines += ["| class | images | worst agreement | in | rows below 1 |", "|---|---|---|---|---|"]
+        lines += [f"| {c.name} | {'—' if c.n_images is None else c.n_images} | {worst_text(c)} | "
+                  f"{worst_in_text(c, len(rows))} | {c.below_one} of {len(rows)} |" for c in shown]
+        lines.append("")
+    if perfect:
+        every = "All" if not shown else f"The other {len(perfect)}"
+        lines.append(f"{every} classes agree on every image in every row: {', '.join(sorted(perfect))}.")
+    return lines + [""]
+
+
+# --- report.md ----------------------------------------------------------------------------------
+
+def classes_text(classes: list[str]) -> str:
+    """``8 classes (a, b, …)``; beyond MAX_NAMED_CLASSES just the count."""
+    if len(classes) <= MAX_NAMED_CLASSES:
+        return f"{len(classes)} classes ({', '.join(classes)})"
+    return f"{len(classes)} classes"
+
+
 def write_reports(root: Path, report: dict) -> None:
-    """Writes report.json and report.md at the run-directory root."""
+    """Writes report.json and report.md at the run-directory root, and the per-class agreement
+    picture report.md points to (``verify/class_agreement.png``)."""
     atomic_write_json(root / "report.json", report)
+    classes, results = report["classes"], report["results"]
     lines = [
         f"# edgepipe verification: {report['backbone']}",
         "",
-        f"{report['n_test']} test images, {len(report['classes'])} classes "
-        f"({', '.join(report['classes'])}). Reference: the exported SavedModel in TensorFlow.",
+        f"{report['n_test']} test images, {classes_text(classes)}. "
+        "Reference: the exported SavedModel in TensorFlow.",
         "",
-        markdown_table(report["results"]),
+        markdown_table(results),
         "",
     ]
-    failures = [r for r in report["results"] if not r["passed"]]
+    failures = [r for r in results if not r["passed"]]
     if failures:
         lines.append("## Failed")
         for r in failures:
@@ -57,8 +197,9 @@ def write_reports(root: Path, report: dict) -> None:
             lines.append(f"- {r['artifact']} in {r['runtime']}: {why}")
     else:
         lines.append("Every artifact passed its gate in every runtime.")
+    lines += ["", *class_agreement_markdown(results, classes)]
     skipped, warnings = report.get("skipped_images") or [], report.get("warnings") or []
-    lines += ["", f"Images skipped as unreadable: {len(skipped)}."]
+    lines += [f"Images skipped as unreadable: {len(skipped)}."]
     lines += [f"- `{s['path']}`: {s['reason']}" for s in skipped[:MAX_LISTED]]
     if len(skipped) > MAX_LISTED:
         lines.append(f"- … and {len(skipped) - MAX_LISTED} more (report.json)")
@@ -66,82 +207,318 @@ def write_reports(root: Path, report: dict) -> None:
         lines += ["", f"## Warnings ({len(warnings)})"] + [f"- {w}" for w in warnings[:MAX_LISTED]]
         if len(warnings) > MAX_LISTED:
             lines.append(f"- … and {len(warnings) - MAX_LISTED} more (report.json)")
-    lines += ["", "Pictures: `verify/confusion_matrices.png`, `verify/tradeoffs.png`."]
+    pictures = ["confusion_matrices.png", "tradeoffs.png"]
+    if plot_class_agreement(root / "verify" / "class_agreement.png", results, classes):
+        pictures.insert(1, "class_agreement.png")
+    lines += ["", "Pictures: " + ", ".join(f"`verify/{p}`" for p in pictures) + "."]
     atomic_write_text(root / "report.md", "\n".join(lines) + "\n")
 
 
-def plot_confusion_matrices(path: Path, results: list[dict], classes: list[str]) -> None:
-    """One panel per (artifact, runtime) that ran."""
+# --- figure layout ------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ClassAxis:
+    """How one axis of ``n`` classes is drawn: its length, label font and label step."""
+
+    inches: float     # the matrix side (without labels)
+    fontsize: float
+    step: int         # every step-th class is labelled
+    annotate: bool    # room for a number in each cell
+    longest: int = 22  # characters in the longest label shown (longer ones are cut)
+
+    @property
+    def margin(self) -> float:
+        """Inches the tick labels take (rotated on x)."""
+        return 0.25 + self.longest * self.fontsize * 0.6 / 72
+
+
+MAX_LABEL = 28  # characters of a class name in a picture; the tables have the whole name
+
+
+def class_axis(n: int, cell: float = 0.45, min_cell: float = 0.085, cap: float = 12.0,
+               names: list[str] | None = None) -> ClassAxis:
+    """A class axis that is ``cell`` inches a class for few classes and shrinks towards
+    ``min_cell`` (a 6-point label still fits) as classes grow; beyond ``cap`` inches the labels
+    are thinned rather than shrunk below MIN_FONT."""
+    n = max(n, 1)
+    per = max(min_cell, min(cell, 4.0 / n))
+    inches = min(per * n, cap)
+    per = inches / n
+    font = min(8.0, per * 72 * 0.8)
+    step = 1 if font >= MIN_FONT else math.ceil(MIN_FONT / font)
+    longest = min(MAX_LABEL, max((len(c) for c in names), default=1)) if names else 22
+    return ClassAxis(inches, max(font, MIN_FONT), step, n <= ANNOTATE_MAX_CLASSES, longest)
+
+
+def _short(name: str) -> str:
+    return name if len(name) <= MAX_LABEL else name[:MAX_LABEL - 1] + "…"
+
+
+def set_class_ticks(ax, classes: list[str], axis: ClassAxis, x: bool = True, y: bool = True) -> None:
+    """Class names as tick labels (one axes with few ticks: the heat map)."""
+    ticks = list(range(0, len(classes), axis.step))
+    names = [_short(classes[i]) for i in ticks]
+    if x:
+        ax.set_xticks(ticks, names, rotation=90, fontsize=axis.fontsize)
+    if y:
+        ax.set_yticks(ticks, names, fontsize=axis.fontsize)
+
+
+def label_classes(ax, classes: list[str], axis: ClassAxis, x: bool, y: bool) -> None:
+    """Class names as plain text beside a matrix panel. Matplotlib ticks cost ~5 ms each to set
+    up and measure: 17 panels × 2 × 101 of them took 28 s, plain text a fifth of that."""
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ty, tx = ax.get_yaxis_transform(), ax.get_xaxis_transform()
+    for i in range(0, len(classes), axis.step):
+        name = _short(classes[i])
+        if y:
+            ax.text(-0.01, i, name, transform=ty, ha="right", va="center", fontsize=axis.fontsize)
+        if x:
+            ax.text(i, -0.01, name, transform=tx, ha="center", va="top", rotation=90, fontsize=axis.fontsize)
+
+
+@dataclass(frozen=True)
+class MatrixGrid:
+    """Square matrix panels laid out in inches: no tight_layout, which would measure every label."""
+
+    fig: object
+    axes: list
+    colorbar_axes: list  # one per panel, empty when the cells carry numbers
+
+
+def matrix_grid(n_panels: int, classes: list[str], axis: ClassAxis, cols: int, header: str) -> MatrixGrid:
+    """A figure of ``n_panels`` matrices, ``cols`` a line, names on every panel up to 30 classes
+    and on the outer ones beyond (the panels share one class order); ``header`` on top."""
+    plt = pyplot_agg()
+    title, top = 0.45, 0.35
+    bar = 0.0 if axis.annotate else 0.55
+    pw, ph = axis.margin + axis.inches + bar + 0.25, title + axis.inches + axis.margin
+    nrows = (n_panels + cols - 1) // cols
+    width, height = cols * pw, nrows * ph + top
+    fig = plt.figure(figsize=(width, height))
+    fig.text(0.5, 1 - 0.12 / height, header, ha="center", va="top", fontsize=9)
+    axes, bars = [], []
+    every = len(classes) <= 30
+    for p in range(n_panels):
+        r, c = divmod(p, cols)
+        y0 = 1 - (top + r * ph + title + axis.inches) / height
+        ax = fig.add_axes(((c * pw + axis.margin) / width, y0, axis.inches / width, axis.inches / height))
+        label_classes(ax, classes, axis, x=every or p + cols >= n_panels, y=every or c == 0)
+        axes.append(ax)
+        if bar:
+            bars.append(fig.add_axes(((c * pw + axis.margin + axis.inches + 0.08) / width, y0,
+                                      0.12 / width, axis.inches / height)))
+    return MatrixGrid(fig, axes, bars)
+
+
+def annotate_cells(ax, matrix: np.ndarray, axis: ClassAxis, signed: bool = False, light_above=None) -> None:
+    """Numbers in the non-zero cells, only where there is room for them."""
+    if not axis.annotate:
+        return
+    size = min(7.0, axis.inches / max(len(matrix), 1) * 72 * 0.45)
+    for (i, j), v in np.ndenumerate(matrix):
+        if v:
+            colour = "white" if light_above is not None and abs(v) > light_above else "black"
+            ax.text(j, i, f"{v:+d}" if signed else str(v), ha="center", va="center", fontsize=size, color=colour)
+
+
+def pyplot_agg():
+    """matplotlib.pyplot on the Agg backend (no display needed)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def confusion_norm(cm: np.ndarray, axis: ClassAxis):
+    """Linear colours where the cells carry numbers; a square-root scale where they do not, so
+    that a single confusion among 101 classes still shows."""
+    from matplotlib.colors import PowerNorm
+
+    return None if axis.annotate else PowerNorm(0.5, vmin=0, vmax=max(1, int(cm.max())))
+
+
+# --- pictures -----------------------------------------------------------------------------------
+
+def plot_confusion_matrices(path: Path, results: list[dict], classes: list[str]) -> None:
+    """One panel per (artifact, runtime) that ran."""
+    plt = pyplot_agg()
     rows = [r for r in results if r.get("confusion_matrix")]
     if not rows:
         return
-    cols = min(4, len(rows))
-    nrows = (len(rows) + cols - 1) // cols
-    size = max(3.0, 0.45 * len(classes) + 1.5)
-    fig, axes = plt.subplots(nrows, cols, figsize=(size * cols, size * nrows), squeeze=False)
-    for ax in axes.flat[len(rows):]:
-        ax.axis("off")
-    for ax, r in zip(axes.flat, rows):
+    axis = class_axis(len(classes), names=classes)
+    grid = matrix_grid(len(rows), classes, axis, min(4, len(rows)), "rows: true class; columns: predicted")
+    for k, (ax, r) in enumerate(zip(grid.axes, rows)):
         cm = np.asarray(r["confusion_matrix"])
-        ax.imshow(cm, cmap="Blues")
-        for (i, j), v in np.ndenumerate(cm):
-            if v:
-                ax.text(j, i, str(v), ha="center", va="center", fontsize=7,
-                        color="white" if v > cm.max() / 2 else "black")
+        im = ax.imshow(cm, cmap="Blues", norm=confusion_norm(cm, axis), interpolation="nearest", aspect="auto")
+        annotate_cells(ax, cm, axis, light_above=cm.max() / 2)
+        if grid.colorbar_axes:
+            grid.fig.colorbar(im, cax=grid.colorbar_axes[k]).ax.tick_params(labelsize=axis.fontsize)
         ax.set_title(f"{r['artifact']} / {r['runtime']}\nacc {r['accuracy']:.3f}", fontsize=9)
-        ax.set_xticks(range(len(classes)), classes, rotation=90, fontsize=7)
-        ax.set_yticks(range(len(classes)), classes, fontsize=7)
-        ax.set_xlabel("predicted", fontsize=8)
-        ax.set_ylabel("true", fontsize=8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _savefig(grid.fig, path, dpi=100)
+    plt.close(grid.fig)
+
+
+def class_agreement_figure(results: list[dict], classes: list[str]):
+    """Heat map: classes (rows, worst first, as in the tables) × converted (artifact, runtime)
+    rows; None when no converted row has per-class figures."""
+    rows = agreement_rows(results)
+    if not rows or not classes:
+        return None
+    plt = pyplot_agg()
+    table = class_agreement(results, classes)
+    values = np.array([[np.nan if v is None else v for v in c.per_row] for c in table], dtype=float)
+    low = np.nanmin(values) if np.isfinite(values).any() else 1.0
+    vmin = min(0.9, math.floor(low * 10) / 10)  # 0.1 steps: 0.99 and 1.0 still differ in colour
+    y = class_axis(len(classes), cell=0.3, min_cell=0.11, cap=24.0, names=classes)
+    x = class_axis(len(rows), cell=0.45, min_cell=0.2, cap=12.0)
+    width = x.inches + y.margin + 1.6
+    height = y.inches + x.margin + 1.6  # x labels: "artifact / runtime", up to ~35 characters
+    fig, ax = plt.subplots(figsize=(max(4.5, width), max(3.0, height)))
+    cmap = plt.get_cmap("RdYlGn").copy()
+    cmap.set_bad("#d0d0d0")
+    im = ax.imshow(np.ma.masked_invalid(values), cmap=cmap, vmin=vmin, vmax=1, aspect="auto",
+                   interpolation="nearest")
+    if y.annotate and len(rows) <= 24:
+        for (i, j), v in np.ndenumerate(values):
+            if np.isfinite(v) and v < 1:
+                ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=min(7, y.fontsize))
+    set_class_ticks(ax, [c.name for c in table], y, x=False)
+    ax.set_xticks(range(len(rows)), [f"{r['artifact']} / {r['runtime']}" for r in rows], rotation=90,
+                  fontsize=min(8, max(MIN_FONT, x.fontsize)))
+    ax.set_title("top-1 agreement with the reference per class (worst first; grey: no test image)", fontsize=9)
+    fig.colorbar(im, ax=ax, fraction=0.05, pad=0.02).ax.tick_params(labelsize=7)
     fig.tight_layout()
+    return fig
+
+
+def plot_class_agreement(path: Path, results: list[dict], classes: list[str]) -> bool:
+    """Writes :func:`class_agreement_figure` to ``path``; False (nothing written) when there is
+    nothing to show."""
+    fig = class_agreement_figure(results, classes)
+    if fig is None:
+        return False
     path.parent.mkdir(parents=True, exist_ok=True)
     _savefig(fig, path, dpi=100)
-    plt.close(fig)
+    pyplot_agg().close(fig)
+    return True
+
+
+def _clusters(points: np.ndarray, radius: float) -> list[list[int]]:
+    """Indices of points (display pixels) grouped where they lie within ``radius`` of one another."""
+    groups: list[list[int]] = []
+    for i, p in enumerate(points):
+        for g in groups:
+            if np.min(np.hypot(*(points[g] - p).T)) <= radius:
+                g.append(i)
+                break
+        else:
+            groups.append([i])
+    return groups
+
+
+def _merged_label(members: list[dict], extra=None) -> str:
+    """One label for coinciding points: one line per artifact, its runtimes in brackets."""
+    by_artifact: dict[str, list[str]] = {}
+    for r in members:
+        tail = f" {extra(r)}" if extra else ""
+        by_artifact.setdefault(r["artifact"], []).append(r["runtime"] + tail)
+    return "\n".join(f"{a} ({', '.join(rts)})" if len(members) > 1 else f"{a}\n{rts[0]}"
+                     for a, rts in by_artifact.items())
+
+
+def place_labels(ax, xy: list[tuple[float, float]], labels: list[str], fontsize: float = 6.5) -> list:
+    """Annotates each point with its label where the label overlaps no other label, no point and
+    stays inside the axes: nearest free spot on rings of growing radius, a leader line when moved
+    away. Call after the figure's layout is final (positions are in display pixels)."""
+    fig = ax.figure
+    renderer = fig.canvas.get_renderer()
+    pts = ax.transData.transform(np.asarray(xy, dtype=float))
+    frame = ax.get_window_extent(renderer)
+    blocked = [(x - 4, y - 4, x + 4, y + 4) for x, y in pts]
+    placed = []
+    directions = [(1, 1), (1, -1), (-1, 1), (-1, -1), (1, 0), (-1, 0), (0, 1), (0, -1)]
+
+    def overlap(a, b) -> float:
+        w = min(a[2], b[2]) - max(a[0], b[0])
+        h = min(a[3], b[3]) - max(a[1], b[1])
+        return w * h if w > 0 and h > 0 else 0.0
+
+    for (x, y), (px, py), text in zip(xy, pts, labels):
+        best = None
+        for radius in (5, 12, 22, 34, 48, 64, 84):
+            for dx, dy in directions:
+                ann = ax.annotate(text, (x, y), xytext=(dx * radius, dy * radius), textcoords="offset points",
+                                  fontsize=fontsize, ha={1: "left", -1: "right", 0: "center"}[dx],
+                                  va={1: "bottom", -1: "top", 0: "center"}[dy], annotation_clip=False)
+                e = ann.get_window_extent(renderer)
+                box = (e.x0, e.y0, e.x1, e.y1)
+                cost = sum(overlap(box, b) for b in blocked)
+                outside = (max(0, frame.x0 - box[0]) + max(0, box[2] - frame.x1)
+                           + max(0, frame.y0 - box[1]) + max(0, box[3] - frame.y1))
+                cost += outside * 50 + radius * 0.01  # nearer is better among free spots
+                if best is None or cost < best[0]:
+                    if best is not None:
+                        best[1].remove()
+                    best = (cost, ann, box, radius)
+                else:
+                    ann.remove()
+                if cost < 1:
+                    break
+            if best[0] < 1:
+                break
+        _, ann, box, radius = best
+        if radius > 12:  # moved away: a leader line says whose label it is (drawn after measuring)
+            offset, ha, va = ann.xyann, ann.get_ha(), ann.get_va()
+            ann.remove()
+            ann = ax.annotate(text, (x, y), xytext=offset, textcoords="offset points", fontsize=fontsize,
+                              ha=ha, va=va, annotation_clip=False,
+                              arrowprops={"arrowstyle": "-", "color": "0.6", "lw": 0.6, "shrinkA": 0, "shrinkB": 3})
+        blocked.append(box)
+        placed.append(ann)
+    return placed
 
 
 def plot_tradeoffs(path: Path, results: list[dict]) -> None:
-    """Size vs latency and size vs accuracy, one point per (artifact, runtime); green = passed."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    """Size vs latency and size vs accuracy, one point per (artifact, runtime); green = passed.
+    A vertical bar from p50 to p90 where the row has a p90; points that coincide share one label."""
+    plt = pyplot_agg()
     rows = [r for r in results if r.get("latency_ms") is not None]
     if not rows:
         return
-    fig, (a, b) = plt.subplots(1, 2, figsize=(13, 4.8))
+    fig, (a, b) = plt.subplots(1, 2, figsize=(14, max(5.2, 0.3 * len(rows))))
     for r in rows:
         colour = "tab:green" if r["passed"] else "tab:red"
-        label = f"{r['artifact']}\n{r['runtime']}"
-        a.scatter(r["size_bytes"] / 1e6, r["latency_ms"], c=colour, s=40)
-        a.annotate(label, (r["size_bytes"] / 1e6, r["latency_ms"]), fontsize=6, xytext=(3, 3), textcoords="offset points")
-        b.scatter(r["size_bytes"] / 1e6, r["accuracy"], c=colour, s=40)
-        b.annotate(f"{label} ({r['top1_agreement']:.3f})", (r["size_bytes"] / 1e6, r["accuracy"]), fontsize=6,
-                   xytext=(3, 3), textcoords="offset points")
+        mb = r["size_bytes"] / 1e6
+        a.scatter(mb, r["latency_ms"], c=colour, s=30, zorder=3)
+        if r.get("latency_p90_ms") is not None:
+            a.vlines(mb, r["latency_ms"], r["latency_p90_ms"], colors=colour, lw=1.2, alpha=0.6, zorder=2)
+        b.scatter(mb, r["accuracy"], c=colour, s=30, zorder=3)
     a.set_yscale("log")
     a.set_xlabel("size (MB)")
-    a.set_ylabel("ms per image (1 thread)")
+    a.set_ylabel("ms per image (1 thread" + ("; bar: p50 to p90)" if has_p90(rows) else ")"))
     a.set_title("size vs latency (green = passed its gate)")
     b.set_xlabel("size (MB)")
     b.set_ylabel("test accuracy")
     b.set_title("size vs accuracy (label: top-1 agreement)")
+    for ax in (a, b):
+        ax.margins(x=0.25, y=0.2)  # room for the labels inside the axes
     fig.tight_layout()
+    for ax, key, extra in ((a, "latency_ms", None), (b, "accuracy", lambda r: f"{r['top1_agreement']:.3f}")):
+        xy = [(r["size_bytes"] / 1e6, r[key]) for r in rows]
+        groups = _clusters(ax.transData.transform(np.asarray(xy, dtype=float)), radius=6)
+        place_labels(ax, [xy[g[0]] for g in groups], [_merged_label([rows[i] for i in g], extra) for g in groups])
     path.parent.mkdir(parents=True, exist_ok=True)
     _savefig(fig, path, dpi=90)
     plt.close(fig)
 
 
 def plot_training(path: Path, history: dict) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot_agg()
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
     epochs = history.get("epoch") or list(range(1, len(history["train_loss"]) + 1))
     for key, ax in (("loss", a), ("accuracy", b)):
@@ -159,5 +536,6 @@ def plot_training(path: Path, history: dict) -> None:
 def _savefig(fig, path: Path, dpi: int) -> None:
     """PNG written atomically, like every other file in the run directory."""
     buf = io.BytesIO()
-    fig.savefig(buf, dpi=dpi, format="png")
+    # zlib level 1: a 101-class grid is 20 Mpx; level 6 (the default) took 2 s more for 1.3x smaller.
+    fig.savefig(buf, dpi=dpi, format="png", pil_kwargs={"compress_level": 1})
     atomic_write_bytes(path, buf.getvalue())

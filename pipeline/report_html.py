@@ -8,6 +8,10 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.report import (
+    agreement_rows, annotate_cells, class_agreement, class_agreement_figure, class_axis, classes_text,
+    confusion_norm, has_p90, latency_text, matrix_grid, pyplot_agg, worst_in_text, worst_text,
+)
 from pipeline.rundir import atomic_write_text
 
 CSS = """
@@ -17,6 +21,8 @@ th{background:#f3f3f3}td.l,th.l{text-align:left}.pass{color:#176b1b;font-weight:
 .banner{padding:.8em 1em;border-radius:6px;margin:1em 0}.ok{background:#e6f4e6}.bad{background:#fde7ea}
 .thumbs{display:flex;flex-wrap:wrap;gap:8px}.thumbs figure{margin:0;font-size:11px;width:100px}
 .thumbs img{width:96px;height:96px;object-fit:cover;border:1px solid #ccc}img.plot{max-width:100%}
+th.v{writing-mode:vertical-rl;transform:rotate(180deg);text-align:left;white-space:nowrap;font-weight:normal;padding:5px 2px}
+td.a{font-size:11px;padding:2px 3px}td.one{color:#aaa}.wide{overflow-x:auto}
 """
 
 
@@ -37,37 +43,72 @@ def _thumb(rgb: np.ndarray) -> str:
 
 
 def _confusion_figure(results: list[dict], classes: list[str]):
-    """Each (artifact, runtime): its confusion matrix and its difference from the reference's."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    """The reference's confusion matrix, then for each (artifact, runtime) whose matrix differs
+    from it the difference; ``(picture, names of the rows identical to the reference)``.
+    Each row's own matrix is in verify/confusion_matrices.png."""
+    plt = pyplot_agg()
     rows = [r for r in results if r.get("confusion_matrix")]
     ref = np.asarray(rows[0]["confusion_matrix"])
-    n = len(rows)
-    cell = max(2.6, 0.32 * len(classes) + 1.2)
-    fig, axes = plt.subplots(n, 2, figsize=(2 * cell, cell * n), squeeze=False)
-    for (ax, dax), r in zip(axes, rows):
-        cm = np.asarray(r["confusion_matrix"])
-        delta = cm - ref
-        ax.imshow(cm, cmap="Blues")
-        lim = max(1, np.abs(delta).max())
-        dax.imshow(delta, cmap="RdBu_r", vmin=-lim, vmax=lim)
-        for (i, j), v in np.ndenumerate(cm):
-            if v:
-                ax.text(j, i, str(v), ha="center", va="center", fontsize=6)
-            if delta[i, j]:
-                dax.text(j, i, f"{delta[i, j]:+d}", ha="center", va="center", fontsize=6)
-        ax.set_title(f"{r['artifact']} / {r['runtime']}", fontsize=8)
-        dax.set_title("Δ vs reference", fontsize=8)
-        for a in (ax, dax):
-            a.set_xticks(range(len(classes)), classes, rotation=90, fontsize=6)
-            a.set_yticks(range(len(classes)), classes, fontsize=6)
-    fig.tight_layout()
+    deltas = [(r, np.asarray(r["confusion_matrix"]) - ref) for r in rows[1:]]
+    same = [f"{r['artifact']} / {r['runtime']}" for r, d in deltas if not d.any()]
+    panels = [(rows[0], None)] + [(r, d) for r, d in deltas if d.any()]
+    axis = class_axis(len(classes), cell=0.32, cap=10.0, names=classes)
+    # Many classes: two panels a line, so the page (1300 px) still shows about 5 px a class.
+    grid = matrix_grid(len(panels), classes, axis, min(len(panels), 4 if axis.annotate else 2),
+                       "rows: true class; columns: predicted")
+    for k, (ax, (r, delta)) in enumerate(zip(grid.axes, panels)):
+        if delta is None:
+            im = ax.imshow(ref, cmap="Blues", norm=confusion_norm(ref, axis), interpolation="nearest", aspect="auto")
+            annotate_cells(ax, ref, axis, light_above=ref.max() / 2)
+            ax.set_title(f"reference: {r['artifact']} / {r['runtime']}", fontsize=8)
+        else:
+            lim = max(1, np.abs(delta).max())
+            im = ax.imshow(delta, cmap="RdBu_r", vmin=-lim, vmax=lim, interpolation="nearest", aspect="auto")
+            annotate_cells(ax, delta, axis, signed=True, light_above=lim / 2)
+            ax.set_title(f"{r['artifact']} / {r['runtime']}: Δ vs reference", fontsize=8)
+        if grid.colorbar_axes:
+            grid.fig.colorbar(im, cax=grid.colorbar_axes[k]).ax.tick_params(labelsize=axis.fontsize)
+    fig = grid.fig
     src = _png(fig)
     plt.close(fig)
-    return src
+    return src, same
+
+
+def _agreement_section(results: list[dict], classes: list[str]) -> list[str]:
+    """Classes as rows, worst first: images, worst agreement and where, then one narrow column per
+    converted (artifact, runtime), shaded by how far below 1 it is."""
+    e = html.escape
+    rows = agreement_rows(results)
+    if not rows:
+        return []
+    table = class_agreement(results, classes)
+    out = ["<h2>Agreement per class</h2><p>Top-1 agreement with the reference, one row per class, worst first, "
+           f"over the {len(rows)} converted (artifact, runtime) rows.</p>"]
+    if len(classes) > 30:
+        # At many classes the picture shows the pattern that the long table hides.
+        fig = class_agreement_figure(results, classes)
+        out.append(f"<img class=plot src='{_png(fig)}'>")
+        pyplot_agg().close(fig)
+    heads = "".join(f"<th class=v title='{e(r['artifact'])} / {e(r['runtime'])}'>{e(r['artifact'])} / "
+                    f"{e(r['runtime'])}</th>" for r in rows)
+    out.append("<div class=wide><table><tr><th class=l>class</th><th>images</th><th>worst</th><th class=l>in</th>"
+               f"{heads}</tr>")
+    for c in table:
+        cells = []
+        for v in c.per_row:
+            if v is None:
+                cells.append("<td class=a>—</td>")
+            elif v >= 1:
+                cells.append("<td class='a one'>1</td>")
+            else:
+                # 1.0 white, 0.9 and below full red: the eye finds the bad cells in 101 rows.
+                alpha = min(1.0, (1 - v) / 0.1) * 0.75 + 0.1
+                cells.append(f"<td class=a style='background:rgba(214,39,40,{alpha:.2f})'>{v:.3f}</td>")
+        n = "—" if c.n_images is None else str(c.n_images)
+        out.append(f"<tr><td class=l>{e(c.name)}</td><td>{n}</td><td>{e(worst_text(c))}</td>"
+                   f"<td class=l>{e(worst_in_text(c, len(rows)))}</td>{''.join(cells)}</tr>")
+    out.append("</table></div>")
+    return out
 
 
 def _fmt(v, spec: str) -> str:
@@ -90,7 +131,7 @@ def write_html_report(path: Path, report: dict, images: list[np.ndarray],
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>edgepipe report: {e(report['backbone'])}</title>"
              f"<style>{CSS}</style></head><body>"]
     parts.append(f"<h1>edgepipe verification — {e(report['backbone'])}</h1>")
-    parts.append(f"<p>{report['n_test']} test images, {len(classes)} classes: {e(', '.join(classes))}. "
+    parts.append(f"<p>{report['n_test']} test images, {e(classes_text(classes))}. "
                  "Reference: the exported SavedModel in TensorFlow.</p>")
     failed = [r for r in results if not r["passed"]]
     if failed:
@@ -110,9 +151,10 @@ def write_html_report(path: Path, report: dict, images: list[np.ndarray],
                      f"{e(rec['fastest']['artifact'])} in {e(rec['fastest']['runtime'])} "
                      f"({rec['fastest']['latency_ms']:.2f} ms).</div>")
 
-    parts.append("<h2>Results</h2><table><tr><th class=l>artifact</th><th class=l>runtime</th><th>agreement</th>"
+    ms_head = "ms/img p50 / p90" if has_p90(results) else "ms/img"
+    parts.append(f"<h2>Results</h2><table><tr><th class=l>artifact</th><th class=l>runtime</th><th>agreement</th>"
                  "<th>gate</th><th>accuracy</th><th>macro P</th><th>macro R</th><th>macro F1</th><th>max |Δp|</th>"
-                 "<th>mean |Δp|</th><th>KL</th><th>size MB</th><th>ms/img</th><th>result</th></tr>")
+                 f"<th>mean |Δp|</th><th>KL</th><th>size MB</th><th>{ms_head}</th><th>result</th></tr>")
     for r in sorted(results, key=lambda r: r["size_bytes"]):
         ok = "<span class=pass>PASS</span>" if r["passed"] else "<span class=fail>FAIL</span>"
         parts.append(
@@ -121,20 +163,14 @@ def write_html_report(path: Path, report: dict, images: list[np.ndarray],
             f"<td>{_fmt(r['macro_precision'], '.4f')}</td><td>{_fmt(r['macro_recall'], '.4f')}</td>"
             f"<td>{_fmt(r['macro_f1'], '.4f')}</td><td>{_fmt(r['max_abs_diff'], '.2e')}</td>"
             f"<td>{_fmt(r['mean_abs_diff'], '.2e')}</td><td>{_fmt(r.get('kl_divergence'), '.2e')}</td>"
-            f"<td>{r['size_bytes'] / 1e6:.2f}</td><td>{_fmt(r['latency_ms'], '.2f')}</td><td>{ok}</td></tr>")
+            f"<td>{r['size_bytes'] / 1e6:.2f}</td><td>{latency_text(r)}</td><td>{ok}</td></tr>")
     parts.append("</table>")
     if tradeoffs_png is not None and Path(tradeoffs_png).is_file():
         # The same picture as verify/tradeoffs.png (pipeline.report.plot_tradeoffs), inlined.
         src = "data:image/png;base64," + base64.b64encode(Path(tradeoffs_png).read_bytes()).decode()
         parts.append(f"<h2>Size, latency, accuracy</h2><img class=plot src='{src}'>")
 
-    parts.append("<h2>Agreement per class</h2><table><tr><th class=l>artifact / runtime</th>"
-                 + "".join(f"<th>{e(c)}</th>" for c in classes) + "</tr>")
-    for r in results:
-        if r.get("per_class_agreement"):
-            cells = "".join(f"<td>{_fmt(v, '.3f')}</td>" for v in r["per_class_agreement"])
-            parts.append(f"<tr><td class=l>{e(r['artifact'])} / {e(r['runtime'])}</td>{cells}</tr>")
-    parts.append("</table>")
+    parts += _agreement_section(results, classes)
 
     parts.append("<h2>Images whose top-1 flipped</h2>")
     any_flip = False
@@ -154,8 +190,12 @@ def write_html_report(path: Path, report: dict, images: list[np.ndarray],
     if not any_flip:
         parts.append("<p>None: every converted model gives the reference's top-1 on every test image.</p>")
 
-    parts.append(f"<h2>Confusion matrices</h2><p>Rows: true class; columns: predicted. Right: difference from the "
-                 f"reference's matrix.</p><img class=plot src='{_confusion_figure(results, classes)}'>")
+    if any(r.get("confusion_matrix") for r in results):
+        src, same = _confusion_figure(results, classes)
+        note = f" Identical to the reference: {e(', '.join(same))}." if same else ""
+        parts.append("<h2>Confusion matrices</h2><p>Rows: true class; columns: predicted. First the reference's "
+                     f"matrix, then each converted model's difference from it.{note} Each model's own matrix: "
+                     f"verify/confusion_matrices.png.</p><img class=plot src='{src}'>")
 
     if report.get("stress"):
         parts.append("<h2>Preprocessing stress (reference model, the usual app mistakes)</h2><table><tr>"

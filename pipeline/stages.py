@@ -230,7 +230,7 @@ def _verify_fingerprint(ctx: Context) -> dict:
     c = ctx.cfg
     return {"upstream": _upstream(ctx, "retrain", "export", "quantize", "tfjs"),
             "runtimes": list(c.runtimes), "gates": {k: c.gate(k) for k in DEFAULT_GATES} | c.gates,
-            "stress": c.stress, "app_preprocessing": c.app_preprocessing.to_dict()}
+            "stress": c.stress, "app_preprocessing": c.app_preprocessing.to_dict(), "latency_runs": c.latency_runs}
 
 
 def _artifacts(ctx: Context) -> list:
@@ -244,16 +244,22 @@ def _artifacts(ctx: Context) -> list:
 
 
 def _verify_run(ctx: Context) -> tuple[dict[str, Path], dict]:
+    import tempfile
+
+    from pipeline.runners.base import RunSettings
     from pipeline.verify import Artifact, VerifySettings, load_holdout, verify
 
     c, ds = ctx.cfg, ctx.dataset()
-    holdout = load_holdout(ds.split("test"))
     sm = ctx.savedmodel()
     reference = Artifact("savedmodel", sm, sum(p.stat().st_size for p in sm.rglob("*") if p.is_file()),
                          ArtifactKind.SAVEDMODEL)
     settings = VerifySettings(classes=ds.classes, contract=ctx.spec().preprocessing, runtimes=c.runtimes,
-                              gates=c.gates, app=c.app_preprocessing, stress=c.stress, timeout_s=c.runtime_timeout_s)
-    report = verify(reference, _artifacts(ctx), holdout, settings)
+                              gates=c.gates, app=c.app_preprocessing, stress=c.stress, timeout_s=c.runtime_timeout_s,
+                              run=RunSettings(latency_runs=c.latency_runs))
+    # The prepared test images live in a temporary folder for the length of the stage.
+    with tempfile.TemporaryDirectory(prefix="edgepipe-holdout-") as tmp:
+        holdout = load_holdout(ds.split("test"), settings.contract, Path(tmp), settings.app)
+        report = verify(reference, _artifacts(ctx), holdout, settings)
     # Images dropped by retrain (train, validation and test alike) belong in the report as well.
     retrain_metrics = read_json(ctx.run.stage("retrain") / "metrics.json", default={}) or {}
     outputs = report.save(ctx.run.root, ctx.spec().name,

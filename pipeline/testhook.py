@@ -6,6 +6,9 @@ Never set in normal use. With ``EDGEPIPE_TEST_PAUSE_AT=<point>`` the process log
   bottlenecks  after the first batch of bottlenecks is in the cache
   train        every bottleneck extracted, before the head is trained and written
   quantize     after the first .tflite file is written
+
+and with ``EDGEPIPE_TEST_CRASH_ON=<file name>`` a verify worker crashes on that model
+(:func:`crash_point`).
 """
 from __future__ import annotations
 
@@ -22,3 +25,14 @@ def pause_point(name: str) -> None:
         log.info(f"test hook: paused at {name}")
         while True:
             time.sleep(60)
+
+
+CRASH_ENV = "EDGEPIPE_TEST_CRASH_ON"
+
+
+def crash_point(model: str) -> None:
+    """With ``EDGEPIPE_TEST_CRASH_ON=<file name>``, a runtime worker aborts (SIGABRT, as a crashing
+    native runtime would) when it is given that model."""
+    name = os.environ.get(CRASH_ENV)
+    if name and os.path.basename(model) == name:
+        os.abort()

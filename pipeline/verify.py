@@ -5,13 +5,20 @@
 compared with it on the same images: top-1 agreement, |Δprobability|, KL divergence, and the usual
 metrics against the true labels. Each artifact kind has an agreement gate; one failed gate fails
 the report. :meth:`Report.save` writes report.json, report.md, report.html and the pictures.
+
+The test images are decoded once and prepared once per feed into files read a batch at a time
+(:mod:`pipeline.runners.feed`), so memory stays flat in the number of test images. Each runtime
+has one runner for every artifact (one worker process, restarted only after a crash). Per row,
+the agreement pass runs batched on every core; the latency figure is its own measurement, single
+images on one thread after a warm-up (:class:`~pipeline.runners.base.RunSettings`), taken while
+nothing else runs.
 """
 from __future__ import annotations
 
 import io
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -19,7 +26,8 @@ from pipeline.config import DEFAULT_GATES, AppPreprocessing  # noqa: F401 (DEFAU
 from pipeline.console import log
 from pipeline.errors import DatasetError
 from pipeline.runners import REGISTRY, Feed, runtimes_for
-from pipeline.runners.base import Prediction, RuntimeFailed
+from pipeline.runners.base import Prediction, RunSettings, RuntimeFailed
+from pipeline.runners.feed import FeedFile
 from pipeline.types import ArtifactKind, Preprocessing, Runtime
 
 
@@ -44,7 +52,7 @@ class Result:
     mean_abs_diff: float | None
     kl_divergence: float | None
     size_bytes: int
-    latency_ms: float | None
+    latency_ms: float | None  # the p50 of latency_runs single-image calls
     gate: float
     passed: bool
     error: str | None = None
@@ -52,53 +60,105 @@ class Result:
     per_class_agreement: list = field(default_factory=list)
     flipped: list = field(default_factory=list)   # indices of test images whose top-1 changed
     flipped_to: list = field(default_factory=list)  # this artifact's top-1 class for each of them
+    latency_p50_ms: float | None = None
+    latency_p90_ms: float | None = None
+    latency_runs: int = 0
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
+class DecodedImages(Sequence):
+    """The test images decoded on access (uint8 RGB), for the few the report shows."""
+
+    def __init__(self, paths: Sequence[str]):
+        self.paths = list(paths)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, k):
+        from pipeline.images import decode_rgb, read_image_file
+
+        return decode_rgb(read_image_file(self.paths[k]), self.paths[k])
+
+
 @dataclass(frozen=True)
 class Holdout:
-    """The decoded test images verify runs on.
+    """The test images verify runs on, prepared once into feed files.
 
     Attributes:
-        images: uint8 RGB photos as decoded (any size; each runner's input is prepared from them).
         labels: their true class indices.
         paths: their files, in the same order.
         skipped: ``{"path", "reason"}`` for test images that could not be read.
+        contract: the images as the preprocessing contract prepares them (what the reference gets).
+        app: as the deploying app prepares them (the contract's file when they are the same).
     """
 
-    images: list[np.ndarray]
     labels: np.ndarray
     paths: list[str]
     skipped: list[dict]
+    contract: FeedFile
+    app: FeedFile
+
+    @property
+    def images(self) -> DecodedImages:
+        return DecodedImages(self.paths)
+
+    def __len__(self) -> int:
+        return len(self.paths)
 
 
-def load_holdout(examples: Sequence) -> Holdout:
-    """Decodes the test examples (``pipeline.dataset.Example``); unreadable ones are skipped.
+DECODE_CHUNK = 32  # test images decoded and prepared at a time
+
+
+def load_holdout(examples: Sequence, contract: Preprocessing, folder: Path,
+                 app: AppPreprocessing = AppPreprocessing()) -> Holdout:
+    """Decodes each test example (``pipeline.dataset.Example``) once and writes it, prepared, into
+    ``folder/contract.f32`` (and ``folder/app.f32`` when ``app`` differs from the contract);
+    unreadable ones are skipped. Only :data:`DECODE_CHUNK` images are in memory at a time.
 
     Raises:
         DatasetError: there are no test examples, or none can be read.
     """
     from pipeline.images import ImageError, decode_rgb, read_image_file
+    from pipeline.stress import prepare_batch
 
     if not examples:
         raise DatasetError("the test split is empty: raise --test-pct or pass --test-images DIR")
-    images, labels, paths, skipped = [], [], [], []
-    for e in examples:
-        try:
-            images.append(decode_rgb(read_image_file(e.path), e.path))
-            labels.append(e.label)
-            paths.append(e.path)
-        except (ImageError, OSError) as err:
-            # Readable at retrain time (unreadable ones were dropped there), changed since.
-            why = err.reason if isinstance(err, ImageError) else f"cannot read ({err.strerror or err})"
-            skipped.append({"path": e.path, "reason": why})
-            log.info(f"skipped {e.path}: {why}")
-    if not images:
+    folder = Path(folder)
+    labels, paths, skipped = [], [], []
+    same = app == AppPreprocessing()
+
+    def prepared(app_file) -> Iterator[np.ndarray]:
+        for k in range(0, len(examples), DECODE_CHUNK):
+            chunk = []
+            for e in examples[k:k + DECODE_CHUNK]:
+                try:
+                    chunk.append(decode_rgb(read_image_file(e.path), e.path))
+                    labels.append(e.label)
+                    paths.append(e.path)
+                except (ImageError, OSError) as err:
+                    # Readable at retrain time (unreadable ones were dropped there), changed since.
+                    why = err.reason if isinstance(err, ImageError) else f"cannot read ({err.strerror or err})"
+                    skipped.append({"path": e.path, "reason": why})
+                    log.info(f"skipped {e.path}: {why}")
+            if chunk:
+                if app_file is not None:
+                    np.ascontiguousarray(prepare_batch(chunk, contract, app), "<f4").tofile(app_file)
+                yield prepare_batch(chunk, contract, AppPreprocessing())
+
+    shape = (contract.size, contract.size, 3)
+    if same:
+        feed = FeedFile.write(folder / "contract.f32", prepared(None), shape)
+    else:
+        with open(folder / "app.f32", "wb") as app_file:
+            feed = FeedFile.write(folder / "contract.f32", prepared(app_file), shape)
+    if not paths:
         raise DatasetError(f"none of the {len(examples)} test images can be read (listed above); "
                            "restore them or run retrain again")
-    return Holdout(images, np.array(labels), paths, skipped)
+    app_feed = feed if same else FeedFile(folder / "app.f32", feed.shape)
+    return Holdout(np.array(labels), paths, skipped, feed, app_feed)
 
 
 @dataclass(frozen=True)
@@ -113,6 +173,7 @@ class VerifySettings:
         app: how the deploying app prepares pixels; runners fed APP pixels get them this way.
         stress: also run the reference with each usual preprocessing mistake.
         timeout_s: wall-clock limit for one runtime on one artifact.
+        run: batch size and threads of the agreement pass, single-image calls timed per row.
     """
 
     classes: tuple[str, ...]
@@ -122,6 +183,7 @@ class VerifySettings:
     app: AppPreprocessing = field(default_factory=AppPreprocessing)
     stress: bool = False
     timeout_s: float = 600.0
+    run: RunSettings = field(default_factory=RunSettings)
 
     def gate(self, artifact: str) -> float:
         return self.gates.get(artifact, DEFAULT_GATES.get(artifact, 1.0))
@@ -156,7 +218,7 @@ class Report:
         rows = [r.to_dict() for r in self.results]
         app = self.settings.app
         return {
-            "backbone": backbone, "classes": list(self.settings.classes), "n_test": len(self.holdout.images),
+            "backbone": backbone, "classes": list(self.settings.classes), "n_test": len(self.holdout),
             "test_images": list(self.holdout.paths),
             "skipped_images": list(earlier_skipped) + list(self.holdout.skipped), "warnings": list(warnings),
             "results": rows,
@@ -164,6 +226,8 @@ class Report:
             "app_preprocessing": {"settings": app.to_dict(), "differences": app.differences()},
             "stress": self.stress,
             "reference_top1": [int(k) for k in self.reference.argmax(1)],
+            "latency": {"runs": self.settings.run.latency_runs, "threads": 1, "batch": 1,
+                        "agreement_pass": {"batch": self.settings.run.batch, "threads": self.settings.run.threads}},
             "recommendation": recommend(rows),
         }
 
@@ -238,15 +302,23 @@ def evaluate(
         artifact=artifact.name, runtime=runtime, size_bytes=artifact.size_bytes,
         latency_ms=prediction.latency_ms, gate=gate,
         passed=figures["top1_agreement"] >= gate, **figures,
+        latency_p50_ms=prediction.percentile(50), latency_p90_ms=prediction.percentile(90),
+        latency_runs=len(prediction.latencies_ms),
     )
 
 
-def run_one(runner, artifact: Artifact, images: np.ndarray, timeout_s: float):
+def run_one(runner, artifact: Artifact, images: FeedFile, settings: VerifySettings, run: RunSettings):
     """(prediction, error) for one pair; runtime failures become an error string."""
     try:
-        return runner.predict(artifact.path, images, timeout_s=timeout_s), None
+        return runner.predict(artifact.path, images, timeout_s=settings.timeout_s, settings=run), None
     except RuntimeFailed as err:
         return None, str(err)
+
+
+def _latency_text(row: Result) -> str:
+    if row.latency_p50_ms is None:
+        return "latency not timed"
+    return f"{row.latency_p50_ms:.2f} / {row.latency_p90_ms:.2f} ms p50/p90"
 
 
 def verify(reference: Artifact, artifacts: Sequence[Artifact], holdout: Holdout,
@@ -257,53 +329,123 @@ def verify(reference: Artifact, artifacts: Sequence[Artifact], holdout: Holdout,
         reference: the SavedModel (kind SAVEDMODEL); its predictions are what the others must match.
         artifacts: converted models, in report order; each runs in every chosen runtime that
             takes its kind (registry order).
-        holdout: the decoded test images (:func:`load_holdout`).
-        settings: runtimes, gates, app preprocessing, stress, timeout.
+        holdout: the prepared test images (:func:`load_holdout`, with ``settings.app``).
+        settings: runtimes, gates, app preprocessing, stress, timeout, batch and latency runs.
 
     Returns:
         Every row, failed ones included (a runtime that crashes or hangs is a failed row with
         the reason); the caller decides what a failed report means.
     """
-    from pipeline.stress import MISTAKES, prepare_batch
+    import dataclasses
+    import time
+    from concurrent.futures import ThreadPoolExecutor
 
-    prep, y, n_cls = settings.contract, holdout.labels, len(settings.classes)
-    x = prepare_batch(holdout.images, prep, AppPreprocessing())
-    app = settings.app
-    # Converted models get their inputs the way the deploying app prepares them (the contract
-    # unless settings.app says otherwise); the reference always gets the contract.
-    x_app = prepare_batch(holdout.images, prep, app) if app != AppPreprocessing() else x
-    log.info(f"verify: reference SavedModel on {len(x)} test images")
-    ref_runner = REGISTRY[Runtime.TENSORFLOW].create(settings.classes)  # kept for --stress
-    ref_pred = ref_runner.predict(reference.path, x)
+    y, n_cls, run = holdout.labels, len(settings.classes), settings.run
+    start = time.perf_counter()
+    log.info(f"verify: reference SavedModel on {len(holdout)} test images")
+    ref_runner = REGISTRY[Runtime.TENSORFLOW].create(settings.classes)
+    ref_pred = ref_runner.predict(reference.path, holdout.contract, settings=dataclasses.replace(run, latency_runs=0))
     ref = ref_pred.probabilities
-    results = [evaluate(reference, ref_runner.name, ref_pred, ref, y, n_cls, settings.gate(reference.name))]
+    # Every pair's agreement pass, one task per runtime (its artifacts in turn, in one worker);
+    # runtimes in parallel, each on its share of the cores; --stress beside them.
+    pairs: dict[Runtime, list[Artifact]] = {}
     for art in artifacts:
         for info in runtimes_for(art.kind, settings.runtimes):
-            runner = info.create(settings.classes)
+            pairs.setdefault(info.runtime, []).append(art)
+    runners = {rt: REGISTRY[rt].create(settings.classes) for rt in pairs}
+    parallel = max(1, min(run.parallel, len(pairs) + settings.stress))
+    agreement = dataclasses.replace(run, latency_runs=0, threads=max(1, run.threads // parallel))
+    found: dict[tuple[str, Runtime], tuple[Prediction | None, str | None]] = {}
+
+    def agree(rt: Runtime) -> None:
+        runner, feed = runners[rt], holdout.contract if REGISTRY[rt].feed is Feed.CONTRACT else holdout.app
+        for art in pairs[rt]:
             why = runner.unsupported(art.path)
             if why:
                 log.info(f"verify: {art.name:15s} {runner.name} skipped: {why}")
                 continue
-            inputs = x if info.feed is Feed.CONTRACT else x_app
-            pred, err = run_one(runner, art, inputs, settings.timeout_s)
-            row = evaluate(art, runner.name, pred, ref, y, n_cls, settings.gate(art.name), err)
-            results.append(row)
-            status = "ok" if row.passed else "FAILED"
-            detail = row.error or f"agreement {row.top1_agreement:.4f}, acc {row.accuracy:.4f}, {row.latency_ms:.2f} ms/img"
-            log.info(f"verify: {art.name:15s} {runner.name:15s} {status}: {detail}")
-    stress = []
-    if settings.stress:
-        for name, mistake in MISTAKES.items():
-            probs = ref_runner.predict(reference.path, prepare_batch(holdout.images, prep, mistake),
-                                       timing=False).probabilities
-            agree = float((probs.argmax(1) == ref.argmax(1)).mean())
-            acc = float((probs.argmax(1) == y).mean())
-            stress.append({"mistake": name, "setting": mistake.differences()[0], "accuracy": acc,
-                           "accuracy_drop": results[0].accuracy - acc, "top1_agreement": agree,
-                           "mean_abs_diff": float(np.abs(probs - ref).mean())})
-            log.info(f"verify --stress: {name:38s} accuracy {acc:.4f} ({acc - results[0].accuracy:+.4f}), "
-                     f"agreement {agree:.4f}")
+            t0 = time.perf_counter()
+            found[art.name, rt] = run_one(runner, art, feed, settings, agreement)
+            pred, err = found[art.name, rt]
+            detail = err or f"agreement {float((pred.probabilities.argmax(1) == ref.argmax(1)).mean()):.4f}"
+            log.info(f"verify: {art.name:15s} {runner.name:15s} {detail} ({time.perf_counter() - t0:.1f} s)")
+
+    stress: list[dict] = []
+    try:
+        with ThreadPoolExecutor(parallel) as pool:
+            jobs = [pool.submit(agree, rt) for rt in pairs]
+            if settings.stress:
+                jobs.append(pool.submit(lambda: stress.extend(
+                    _stress(ref_runner, reference, holdout, settings, ref, float((ref.argmax(1) == y).mean())))))
+            for job in jobs:
+                job.result()
+        log.info(f"verify: agreement passes done in {time.perf_counter() - start:.1f} s; "
+                 f"latency: {run.latency_runs} single-image calls per row, one at a time")
+        # Latency, alone: one row at a time, nothing else running, one thread, one image a call.
+        timing = dataclasses.replace(run, threads=1)
+        one = FeedFile(holdout.contract.path, (1, *holdout.contract.shape[1:]))
+        one_app = FeedFile(holdout.app.path, (1, *holdout.app.shape[1:]))
+        ref_pred = Prediction(ref, _latencies(ref_runner, reference, one, settings, timing))
+        results = [evaluate(reference, ref_runner.name, ref_pred, ref, y, n_cls, settings.gate(reference.name))]
+        for art in artifacts:
+            for info in runtimes_for(art.kind, settings.runtimes):
+                if (art.name, info.runtime) not in found:
+                    continue
+                pred, err = found[art.name, info.runtime]
+                if pred is not None:
+                    feed = one if info.feed is Feed.CONTRACT else one_app
+                    pred = Prediction(pred.probabilities, _latencies(runners[info.runtime], art, feed, settings, timing))
+                row = evaluate(art, info.runtime.value, pred, ref, y, n_cls, settings.gate(art.name), err)
+                results.append(row)
+                status = "ok" if row.passed else "FAILED"
+                detail = row.error or (f"agreement {row.top1_agreement:.4f}, acc {row.accuracy:.4f}, "
+                                       f"{_latency_text(row)}")
+                log.info(f"verify: {art.name:15s} {info.runtime.value:15s} {status}: {detail}")
+    finally:
+        for runner in [ref_runner, *runners.values()]:
+            runner.close()
     return Report(results, stress, ref, holdout, settings)
+
+
+def _latencies(runner, artifact: Artifact, one: FeedFile, settings: VerifySettings, timing: RunSettings) -> tuple:
+    """The timed single-image calls of one pair (none when the runtime fails now: the agreement
+    figures stand, the latency is left empty)."""
+    if timing.latency_runs <= 0:
+        return ()
+    try:
+        return runner.predict(artifact.path, one, timeout_s=settings.timeout_s, settings=timing).latencies_ms
+    except RuntimeFailed as err:
+        log.info(f"verify: {artifact.name} {runner.name}: latency not measured: {err}")
+        return ()
+
+
+def _stress(ref_runner, reference: Artifact, holdout: Holdout, settings: VerifySettings, ref: np.ndarray,
+            accuracy: float) -> list[dict]:
+    """The reference on each usual preprocessing mistake, a chunk of decoded images at a time."""
+    from pipeline.stress import MISTAKES, prepare_batch
+
+    y, images, found = holdout.labels, holdout.images, []
+    for name, mistake in MISTAKES.items():
+        parts = []
+        for k in range(0, len(images), DECODE_CHUNK):
+            chunk = [images[i] for i in range(k, min(k + DECODE_CHUNK, len(images)))]
+            parts.append(ref_runner.probabilities(reference.path, prepare_batch(chunk, settings.contract, mistake)))
+        probs = np.concatenate(parts)
+        agree = float((probs.argmax(1) == ref.argmax(1)).mean())
+        acc = float((probs.argmax(1) == y).mean())
+        found.append({"mistake": name, "setting": mistake.differences()[0], "accuracy": acc,
+                      "accuracy_drop": accuracy - acc, "top1_agreement": agree,
+                      "mean_abs_diff": float(np.abs(probs - ref).mean())})
+        log.info(f"verify --stress: {name:38s} accuracy {acc:.4f} ({acc - accuracy:+.4f}), agreement {agree:.4f}")
+    return found
+
+
+def _latency(row: dict) -> float:
+    return row["latency_ms"] if row["latency_ms"] is not None else float("inf")
+
+
+def _fastest(rows: list[dict]) -> dict:
+    return min(rows, key=lambda r: (_latency(r), r["size_bytes"]))
 
 
 def recommend(rows: list[dict]) -> dict | None:
@@ -316,9 +458,9 @@ def recommend(rows: list[dict]) -> dict | None:
     passing = {a: rs for a, rs in by_artifact.items() if all(r["passed"] for r in rs)}
     if not passing:
         return None
-    smallest = min(passing, key=lambda a: (passing[a][0]["size_bytes"], min(r["latency_ms"] for r in passing[a])))
-    fastest = min((r for rs in passing.values() for r in rs), key=lambda r: (r["latency_ms"], r["size_bytes"]))
-    best_rt = min(passing[smallest], key=lambda r: r["latency_ms"])
+    smallest = min(passing, key=lambda a: (passing[a][0]["size_bytes"], _latency(_fastest(passing[a]))))
+    fastest = _fastest([r for rs in passing.values() for r in rs])
+    best_rt = _fastest(passing[smallest])
     return {
         "artifact": smallest, "runtime": best_rt["runtime"], "size_bytes": best_rt["size_bytes"],
         "latency_ms": best_rt["latency_ms"], "top1_agreement": min(r["top1_agreement"] for r in passing[smallest]),

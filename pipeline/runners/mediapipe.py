@@ -8,13 +8,13 @@ order, a normalisation that rescales the pixels — this runner would disagree w
 It runs the way an app runs it: a ``mp.Image`` of uint8 SRGB pixels, which MediaPipe resizes to
 the model's size and normalises itself. We hand it images already at the model's size (the
 verify stage's float32 0..255 inputs rounded to uint8), so its resize is an identity and the only
-difference from the other runtimes is that rounding. One subprocess per model, like
-:mod:`pipeline.runners.tflite`: MediaPipe's own TFLite build stays out of our address space, and a
-crash or a hang becomes a failed row.
+difference from the other runtimes is that rounding. One long-lived worker process for every
+model, like :mod:`pipeline.runners.tflite`: MediaPipe's own TFLite build stays out of our address
+space, and a crash or a hang becomes a failed row. ImageClassifier takes one image a call, so the
+agreement pass is image by image; the latency figure is its own timed calls.
 """
 from __future__ import annotations
 
-import json
 import sys
 import tempfile
 from pathlib import Path
@@ -22,7 +22,8 @@ from typing import Sequence
 
 import numpy as np
 
-from pipeline.runners.base import Prediction, run_python_worker
+from pipeline.runners.base import Prediction, RunSettings, Worker, as_feed
+from pipeline.runners.feed import FeedFile
 from pipeline.types import Runtime
 
 RUNTIME_NAME = Runtime.MEDIAPIPE.value
@@ -66,28 +67,32 @@ class MediapipeRunner:
 
     def __init__(self, labels: Sequence[str]):
         self.labels = list(labels)
+        self.worker = Worker(self.name, "pipeline.runners.mediapipe")
 
     def unsupported(self, artifact: Path) -> str | None:
         return unsupported_input(artifact)
 
-    def predict(self, artifact: Path, images: np.ndarray, timeout_s: float = 600.0) -> Prediction:
+    def predict(self, artifact: Path, images: np.ndarray | FeedFile, timeout_s: float = 600.0,
+                settings: RunSettings = RunSettings()) -> Prediction:
         """Runs ``artifact`` on ``images`` (float32 RGB ``[N, H, W, 3]`` 0..255, at the model's size).
 
         Returns:
-            The ``probabilities`` head, float32 ``[N, len(labels)]`` in label order, and the mean
-            latency of one ``classify`` call (after a warm-up call).
+            The ``probabilities`` head, float32 ``[N, len(labels)]`` in label order, and the timed
+            ``classify`` calls (after a warm-up call).
 
         Raises:
             RuntimeFailed: MediaPipe refused the model (e.g. no metadata, integer input it does not
                 take), crashed, timed out, or named categories or heads we do not know.
         """
         artifact = Path(artifact)
-        with tempfile.TemporaryDirectory(prefix="edgepipe-mediapipe-") as tmp:
-            inp, out, labels = Path(tmp) / "in.npy", Path(tmp) / "out.npy", Path(tmp) / "labels.json"
-            np.save(inp, to_uint8(np.asarray(images)))
-            labels.write_text(json.dumps(self.labels), encoding="utf-8")
-            return run_python_worker(self.name, artifact, "pipeline.runners.mediapipe",
-                                     [str(artifact), str(inp), str(labels), str(out)], out, timeout_s)
+        with as_feed(images) as feed, tempfile.TemporaryDirectory(prefix="edgepipe-mediapipe-") as tmp:
+            out = Path(tmp) / "out.npy"
+            answer = self.worker.run({"model": str(artifact), "feed": feed.to_dict(), "labels": self.labels,
+                                      "out": str(out), **settings.to_dict()}, timeout_s, artifact.name)
+            return Prediction(np.load(out).astype(np.float32), tuple(answer["latencies_ms"]))
+
+    def close(self) -> None:
+        self.worker.close()
 
 
 def create(runtime: Runtime, labels: Sequence[str]) -> MediapipeRunner:
@@ -123,35 +128,47 @@ def scores_in_label_order(result, labels: list[str]) -> np.ndarray:
     return scores
 
 
-def _worker(model: str, inp: str, labels_path: str, out: str) -> None:
-    import time
-
-    # mediapipe imports TensorFlow when it can (only for API-doc decorators); an app has no
-    # TensorFlow, and keeping it out saves seconds and a second TFLite build in this process.
-    sys.modules.setdefault("tensorflow", None)
+def _run_job(job: dict) -> dict:
     import mediapipe as mp
     from mediapipe.tasks.python import BaseOptions
     from mediapipe.tasks.python.vision import ImageClassifier, ImageClassifierOptions
 
-    labels = json.loads(Path(labels_path).read_text(encoding="utf-8"))
-    images = np.load(inp)
-    options = ImageClassifierOptions(base_options=BaseOptions(model_asset_path=model),
+    from pipeline.runners.base import timed_calls
+    from pipeline.testhook import crash_point
+
+    crash_point(job["model"])
+    feed, labels = FeedFile.from_dict(job["feed"]), job["labels"]
+    options = ImageClassifierOptions(base_options=BaseOptions(model_asset_path=job["model"]),
                                      max_results=-1, score_threshold=0.0)
+
+    def as_mp(img):
+        return mp.Image(image_format=mp.ImageFormat.SRGB, data=np.ascontiguousarray(to_uint8(img)))
+
     rows = []
     with ImageClassifier.create_from_options(options) as classifier:
-        as_mp = [mp.Image(image_format=mp.ImageFormat.SRGB, data=np.ascontiguousarray(img)) for img in images]
-        classifier.classify(as_mp[0])  # warm-up: the first call builds the graph's kernels
-        start = time.perf_counter()
-        results = [classifier.classify(img) for img in as_mp]
-        elapsed = time.perf_counter() - start
+        for _, images in feed.batches(int(job["batch"])):
+            rows.extend(scores_in_label_order(classifier.classify(as_mp(img)), labels) for img in images)
+        first = as_mp(feed.read(0, 1)[0])
+        latencies = timed_calls(lambda: classifier.classify(first), int(job["latency_runs"]))
+    np.save(job["out"], np.stack(rows).astype(np.float32))
+    return {"latencies_ms": latencies}
+
+
+def _main() -> None:
+    from pipeline.runners.base import serve
+
+    # mediapipe imports TensorFlow when it can (only for API-doc decorators); an app has no
+    # TensorFlow, and keeping it out saves seconds and a second TFLite build in this process.
+    sys.modules.setdefault("tensorflow", None)
+
+    def handle(job):
         try:
-            rows = [scores_in_label_order(r, labels) for r in results]
+            return _run_job(job)
         except _Mismatch as err:
-            print(f"LabelMismatchError: {err}", file=sys.stderr)
-            sys.exit(1)
-    np.save(out, np.stack(rows).astype(np.float32))
-    print(json.dumps({"latency_ms": 1000 * elapsed / max(len(images), 1)}))
+            return {"error": f"LabelMismatchError: {err}"}
+
+    serve(handle)
 
 
 if __name__ == "__main__":
-    _worker(*sys.argv[1:5])
+    _main()

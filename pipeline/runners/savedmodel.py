@@ -5,16 +5,14 @@ the usual preprocessing mistakes, so a loaded SavedModel is kept for the life of
 """
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
-from pipeline.runners.base import Prediction
+from pipeline.runners.base import Prediction, RunSettings
+from pipeline.runners.feed import FeedFile
 from pipeline.types import Runtime
-
-BATCH = 32
 
 
 class SavedModelRunner:
@@ -28,28 +26,41 @@ class SavedModelRunner:
     def unsupported(self, artifact: Path) -> str | None:
         return None
 
-    def predict(self, artifact: Path, images: np.ndarray, timeout_s: float = 600.0,
-                timing: bool = True) -> Prediction:
-        """Probabilities in batches of :data:`BATCH`; then, with ``timing``, the mean latency of
-        single-image calls after one warm-up call (NaN without)."""
+    def _function(self, artifact: Path):
         import tensorflow as tf
 
         key = str(artifact)
         if key not in self._loaded:
             self._loaded[key] = tf.saved_model.load(key).signatures["serving_default"]
-        fn = self._loaded[key]
-        probs = np.concatenate([
-            fn(images=tf.constant(images[k:k + BATCH]))["probabilities"].numpy()
-            for k in range(0, len(images), BATCH)
-        ]) if len(images) else np.zeros((0, 0), np.float32)
-        if not timing:
-            return Prediction(probs.astype(np.float32), float("nan"))
-        fn(images=tf.constant(images[:1]))  # warm-up for the latency figure
-        start = time.perf_counter()
-        for img in images:
-            fn(images=tf.constant(img[None]))
-        latency = 1000 * (time.perf_counter() - start) / max(len(images), 1)
-        return Prediction(probs.astype(np.float32), latency)
+        return self._loaded[key]
+
+    def probabilities(self, artifact: Path, images: np.ndarray) -> np.ndarray:
+        """float32 ``[k, classes]`` for one batch."""
+        import tensorflow as tf
+
+        return self._function(artifact)(images=tf.constant(images))["probabilities"].numpy().astype(np.float32)
+
+    def predict(self, artifact: Path, images: np.ndarray | FeedFile, timeout_s: float = 600.0,
+                settings: RunSettings = RunSettings()) -> Prediction:
+        """Probabilities in batches of ``settings.batch``; then ``settings.latency_runs`` timed
+        single-image calls after a warm-up call (TensorFlow's own thread pools: every core)."""
+        import tensorflow as tf
+
+        from pipeline.runners.base import timed_calls
+
+        if isinstance(images, FeedFile):
+            parts = [self.probabilities(artifact, x) for _, x in images.batches(settings.batch)]
+            first = images.read(0, 1)
+        else:
+            parts = [self.probabilities(artifact, images[k:k + settings.batch])
+                     for k in range(0, len(images), settings.batch)]
+            first = np.asarray(images[:1], np.float32)
+        probs = np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
+        fn, one = self._function(artifact), tf.constant(first)
+        return Prediction(probs, tuple(timed_calls(lambda: fn(images=one), settings.latency_runs)))
+
+    def close(self) -> None:
+        self._loaded.clear()
 
 
 def create(runtime: Runtime, labels: Sequence[str]) -> SavedModelRunner:

@@ -17,7 +17,8 @@ from typing import Sequence
 
 import numpy as np
 
-from pipeline.runners.base import Prediction, RuntimeFailed
+from pipeline.runners.base import Prediction, RunSettings, RuntimeFailed, as_feed
+from pipeline.runners.feed import FeedFile
 from pipeline.types import Runtime
 
 NODE_DIR = Path(__file__).parent / "tfjs"
@@ -64,23 +65,31 @@ class TfjsWasmRunner:
     def unsupported(self, artifact: Path) -> str | None:
         return None
 
-    def predict(self, artifact: Path, images: np.ndarray, timeout_s: float = 600.0) -> Prediction:
-        """Classifies ``images`` one at a time after one warm-up call.
+    def close(self) -> None:
+        pass
+
+    def predict(self, artifact: Path, images: np.ndarray | FeedFile, timeout_s: float = 600.0,
+                settings: RunSettings = RunSettings()) -> Prediction:
+        """Classifies ``images`` ``settings.batch`` at a time, then times single-image calls.
+
+        One Node process per bundle (there are two; starting Node and the wasm backend costs about
+        0.3 s): wasm has one thread whatever ``settings.threads`` says.
 
         Args:
             artifact: folder holding ``model.json`` and its weight shards.
-            images: float32 RGB ``[N, H, W, 3]``.
+            images: float32 RGB ``[N, H, W, 3]``, or a feed file of them.
             timeout_s: wall-clock limit for the whole Node process, model loading included.
 
         Returns:
-            The output named ``output_key``, float32 ``[N, C]``, and the mean latency per image.
+            The output named ``output_key``, float32 ``[N, C]``, and the timed single-image calls.
 
         Raises:
             RuntimeFailed: Node is missing, or the process crashed, timed out or printed no result.
             ValueError: ``images`` is not a non-empty ``[N, H, W, 3]`` array.
         """
-        if images.ndim != 4 or images.shape[0] == 0 or images.shape[-1] != 3:
-            raise ValueError(f"images must be [N, H, W, 3] with N >= 1, got {images.shape}")
+        shape = images.shape if isinstance(images, FeedFile) else np.shape(images)
+        if len(shape) != 4 or shape[0] == 0 or shape[-1] != 3:
+            raise ValueError(f"images must be [N, H, W, 3] with N >= 1, got {shape}")
         ensure_node_modules()
         artifact = Path(artifact)
         if not (artifact / "model.json").is_file():
@@ -88,35 +97,35 @@ class TfjsWasmRunner:
                 f"{artifact} has no model.json; expected a TF.js graph-model folder"
             )
 
-        with tempfile.TemporaryDirectory(prefix="edgepipe-tfjs-") as tmp:
-            input_path = Path(tmp) / "images.bin"
+        with as_feed(images) as feed, tempfile.TemporaryDirectory(prefix="edgepipe-tfjs-") as tmp:
             output_path = Path(tmp) / "outputs.bin"
-            # run.mjs reads little-endian float32 whatever the host byte order.
-            np.ascontiguousarray(images, dtype="<f4").tofile(input_path)
+            # run.mjs reads little-endian float32 whatever the host byte order (FeedFile's format).
             argv = [
                 _node_executable(), str(RUN_SCRIPT),
                 "--model", str(artifact),
-                "--input", str(input_path),
-                "--shape", ",".join(str(d) for d in images.shape),
+                "--input", str(feed.path),
+                "--shape", ",".join(str(d) for d in feed.shape),
                 "--output", str(output_path),
                 "--output-key", self.output_key,
+                "--batch", str(settings.batch),
+                "--latency-runs", str(settings.latency_runs),
             ]  # fmt: skip
             try:
                 done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout_s)
             except subprocess.TimeoutExpired:
                 raise RuntimeFailed(
                     f"{self.name} timed out after {timeout_s:g} s on {artifact} "
-                    f"({len(images)} images); the Node process was killed"
+                    f"({len(feed)} images); the Node process was killed"
                 ) from None
             if done.returncode != 0:
                 raise RuntimeFailed(
                     f"{self.name} failed on {artifact} ({_describe_exit(done.returncode)}): "
                     f"{_tail(done.stderr)}"
                 )
-            summary = _parse_summary(done.stdout, expected_rows=len(images))
+            summary = _parse_summary(done.stdout, expected_rows=len(feed))
             return Prediction(
                 probabilities=_read_outputs(output_path, summary["shape"]),
-                latency_ms=float(summary["latency_ms"]),
+                latencies_ms=tuple(float(v) for v in summary.get("latencies_ms", [])),
             )
 
 
@@ -144,7 +153,7 @@ def _parse_summary(stdout: str, expected_rows: int) -> dict:
     try:
         summary = json.loads(lines[-1])
         rows, columns = summary["shape"]
-        latency_ms = float(summary["latency_ms"])
+        latencies = [float(v) for v in summary.get("latencies_ms", [])]
     except (IndexError, ValueError, TypeError, KeyError):
         raise RuntimeFailed(
             f"tfjs-wasm printed no result line; stdout was {_tail(stdout)!r}"
@@ -153,8 +162,9 @@ def _parse_summary(stdout: str, expected_rows: int) -> dict:
         raise RuntimeFailed(
             f"tfjs-wasm reported shape {summary['shape']} for {expected_rows} images"
         )
-    if not math.isfinite(latency_ms) or latency_ms < 0:
-        raise RuntimeFailed(f"tfjs-wasm reported a latency of {latency_ms} ms")
+    bad = [v for v in latencies if not math.isfinite(v) or v < 0]
+    if bad:
+        raise RuntimeFailed(f"tfjs-wasm reported a latency of {bad[0]} ms")
     return summary
 
 

@@ -1,18 +1,20 @@
 #!/usr/bin/env node
-// Runs a TF.js graph-model bundle on the wasm backend, one image at a time, the way an app would.
+// Runs a TF.js graph-model bundle on the wasm backend, the way a web app runs it.
 //
 //   node run.mjs --model DIR --input images.bin --shape N,H,W,3 --output probs.bin \
-//                [--output-key probabilities]
+//                [--output-key probabilities] [--batch 16] [--latency-runs 30]
 //
-// The input file holds raw little-endian float32 images; the output file receives raw float32
-// [N, C]. On success one JSON line goes to stdout:
-//   {"shape":[N,C],"latency_ms":<mean per image>,"backend":"wasm","tfjs":"4.22.0"}
+// The input file holds raw little-endian float32 images, read --batch images at a time (never the
+// whole file at once); the output file receives raw float32 [N, C]. The agreement pass runs
+// --batch images a call; then --latency-runs single-image calls are timed after a warm-up call.
+// On success one JSON line goes to stdout:
+//   {"shape":[N,C],"latency_ms":<median>,"latencies_ms":[...],"backend":"wasm","tfjs":"4.22.0"}
 // On failure the exit status is non-zero and the last stderr line says why.
 //
 // tfjs-node cannot be installed offline (its install script downloads libtensorflow), so the
 // model files are read here and handed to plain tfjs: `file://` URLs only load in tfjs-node.
 
-import { readFileSync, writeFileSync } from 'node:fs';
+import { closeSync, openSync, readFileSync, readSync, writeFileSync } from 'node:fs';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { parseArgs } from 'node:util';
@@ -37,6 +39,8 @@ function parseCli(argv) {
         shape: { type: 'string' },
         output: { type: 'string' },
         'output-key': { type: 'string', default: 'probabilities' },
+        batch: { type: 'string', default: '16' },
+        'latency-runs': { type: 'string', default: '30' },
       },
       strict: true,
     }));
@@ -51,7 +55,14 @@ function parseCli(argv) {
   if (shape.length !== 4 || shape.some((d) => !Number.isInteger(d) || d <= 0) || shape[3] !== 3) {
     throw new UsageError(`--shape must be N,H,W,3 with positive integers, got '${values.shape}'`);
   }
+  const batch = Number(values.batch);
+  const latencyRuns = Number(values['latency-runs']);
+  if (!Number.isInteger(batch) || batch < 1 || !Number.isInteger(latencyRuns) || latencyRuns < 0) {
+    throw new UsageError(`--batch must be >= 1 and --latency-runs >= 0, got ${values.batch}, ${values['latency-runs']}`);
+  }
   return {
+    batch,
+    latencyRuns,
     modelDir: values.model,
     inputPath: values.input,
     shape,
@@ -162,23 +173,40 @@ function resolveSignature(artifacts, outputKey) {
   throw new Error(`no signature output '${outputKey}'; the model has: ${known}${hint}`);
 }
 
-function readImages(path, shape) {
-  let bytes;
+/** Reads images [start, start + count) of the raw float32 file; checks its size once. */
+function imageReader(path, shape) {
+  let fd;
   try {
-    bytes = readFileSync(path);
+    fd = openSync(path, 'r');
   } catch (err) {
     throw new Error(`cannot read input ${path}: ${err.code ?? err.message}`);
   }
-  const expected = shape.reduce((a, b) => a * b, 1) * 4;
-  if (bytes.byteLength !== expected) {
-    throw new Error(
-      `input ${path} has ${bytes.byteLength} bytes; ` +
-        `float32 of shape ${shape.join('x')} needs ${expected}`,
-    );
+  const perImage = shape[1] * shape[2] * shape[3];
+  const expected = shape[0] * perImage * 4;
+  const probe = Buffer.alloc(1);
+  // The file may hold more images than are asked for (the first of a feed, for latency).
+  if (expected > 0 && readSync(fd, probe, 0, 1, expected - 1) !== 1) {
+    closeSync(fd);
+    throw new Error(`input ${path} is shorter than float32 of shape ${shape.join('x')} (${expected} bytes)`);
   }
-  // Copy into a fresh, aligned buffer: Buffer's pool offset need not be a multiple of 4.
-  const end = bytes.byteOffset + bytes.byteLength;
-  return new Float32Array(bytes.buffer.slice(bytes.byteOffset, end));
+  return {
+    read(start, count) {
+      // A fresh, aligned buffer: a Buffer's pool offset need not be a multiple of 4.
+      const out = new Float32Array(count * perImage);
+      readSync(fd, new Uint8Array(out.buffer), 0, out.byteLength, start * perImage * 4);
+      return out;
+    },
+    close() {
+      closeSync(fd);
+    },
+  };
+}
+
+function median(values) {
+  if (values.length === 0) return null;
+  const sorted = [...values].sort((a, b) => a - b);
+  const mid = Math.floor(sorted.length / 2);
+  return sorted.length % 2 ? sorted[mid] : (sorted[mid - 1] + sorted[mid]) / 2;
 }
 
 async function main() {
@@ -195,17 +223,15 @@ async function main() {
   const model = await tf.loadGraphModel({ load: async () => artifacts });
 
   const [n, h, w, c] = args.shape;
-  const pixels = readImages(args.inputPath, args.shape);
-  const perImage = h * w * c;
+  const images = imageReader(args.inputPath, args.shape);
 
   // Graphs with control flow only run through executeAsync; plain feed-forward ones run through
   // the cheaper synchronous path. The warm-up call picks which one, outside the timing.
   let runAsync = false;
-  async function infer(index) {
-    const pixelsOfOne = pixels.subarray(index * perImage, (index + 1) * perImage);
-    const image = tf.tensor4d(pixelsOfOne, [1, h, w, c]);
+  async function infer(pixels, count) {
+    const batch = tf.tensor4d(pixels, [count, h, w, c]);
     try {
-      const feed = { [inputNode]: image };
+      const feed = { [inputNode]: batch };
       const output = runAsync
         ? await model.executeAsync(feed, outputNode)
         : model.execute(feed, outputNode);
@@ -215,40 +241,49 @@ async function main() {
         output.dispose();
       }
     } finally {
-      image.dispose();
+      batch.dispose();
     }
   }
 
+  const first = images.read(0, 1);
   try {
-    await infer(0);
+    await infer(first, 1);
   } catch (err) {
     if (!/executeAsync/.test(err.message)) throw err;
     runAsync = true;
-    await infer(0);
+    await infer(first, 1);
   }
 
   let numClasses = null;
-  const probabilities = [];
-  let elapsedMs = 0;
-  for (let i = 0; i < n; i++) {
-    const start = performance.now();
-    const { values, shape } = await infer(i);
-    elapsedMs += performance.now() - start;
-    if (shape.length !== 2 || shape[0] !== 1) {
-      throw new Error(`output '${args.outputKey}' has shape [${shape}], expected [1, C]`);
+  let flat = null;
+  for (let start = 0; start < n; start += args.batch) {
+    const count = Math.min(args.batch, n - start);
+    const { values, shape } = await infer(images.read(start, count), count);
+    if (shape.length !== 2 || shape[0] !== count) {
+      throw new Error(`output '${args.outputKey}' has shape [${shape}], expected [${count}, C]`);
     }
-    numClasses = shape[1];
-    probabilities.push(Float32Array.from(values));
+    if (flat === null) {
+      numClasses = shape[1];
+      flat = new Float32Array(n * numClasses);
+    }
+    flat.set(values, start * numClasses);
   }
-
-  const flat = new Float32Array(n * numClasses);
-  probabilities.forEach((row, i) => flat.set(row, i * numClasses));
+  images.close();
   writeFileSync(args.outputPath, new Uint8Array(flat.buffer));
+
+  const latencies = [];
+  if (args.latencyRuns > 0) await infer(first, 1); // warm-up after the batched calls
+  for (let i = 0; i < args.latencyRuns; i++) {
+    const start = performance.now();
+    await infer(first, 1);
+    latencies.push(performance.now() - start);
+  }
 
   process.stdout.write(
     JSON.stringify({
       shape: [n, numClasses],
-      latency_ms: elapsedMs / n,
+      latency_ms: median(latencies),
+      latencies_ms: latencies,
       backend: tf.getBackend(),
       tfjs: tf.version.tfjs,
     }) + '\n',
