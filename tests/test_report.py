@@ -168,7 +168,6 @@ def test_tradeoff_labels_do_not_overlap():
     labels = [f"tflite-int8-uint8\nai-edge-litert {i}" for i in range(17)]
     anns = rp.place_labels(ax, xy, labels)
     renderer = fig.canvas.get_renderer()
-    boxes = [a.get_window_extent(renderer) for a in anns]
     # Leader lines are part of an annotation's extent; compare the text boxes only.
     boxes = [matplotlib.text.Text.get_window_extent(a, renderer) for a in anns]
     overlaps = sum(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
