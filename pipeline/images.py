@@ -158,40 +158,59 @@ def _decode_jpeg_fast(im: Image.Image, data: bytes) -> np.ndarray | None:
     return arr
 
 
+@functools.lru_cache(maxsize=1024)
 def _bilinear_taps(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """TensorFlow's ResizeBilinear sample positions (half-pixel centres), in its float32 steps."""
+    """TensorFlow's ResizeBilinear sample positions (half-pixel centres), in its float32 steps:
+    the lower and upper source index and the weight of the upper one, per output index."""
     scale = np.float32(in_size) / np.float32(out_size)
     pos = (np.arange(out_size, dtype=np.float32) + np.float32(0.5)) * scale - np.float32(0.5)
     floor = np.floor(pos)
     lower = np.maximum(floor.astype(np.intp), 0)
     upper = np.minimum(np.ceil(pos).astype(np.intp), in_size - 1)
-    return lower, upper, pos - floor
+    return _frozen(lower), _frozen(upper), _frozen(pos - floor)
+
+
+@functools.lru_cache(maxsize=1024)
+def _column_taps(width: int, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`_bilinear_taps` along a row of RGB pixels viewed flat (``x * 3 + channel``)."""
+    lower, upper, lerp = _bilinear_taps(width, size)
+    channel = np.arange(3)
+    return (_frozen((lower[:, None] * 3 + channel).ravel()), _frozen((upper[:, None] * 3 + channel).ravel()),
+            _frozen(np.repeat(lerp, 3)))
+
+
+def _frozen(a: np.ndarray) -> np.ndarray:
+    a.flags.writeable = False  # shared by every image of that size
+    return a
 
 
 def _resize_bilinear(rgb: np.ndarray, size: int) -> np.ndarray:
     """``tf.image.resize(bilinear, antialias=False)`` of uint8 RGB, bit for bit, in numpy.
 
-    TensorFlow computes each output as ``top + (bottom - top) * y_lerp`` with
-    ``top = left + (right - left) * x_lerp`` in float32, no fused multiply-add; the same float32
-    operations in the same order, a row pass then a column pass, give the same values at about a
-    quarter of the cost of a TF call per image.
+    TensorFlow's CPU kernel computes each output as ``top + (bottom - top) * y_lerp`` with
+    ``top = left + (right - left) * x_lerp`` in float32 without fused multiply-adds (its SSE path
+    and its scalar one alike); the same float32 operations in the same order, a pass along the
+    rows and then one down the columns, give the same values for a third of the time of a TF call.
     """
     height, width = rgb.shape[:2]
     ylo, yhi, ylerp = _bilinear_taps(height, size)
-    xlo, xhi, xlerp = _bilinear_taps(width, size)
-    rows, index = np.unique(np.concatenate([ylo, yhi]), return_inverse=True)
-    src = rgb[rows] if len(rows) < height else rgb
-    left = src[:, xlo].astype(np.float32)
-    across = src[:, xhi].astype(np.float32)
+    left_cols, right_cols, xlerp = _column_taps(width, size)
+    flat = rgb.reshape(height, width * 3)
+    if height > 2 * size:  # a large photo: only the rows that are sampled
+        rows, inverse = np.unique(np.concatenate([ylo, yhi]), return_inverse=True)
+        flat, ylo, yhi = flat[rows], inverse[:size], inverse[size:]
+    # np.take keeps the result contiguous (fancy indexing on axis 1 does not).
+    left = np.take(flat, left_cols, axis=1).astype(np.float32)
+    across = np.take(flat, right_cols, axis=1).astype(np.float32)
     across -= left
-    across *= xlerp[:, None]
+    across *= xlerp
     across += left
-    top = across[index[:size]]
-    out = across[index[size:]]
+    top = np.take(across, ylo, axis=0)
+    out = np.take(across, yhi, axis=0)
     out -= top
-    out *= ylerp[:, None, None]
+    out *= ylerp[:, None]
     out += top
-    return out
+    return out.reshape(size, size, 3)
 
 
 _resize_fns: dict[tuple, object] = {}

@@ -4,6 +4,9 @@
 Prints images/s for:
   baseline   tensorflow-for-poets' retrain.py loop: per image a decode call and a backbone call at
              batch 1, and the bottleneck written as text (also shown: a lighter one-call loop)
+  floor      the backbone alone: LiteRT/XNNPACK on the same images already decoded and resized to
+             float32 batches (no file read, no decode, no cache), in its two thread layouts; the
+             faster is the floor cold extraction is compared with
   cold       edgepipe extraction into an empty cache (parallel decode, batched inference, cache writes)
   warm       the same images again, every bottleneck from the cache (and without the file-hash
              index, when every image is read and hashed again)
@@ -11,7 +14,12 @@ then peak memory of a cold extraction on the image set and on the set replicated
 bytes, so the cache cannot dedupe them), wall time of a cold and a repeated `edgepipe retrain`
 and `edgepipe run`, and the test accuracy of a head on the pooled feature vs poets' 1001 logits.
 
-Usage: .venv/bin/python scripts/bench_bottlenecks.py [--images DIR] [--backbone NAME] [--repeat N] [--skip-runs]
+and, measured on one core in the same run, what a cold extraction does per image beside the
+backbone (decode and resize, read and hash, create the cache file), hence the best it could reach
+against the floor on these cores.
+
+Usage: .venv/bin/python scripts/bench_bottlenecks.py [--images DIR] [--sample N] [--backbone NAME] [--repeat N]
+       [--skip-runs]
 """
 from __future__ import annotations
 
@@ -95,6 +103,58 @@ def fused_baseline(paths: list[Path], graph_path: Path, spec) -> float:
         for p in paths:
             sess.run(bottleneck, {jpeg: p.read_bytes()})
         return len(paths) / (time.perf_counter() - start)
+
+
+def decoded(paths: list[Path], spec):
+    """The images as the backbone takes them: float32 ``[N, size, size, 3]``, decoded and resized."""
+    import numpy as np
+
+    from pipeline.images import load_pixels
+
+    out = np.empty((len(paths), spec.preprocessing.size, spec.preprocessing.size, 3), np.float32)
+    for i, p in enumerate(paths):
+        out[i] = load_pixels(p.read_bytes(), spec.preprocessing, str(p))
+    return out
+
+
+def inference_floor(extractor, batch) -> float:
+    """images/s of the backbone alone on decoded float32 batches: the floor for cold extraction."""
+    start = time.perf_counter()
+    for k in range(0, len(batch), 64):  # extract()'s batches
+        extractor(batch[k:k + 64])
+    return len(batch) / (time.perf_counter() - start)
+
+
+def per_image_costs(paths: list[Path], spec, folder: Path) -> dict[str, float]:
+    """CPU ms per image, on one thread, of what a cold extraction does besides the backbone."""
+    import hashlib
+
+    import numpy as np
+
+    from pipeline.bottlenecks import BottleneckCache
+    from pipeline.images import load_pixels, read_image_file
+
+    def cpu_ms(fn) -> float:
+        before = os.times()
+        fn()
+        after = os.times()
+        return ((after.user - before.user) + (after.system - before.system)) / len(paths) * 1e3
+
+    datas: list[bytes] = []
+
+    def read_and_hash() -> None:
+        for p in paths:
+            datas.append(read_image_file(p))
+            hashlib.sha256(datas[-1]).digest()
+
+    read = cpu_ms(read_and_hash)
+    cache = BottleneckCache(folder, "probe", spec.feature_size)
+    feature = np.zeros(spec.feature_size, np.float32)
+    return {
+        "read": read,
+        "decode": cpu_ms(lambda: [load_pixels(d, spec.preprocessing) for d in datas]),
+        "write": cpu_ms(lambda: [cache.put(f"{k:064x}", feature) for k in range(len(paths))]),
+    }
 
 
 def edgepipe_extract(paths, graph_path, spec, cache: Path, engine: str = "litert") -> tuple[float, int, int]:
@@ -187,9 +247,11 @@ def timed_cli(*args) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--images", type=Path, default=FLOWERS / "train")
+    ap.add_argument("--sample", type=int, default=0,
+                    help="use N of the images, evenly spread over their sorted list (default: all)")
     ap.add_argument("--test-images", type=Path, default=FLOWERS / "test")
     ap.add_argument("--backbone", default="mobilenet_v1_0.25_224")
-    ap.add_argument("--skip-runs", action="store_true", help="only the extraction figures")
+    ap.add_argument("--skip-runs", action="store_true", help="only the extraction figures (no memory or CLI runs)")
     ap.add_argument("--repeat", type=int, default=3, help="runs per extraction figure (the median is shown)")
     ap.add_argument("--work", type=Path, default=None,
                     help="scratch folder, removed at the end (default: a new one beside edgepipe's cache, "
@@ -206,10 +268,24 @@ def main() -> None:
     try:
         graph, spec = load(a.backbone)
         paths = images_in(a.images)
+        if 0 < a.sample < len(paths):
+            paths = [paths[k * len(paths) // a.sample] for k in range(a.sample)]
+        from pipeline.backbone import LiteRTFeatureExtractor, get_extractor
+
+        extractor = get_extractor(str(graph), spec, "litert")  # the one extract() uses
+        one_interpreter = LiteRTFeatureExtractor(graph, spec, interpreters=1)  # all threads in one
+        pixels = decoded(paths, spec)
+        for warm_up in (extractor, one_interpreter):
+            inference_floor(warm_up, pixels[:64])
         # Every figure is the median of --repeat runs, the runs of all rows interleaved, so a slow
         # patch of this shared machine falls on every row alike.
-        runs: dict[str, list[float]] = {k: [] for k in ("poets", "lighter", "tf", "cold", "warm", "unindexed")}
+        runs: dict[str, list[float]] = {k: [] for k in ("floor", "floor1", "poets", "lighter", "tf", "cold", "warm",
+                                                         "unindexed")}
+        costs: list[dict[str, float]] = []
         for r in range(a.repeat):
+            runs["floor"].append(inference_floor(extractor, pixels))
+            runs["floor1"].append(inference_floor(one_interpreter, pixels))
+            costs.append(per_image_costs(paths, spec, work / f"costs-{r}"))
             runs["poets"].append(poets_baseline(paths, graph, spec, work / f"poets-{r}"))
             runs["lighter"].append(fused_baseline(paths, graph, spec))
             runs["tf"].append(edgepipe_extract(paths, graph, spec, work / f"bn-tf-{r}", engine="tensorflow")[0])
@@ -221,7 +297,11 @@ def main() -> None:
             runs["unindexed"].append(edgepipe_extract(paths, graph, spec, work / f"bn-{r}")[0])
         med = {k: statistics.median(v) for k, v in runs.items()}
         probe = create_cost_us(work / "probe")
+        cores = os.cpu_count() or 1
         rows = [
+            ("floor", f"backbone alone, LiteRT: {cores} one-thread interpreters, batch 4, decoded float32 "
+                      "batches (what extraction uses)"),
+            ("floor1", f"backbone alone, LiteRT: one {cores}-thread interpreter, batch 4, decoded float32 batches"),
             ("poets", "baseline: poets' retrain.py loop (2 session calls per image, batch 1, text cache)"),
             ("lighter", "lighter batch-1 loop (1 session call per image, no cache)"),
             ("tf", f"edgepipe cold, TensorFlow engine ({computed} computed)"),
@@ -237,7 +317,21 @@ def main() -> None:
         for k, name in rows:
             print(f"| {name} | {med[k]:.1f} | {min(runs[k]):.0f}–{max(runs[k]):.0f} | {med[k] / base:.2f}× |")
         print(f"\ncold / baseline: {med['cold'] / base:.1f}×   warm / cold: {med['warm'] / med['cold']:.1f}×")
+        floor = max(med["floor"], med["floor1"])
+        print(f"cold / floor (the faster backbone-alone row, {floor:.0f} images/s): {med['cold'] / floor:.0%}"
+              f" (target ≥ 85%)   cold / baseline {med['cold'] / base:.1f}× (target ≥ 5×)")
+        cost = {k: statistics.median(c[k] for c in costs) for k in costs[0]}
+        backbone = cores / floor * 1e3  # core-ms per image, all cores busy at the floor
+        best = backbone / (backbone + sum(cost.values()))
+        print(f"\nper image, CPU ms on one core (median of {a.repeat}): backbone {backbone:.2f} "
+              f"({cores} cores / floor), decode and resize {cost['decode']:.2f}, read and SHA-256 "
+              f"{cost['read']:.2f}, create the cache file {cost['write']:.2f}")
+        print(f"so on {cores} cores cold extraction can reach at most {best:.0%} of the floor "
+              f"({best * floor:.0f} images/s) with every core busy and nothing lost to threads; "
+              f"without the cache file {backbone / (backbone + cost['decode'] + cost['read']):.0%}")
 
+        if a.skip_runs:
+            return
         tenx = replicate(paths, work / "tenx", 10)
         one = replicate(paths, work / "onex", 1)
         rss1 = peak_rss_mb(one, a.backbone, work / "rss1")
@@ -249,8 +343,6 @@ def main() -> None:
         print(f"growth during extraction: 1× {rss1[1] - rss1[0]:+.0f} MB, 10× {rss10[1] - rss10[0]:+.0f} MB; "
               f"peak during extraction 10× / 1×: {rss10[1] / rss1[1]:.2f}")
 
-        if a.skip_runs:
-            return
         os.environ["EDGEPIPE_CACHE_DIR"] = str(work / "cache-runs")
         common = ["--images", a.images, "--test-images", a.test_images, "--backbone", a.backbone, "--quiet"]
         t_cold = timed_cli("retrain", *common, "--out", work / "r1")

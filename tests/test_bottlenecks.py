@@ -134,3 +134,33 @@ def test_a_corrupt_or_unwritable_hash_index_never_fails_a_run(tiny_graph, tiny_i
     index = HashIndex(tmp_path / "file" / "under-a-file.sqlite3")  # cannot be created: remembers nothing
     index.record([("a", paths[0].stat(), time.time_ns() + 10**10, "ab")])
     assert index.lookup(["a"], [paths[0].stat()]) == [None]
+
+
+def test_fast_decode_and_resize_give_the_pixels_of_pil_and_tensorflow():
+    """The OpenCV JPEG path and the numpy resize are speed-ups only: cached features depend on
+    these pixels, so they must be PIL's decode and ``tf.image.resize``'s values bit for bit."""
+    import io
+
+    import tensorflow as tf
+    from PIL import Image, ImageOps
+
+    from pipeline.images import decode_rgb, resize
+    from pipeline.types import Preprocessing
+
+    def pil_rgb(data: bytes) -> np.ndarray:
+        with Image.open(io.BytesIO(data)) as im:
+            ImageOps.exif_transpose(im, in_place=True)
+            return np.asarray(im.convert("RGB"))
+
+    rng = np.random.default_rng(0)
+    photo = Image.fromarray(np.clip(rng.normal(128, 60, (97, 131, 3)), 0, 255).astype(np.uint8))
+    variants = [dict(subsampling=s, progressive=p) for s in (0, 1, 2) for p in (False, True)]
+    for mode, kw in [("RGB", v) for v in variants] + [("L", {}), ("L", {"progressive": True})]:
+        buf = io.BytesIO()
+        photo.convert(mode).save(buf, "JPEG", quality=90, **kw)
+        np.testing.assert_array_equal(decode_rgb(buf.getvalue()), pil_rgb(buf.getvalue()), err_msg=f"{mode} {kw}")
+    for size, shape in [(224, (97, 131)), (224, (300, 200)), (224, (1000, 37)), (224, (224, 500)), (32, (5, 9))]:
+        img = rng.integers(0, 256, (*shape, 3), dtype=np.uint8)
+        expected = tf.image.resize(tf.cast(img, tf.float32), (size, size), method="bilinear").numpy()
+        got = resize(img, Preprocessing(size=size))
+        assert got.dtype == np.float32 and np.array_equal(got.view(np.uint32), expected.view(np.uint32)), shape
