@@ -146,10 +146,10 @@ def write_html_report(path: Path, report: dict, images: list[np.ndarray],
     rec = report.get("recommendation")
     if rec:
         parts.append(f"<div class='banner ok'><b>Recommended:</b> {e(rec['artifact'])} — {rec['size_bytes'] / 1e6:.2f} MB, "
-                     f"{rec['latency_ms']:.2f} ms/image in {e(rec['runtime'])}, accuracy {rec['accuracy']:.4f}, "
+                     f"{_fmt(rec['latency_ms'], '.2f')} ms/image in {e(rec['runtime'])}, accuracy {rec['accuracy']:.4f}, "
                      f"agreement ≥ {rec['top1_agreement']:.4f} ({e(rec['why'])}). Fastest passing: "
                      f"{e(rec['fastest']['artifact'])} in {e(rec['fastest']['runtime'])} "
-                     f"({rec['fastest']['latency_ms']:.2f} ms).</div>")
+                     f"({_fmt(rec['fastest']['latency_ms'], '.2f')} ms).</div>")
 
     ms_head = "ms/img p50 / p90" if has_p90(results) else "ms/img"
     parts.append(f"<h2>Results</h2><table><tr><th class=l>artifact</th><th class=l>runtime</th><th>agreement</th>"

@@ -179,7 +179,7 @@ def _golden_source(ctx: Context) -> list[str]:
 
 def _quantize_fingerprint(ctx: Context) -> dict:
     return {"export": _upstream(ctx, "export"), "modes": [m.value for m in ctx.cfg.quant_modes],
-            "calibration": _calibration_paths(ctx), "golden": _golden_source(ctx)}
+            "calibration": _calibration_paths(ctx), "golden": _golden_source(ctx), "batch": 1}
 
 
 def _quantize_run(ctx: Context) -> tuple[dict[str, Path], dict]:

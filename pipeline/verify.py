@@ -368,7 +368,7 @@ def verify(reference: Artifact, artifacts: Sequence[Artifact], holdout: Holdout,
             found[art.name, rt] = run_one(runner, art, feed, settings, agreement)
             pred, err = found[art.name, rt]
             detail = err or f"agreement {float((pred.probabilities.argmax(1) == ref.argmax(1)).mean()):.4f}"
-            log.info(f"verify: {art.name:15s} {runner.name:15s} {detail} ({time.perf_counter() - t0:.1f} s)")
+            log.info(f"verify: ran {art.name} in {runner.name}: {detail} ({time.perf_counter() - t0:.1f} s)")
 
     stress: list[dict] = []
     try:

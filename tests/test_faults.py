@@ -65,7 +65,8 @@ def comparable(run: Path) -> list[dict]:
     (``__inference_serve_1234``), so its size moves by a few bytes with what the process traced.
     """
     rows = json.loads((run / "report.json").read_text())["results"]
-    return [{k: (round(v / 1000) if k == "size_bytes" else v) for k, v in r.items() if k != "latency_ms"}
+    return [{k: (round(v / 1000) if k == "size_bytes" else v) for k, v in r.items()
+             if k not in ("latency_ms", "latency_p50_ms", "latency_p90_ms")}
             for r in rows]
 
 
