@@ -9,8 +9,19 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.report import (
-    agreement_rows, annotate_cells, class_agreement, class_agreement_figure, class_axis, classes_text,
-    confusion_norm, has_p90, latency_text, matrix_grid, pyplot_agg, worst_in_text, worst_text,
+    agreement_rows,
+    annotate_cells,
+    class_agreement,
+    class_agreement_figure,
+    class_axis,
+    classes_text,
+    confusion_norm,
+    has_p90,
+    latency_text,
+    matrix_grid,
+    pyplot_agg,
+    worst_in_text,
+    worst_text,
 )
 from pipeline.rundir import atomic_write_text
 

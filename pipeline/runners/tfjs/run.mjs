@@ -8,7 +8,8 @@
 // whole file at once); the output file receives raw float32 [N, C]. The agreement pass runs
 // --batch images a call; then --latency-runs single-image calls are timed after a warm-up call.
 // On success one JSON line goes to stdout:
-//   {"shape":[N,C],"latency_ms":<median>,"latencies_ms":[...],"backend":"wasm","tfjs":"4.22.0"}
+//   {"shape":[N,C],"latency_ms":<median>,"latencies_ms":[...],"agreement_pass_ms":<batched pass>,
+//    "backend":"wasm","tfjs":"4.22.0"}
 // On failure the exit status is non-zero and the last stderr line says why.
 //
 // tfjs-node cannot be installed offline (its install script downloads libtensorflow), so the
@@ -256,6 +257,7 @@ async function main() {
 
   let numClasses = null;
   let flat = null;
+  const passStart = performance.now();
   for (let start = 0; start < n; start += args.batch) {
     const count = Math.min(args.batch, n - start);
     const { values, shape } = await infer(images.read(start, count), count);
@@ -268,6 +270,7 @@ async function main() {
     }
     flat.set(values, start * numClasses);
   }
+  const passMs = performance.now() - passStart;
   images.close();
   writeFileSync(args.outputPath, new Uint8Array(flat.buffer));
 
@@ -284,6 +287,7 @@ async function main() {
       shape: [n, numClasses],
       latency_ms: median(latencies),
       latencies_ms: latencies,
+      agreement_pass_ms: passMs,
       backend: tf.getBackend(),
       tfjs: tf.version.tfjs,
     }) + '\n',
