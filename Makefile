@@ -8,7 +8,7 @@ NODE_STAMP := $(NODE_DIR)/node_modules/.package-lock.json
 CHROMIUM := /usr/bin/chromium
 PYTEST_ARGS ?=
 
-.PHONY: setup browser demo test bench clean
+.PHONY: setup browser demo test bench bench-chain clean
 
 # Python and Node dependencies: all `make demo` needs (no root, no browser).
 setup: $(STAMP) $(NODE_STAMP)
@@ -41,6 +41,11 @@ test: setup browser
 # Bottleneck extraction and retrain speed against poets' loop (about 3 minutes; README "Measured").
 bench: $(STAMP)
 	$(PY) scripts/bench_bottlenecks.py
+
+# The whole chain, cold, against its floor and the old shape, for 0.25_224 and the real 1.0_224,
+# then verify's peak memory on caltech101 (about 30 minutes; README "Measured").
+bench-chain: setup
+	$(PY) scripts/bench_chain.py
 
 clean:
 	rm -rf runs/demo .pytest_cache
