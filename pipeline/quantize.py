@@ -3,8 +3,8 @@
 :func:`quantize` is the stage as a function (every variant, each with its TFLite metadata);
 :func:`convert_tflite` converts with one recipe and returns the bytes.
 
-Every file takes a fixed batch of one image, ``[1, size, size, 3]``: the shape apps and the Pi
-bundle call it with. With a dynamic batch dimension tflite-runtime 2.14 runs the model without
+Every file but int16x8 (:data:`DYNAMIC_BATCH`) takes a fixed batch of one image,
+``[1, size, size, 3]``: the shape apps and the Pi bundle call it with. With a dynamic batch dimension tflite-runtime 2.14 runs the model without
 XNNPACK (measured, demo model, one thread: 10.97 ms dynamic, 1.15 ms fixed); runtimes still
 resize the input for batched work (verify does), with outputs bit-identical to single calls.
 
@@ -124,6 +124,12 @@ def _int16x8(converter, representative):
 NEEDS_CALIBRATION = frozenset({QuantMode.INT8, QuantMode.INT8_INT8_IO, QuantMode.INT8_UINT8_IO, QuantMode.INT16X8})
 
 
+# Variants whose reference kernels run faster with a dynamic batch dimension: int16x8 was 10-20 %
+# slower with a fixed one in both runtimes, in four back-to-back A/B runs here (0.25_224, one
+# thread: 57/45, 45/41, 48/45, 56/47 ms fixed/dynamic). Every other variant is as fast or faster
+# fixed (tflite-runtime float32 4.0 vs 25.4 ms), so it gets the shape apps call it with.
+DYNAMIC_BATCH = frozenset({QuantMode.INT16X8})
+
 INTEGER_IO = {QuantMode.INT8: "float32", QuantMode.INT8_INT8_IO: "int8", QuantMode.INT8_UINT8_IO: "uint8"}
 
 
@@ -186,10 +192,17 @@ def convert_tflite(
     """
     if mode in NEEDS_CALIBRATION and representative_images is None:
         raise ConversionError("int8 quantisation needs representative images from the training split")
-    source = source if isinstance(source, Source) else Source(source)
-    converter = source.converter()
+    if mode in DYNAMIC_BATCH:
+        import tensorflow as tf
+
+        path = source.path if isinstance(source, Source) else Path(source)
+        converter, source = tf.lite.TFLiteConverter.from_saved_model(str(path)), None
+    else:
+        source = source if isinstance(source, Source) else Source(source)
+        converter = source.converter()
+        path = source.path
     _RECIPES[mode](converter, _representative(representative_images) if representative_images else None)
-    return _converted(converter, f"{mode.value} conversion of {source.path}")
+    return _converted(converter, f"{mode.value} conversion of {path}")
 
 
 def calibrate(source: Source, representative_images: Callable[[], Iterable[np.ndarray]]) -> bytes:
@@ -256,7 +269,8 @@ def quantize(
     def finish(mode: QuantMode, data: bytes, seconds: float) -> Path:
         path = Path(out_dir) / f"{mode.value}.tflite"
         about = (f"{backbone} + retrained head, {len(labels)} classes, TFLite {mode.value}, by edgepipe "
-                 f"{__version__}. Input float32 RGB 0..255 at {contract['size']}x{contract['size']}, batch 1; "
+                 f"{__version__}. Input float32 RGB 0..255 at {contract['size']}x{contract['size']}"
+                 f"{'' if mode in DYNAMIC_BATCH else ', batch 1'}; "
                  "see preprocessing.json.")
         write_tflite(path, with_metadata(data, list(labels), contract, f"edgepipe {backbone} {mode.value}", about))
         log.info(f"quantize: {path.name} {path.stat().st_size / 1e6:.2f} MB in {seconds:.1f} s")

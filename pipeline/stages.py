@@ -178,8 +178,11 @@ def _golden_source(ctx: Context) -> list[str]:
 
 
 def _quantize_fingerprint(ctx: Context) -> dict:
+    from pipeline.quantize import DYNAMIC_BATCH
+
     return {"export": _upstream(ctx, "export"), "modes": [m.value for m in ctx.cfg.quant_modes],
-            "calibration": _calibration_paths(ctx), "golden": _golden_source(ctx), "batch": 1}
+            "calibration": _calibration_paths(ctx), "golden": _golden_source(ctx),
+            "dynamic_batch": sorted(m.value for m in DYNAMIC_BATCH)}
 
 
 def _quantize_run(ctx: Context) -> tuple[dict[str, Path], dict]:
