@@ -257,7 +257,7 @@ def main() -> None:
                     help="use N of the images, evenly spread over their sorted list (default: all)")
     ap.add_argument("--test-images", type=Path, default=FLOWERS / "test")
     ap.add_argument("--backbone", default="mobilenet_v1_0.25_224")
-    ap.add_argument("--skip-runs", action="store_true", help="only the extraction figures (no memory or CLI runs)")
+    ap.add_argument("--skip-runs", action="store_true", help="only the extraction and memory figures (no CLI runs)")
     ap.add_argument("--repeat", type=int, default=3, help="runs per extraction figure (the median is shown)")
     ap.add_argument("--work", type=Path, default=None,
                     help="scratch folder, removed at the end (default: a new one beside edgepipe's cache, "
@@ -344,8 +344,6 @@ def main() -> None:
               f"at most {best:.0%} of the floor here ({best * floor:.0f} images/s), "
               f"{backbone / (backbone + cost['decode'] + cost['read']):.0%} if creating a cache file cost nothing")
 
-        if a.skip_runs:
-            return
         tenx = replicate(paths, work / "tenx", 10)
         one = replicate(paths, work / "onex", 1)
         rss1 = peak_rss_mb(one, a.backbone, work / "rss1")
@@ -357,6 +355,8 @@ def main() -> None:
         print(f"growth during extraction: 1× {rss1[1] - rss1[0]:+.0f} MB, 10× {rss10[1] - rss10[0]:+.0f} MB; "
               f"peak during extraction 10× / 1×: {rss10[1] / rss1[1]:.2f}")
 
+        if a.skip_runs:
+            return
         os.environ["EDGEPIPE_CACHE_DIR"] = str(work / "cache-runs")
         common = ["--images", a.images, "--test-images", a.test_images, "--backbone", a.backbone, "--quiet"]
         t_cold = timed_cli("retrain", *common, "--out", work / "r1")
