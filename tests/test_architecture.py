@@ -149,6 +149,7 @@ def test_the_console_shows_edgepipe_lines_and_the_logs_keep_the_library_output(n
     assert any(CPP_LOG.search(ln) for ln in logs["quantize.log"].splitlines()), logs["quantize.log"][:2000]
 
 
+@pytest.mark.slow  # a second CLI process that imports TensorFlow (10 s)
 @pytest.mark.chain
 def test_verbose_shows_the_library_output_on_the_console(noisy_run):
     out, env, _ = noisy_run

@@ -569,6 +569,7 @@ def test_stale_part_from_another_file_is_downloaded_again(server, cache, tiny_tg
 # --- processes sharing one cache --------------------------------------------------------------
 
 
+@pytest.mark.slow  # two CLI processes (10 s)
 def test_two_processes_fetching_at_once_share_one_download(server, cache, tiny_tgz):
     # The delay keeps the first download in flight while the second process arrives.
     url = server.add("/models/tiny.tgz", Route(body=tiny_tgz, delay_s=0.5))
