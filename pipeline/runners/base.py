@@ -242,7 +242,7 @@ def describe_exit(code: int) -> str:
             return f"killed by {signal.Signals(-code).name}"
         except ValueError:
             return f"killed by signal {-code}"
-    return f"exit {code}"
+    return f"exit status {code}"
 
 
 def stderr_reason(stderr: str) -> str:

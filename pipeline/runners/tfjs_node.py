@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import signal
 import subprocess
 import tempfile
 from pathlib import Path
@@ -17,7 +16,7 @@ from typing import Sequence
 
 import numpy as np
 
-from pipeline.runners.base import Prediction, RunSettings, RuntimeFailed, as_feed
+from pipeline.runners.base import Prediction, RunSettings, RuntimeFailed, as_feed, describe_exit
 from pipeline.runners.feed import FeedFile
 from pipeline.types import Runtime
 
@@ -119,7 +118,7 @@ class TfjsWasmRunner:
                 ) from None
             if done.returncode != 0:
                 raise RuntimeFailed(
-                    f"{self.name} failed on {artifact} ({_describe_exit(done.returncode)}): "
+                    f"{self.name} failed on {artifact} ({describe_exit(done.returncode)}): "
                     f"{_tail(done.stderr)}"
                 )
             summary = _parse_summary(done.stdout, expected_rows=len(feed))
@@ -131,15 +130,6 @@ class TfjsWasmRunner:
 
 def create(runtime: Runtime, labels: Sequence[str]) -> TfjsWasmRunner:
     return TfjsWasmRunner()
-
-
-def _describe_exit(returncode: int) -> str:
-    if returncode < 0:
-        try:
-            return f"killed by {signal.Signals(-returncode).name}"
-        except ValueError:
-            return f"killed by signal {-returncode}"
-    return f"exit status {returncode}"
 
 
 def _tail(text: str) -> str:
