@@ -425,12 +425,13 @@ def _stress(ref_runner, reference: Artifact, holdout: Holdout, settings: VerifyS
     from pipeline.stress import MISTAKES, prepare_batch
 
     y, images, found = holdout.labels, holdout.images, []
+    parts: dict[str, list[np.ndarray]] = {name: [] for name in MISTAKES}
+    for k in range(0, len(images), DECODE_CHUNK):  # each image decoded once for every mistake
+        chunk = [images[i] for i in range(k, min(k + DECODE_CHUNK, len(images)))]
+        for name, mistake in MISTAKES.items():
+            parts[name].append(ref_runner.probabilities(reference.path, prepare_batch(chunk, settings.contract, mistake)))
     for name, mistake in MISTAKES.items():
-        parts = []
-        for k in range(0, len(images), DECODE_CHUNK):
-            chunk = [images[i] for i in range(k, min(k + DECODE_CHUNK, len(images)))]
-            parts.append(ref_runner.probabilities(reference.path, prepare_batch(chunk, settings.contract, mistake)))
-        probs = np.concatenate(parts)
+        probs = np.concatenate(parts[name])
         agree = float((probs.argmax(1) == ref.argmax(1)).mean())
         acc = float((probs.argmax(1) == y).mean())
         found.append({"mistake": name, "setting": mistake.differences()[0], "accuracy": acc,
