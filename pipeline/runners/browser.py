@@ -14,8 +14,8 @@ from typing import Sequence
 
 import numpy as np
 
-from pipeline.runners.base import RuntimeFailed
-from pipeline.runners.tfjs_node import NODE_DIR, _describe_exit, _node_executable, _tail
+from pipeline.runners.base import RuntimeFailed, describe_exit
+from pipeline.runners.tfjs_node import NODE_DIR, _node_executable, _tail
 
 CHECK_SCRIPT = NODE_DIR / "browser_check.mjs"
 # Debian's package: Playwright's own browser download needs a network CI does not have.
@@ -93,7 +93,7 @@ def classify_in_page(
     except subprocess.TimeoutExpired:
         raise RuntimeFailed(f"the demo page of {bundle} timed out after {timeout_s:g} s in Chromium") from None
     if done.returncode != 0:
-        why = _describe_exit(done.returncode)
+        why = describe_exit(done.returncode)
         raise RuntimeFailed(f"the demo page of {bundle} failed in Chromium ({why}): {_tail(done.stderr)}")
     try:
         out = json.loads(done.stdout.strip().splitlines()[-1])
