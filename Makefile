@@ -43,7 +43,7 @@ bench: $(STAMP)
 	$(PY) scripts/bench_bottlenecks.py
 
 # The whole chain, cold, against its floor and the old shape, for 0.25_224 and the real 1.0_224,
-# then verify's peak memory on caltech101 (about 30 minutes; README "Measured").
+# then verify's peak memory on caltech101 (about 40 minutes; README "Measured").
 bench-chain: setup
 	$(PY) scripts/bench_chain.py
 
