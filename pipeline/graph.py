@@ -11,12 +11,16 @@ seconds TensorFlow takes to load.
   feature, ``[N,1,1,C]`` or ``[N,C]``: ``edgepipe inspect`` lists them, and
   ``backbone.resolve_spec`` picks one when a catalog bottleneck was renamed between TensorFlow
   versions.
+- :func:`output_candidates` and :func:`best_output` find a whole classifier's output (a graph
+  adopted with ``--model-graph``, or a frozen-graph reference), :func:`tensor_shapes` the static
+  shapes of named tensors (what catalog recognition compares).
 """
 from __future__ import annotations
 
 import difflib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Collection
 
 from pipeline.errors import GraphError, one_line
 from pipeline.graphfix import legacy_ops_rewritten
@@ -283,3 +287,173 @@ def best_bottleneck(candidates: list[TensorInfo], feature_size: int = 0, like: s
         return ("pool" not in t.name.lower(), -similarity, -t.features)
 
     return min(pool, key=key)
+
+
+# --- a classifier's outputs --------------------------------------------------------------------
+
+SOFTMAX_OPS = ("Softmax",)
+# Ops that pass a tensor through unchanged: a Softmax behind one is still the probabilities.
+_PASS_THROUGH_OPS = ("Identity", "Reshape", "Squeeze")
+
+
+def _softmax_behind(op):
+    """The Softmax op ``op`` is (or passes through unchanged), else None."""
+    seen = 0
+    while op.type in _PASS_THROUGH_OPS and op.inputs and seen < 8:
+        op, seen = op.inputs[0].op, seen + 1
+    return op if op.type in SOFTMAX_OPS else None
+
+
+def _terminal_outputs(graph) -> list[tuple[TensorInfo, bool]]:
+    """(tensor, is a Softmax) for every terminal float ``[N,C]`` tensor of ``graph``, Softmax first."""
+    starts = [op for op in graph.get_operations() if op.type in PLACEHOLDER_OPS]
+    reached = downstream_ops(starts)
+    found = [
+        (info, _softmax_behind(op) is not None) for op in graph.get_operations() if op in reached and op not in starts
+        for out, info in ((o, tensor_info(o)) for o in op.outputs)
+        if not out.consumers() and info.dtype.startswith("float") and info.shape is not None
+        and len(info.shape) == 2 and info.features
+    ]
+    return sorted(found, key=lambda pair: not pair[1])
+
+
+def output_candidates(graph_def) -> list[TensorInfo]:
+    """The graph's terminal float ``[N,C]`` tensors (no op consumes them), Softmax ones first.
+
+    A retrained classifier ends in one such tensor (tensorflow-for-poets' ``final_result:0``, a
+    Softmax); a Softmax seen through an Identity, Reshape or Squeeze counts as one. Only tensors
+    computed from a placeholder count, so a dangling constant is not an output.
+
+    Args:
+        graph_def: a frozen GraphDef (legacy ops already rewritten, so it imports).
+
+    Returns:
+        the tensors, each with ``C`` >= 2 classes (:attr:`TensorInfo.features`); Softmax ones first,
+        then in graph order. Empty when there is none.
+
+    Raises:
+        GraphError: the graph does not import.
+    """
+    return [info for info, _ in _terminal_outputs(imported_graph(graph_def))]
+
+
+def best_output(candidates: list[TensorInfo], softmax: Collection[str] | None = None) -> TensorInfo | None:
+    """The output to adopt: the only Softmax among ``candidates``, else the only candidate.
+
+    Args:
+        candidates: from :func:`output_candidates`.
+        softmax: the names of the candidates that are (or pass on) a Softmax; None: those whose op
+            is ``Softmax``.
+
+    Returns:
+        the chosen tensor, or None when there is none or the choice is ambiguous (several Softmax
+        outputs, or several outputs and no Softmax): the caller asks for ``--output-tensor``.
+    """
+    is_softmax = [t for t in candidates if (t.op in SOFTMAX_OPS if softmax is None else t.name in softmax)]
+    if len(is_softmax) == 1:
+        return is_softmax[0]
+    if len(candidates) == 1:
+        return candidates[0]
+    return None
+
+
+@dataclass(frozen=True)
+class ModelOutputs:
+    """What a whole classifier graph gives, found by :func:`model_outputs`.
+
+    Attributes:
+        probabilities: the output tensor adopted as the probabilities, e.g. ``final_result:0``.
+        logits: the Softmax's input when ``probabilities`` is a Softmax (the graph has its logits),
+            else None.
+        classes: ``C`` of its ``[N,C]`` shape.
+        found_by: ``given`` (``--output-tensor``) or ``search`` (:func:`output_candidates`).
+        softmax: whether ``probabilities`` is made by a Softmax (else its values are taken as they are).
+    """
+
+    probabilities: str
+    logits: str | None
+    classes: int
+    found_by: str
+    softmax: bool
+
+    def to_dict(self) -> dict:
+        return {"probabilities": self.probabilities, "logits": self.logits, "classes": self.classes,
+                "found_by": self.found_by, "softmax": self.softmax}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelOutputs":
+        return cls(**d)
+
+
+def model_outputs(graph_def, output_tensor: str | None = None, flag: str = "--model-graph") -> ModelOutputs:
+    """The output of a whole classifier graph: ``output_tensor``, or the one :func:`best_output` picks.
+
+    Args:
+        graph_def: a frozen GraphDef (legacy ops already rewritten).
+        output_tensor: the tensor the user named (``--output-tensor``); None searches for it.
+        flag: the option that named the graph, for messages.
+
+    Returns:
+        the output, its class count and its logits when it is a Softmax.
+
+    Raises:
+        GraphError: the named tensor is not in the graph or is not float ``[N,C]``; or no output
+            (or more than one) was found and none was named. The message lists the candidates.
+    """
+    graph = imported_graph(graph_def)
+    terminal = _terminal_outputs(graph)
+    candidates = [info for info, _ in terminal]
+    listed = ", ".join(f"{t.name} {t.shape_text()} ({t.op})" for t in candidates[:6]) or "none"
+    if output_tensor is None:
+        chosen = best_output(candidates, {info.name for info, soft in terminal if soft})
+        if chosen is None:
+            why = "no terminal float [N,C] tensor" if not candidates else "several candidates"
+            raise GraphError(f"{flag}: cannot tell which tensor is the classifier's output ({why}: {listed}); "
+                             "name it with --output-tensor (see `edgepipe inspect`)")
+        name, found_by = chosen.name, "search"
+    else:
+        name = output_tensor if ":" in output_tensor else f"{output_tensor}:0"
+        found_by = "given"
+    try:
+        tensor = graph.get_tensor_by_name(name)
+    except (KeyError, ValueError):
+        raise GraphError(f"--output-tensor {output_tensor}: not in the graph; closest: "
+                         f"{closest_names(name, graph_def)}; terminal outputs: {listed}") from None
+    info = tensor_info(tensor)
+    if not (info.dtype.startswith("float") and info.shape is not None and len(info.shape) == 2 and info.features):
+        raise GraphError(f"--output-tensor {name} is {info.dtype} {info.shape_text()}, not float [N,C] class "
+                         f"scores with C >= 2; terminal outputs: {listed}")
+    softmax = _softmax_behind(tensor.op)
+    logits = None
+    if softmax is not None:
+        logits_info = tensor_info(softmax.inputs[0])
+        if logits_info.shape is not None and logits_info.shape[-1:] == info.shape[-1:]:
+            logits = logits_info.name
+    return ModelOutputs(name, logits, int(info.features), found_by, softmax is not None)
+
+
+def tensor_shapes(graph_def, names) -> dict[str, tuple[int | None, ...] | None]:
+    """The static shapes of those ``names`` the graph has (tensors it lacks are left out).
+
+    Args:
+        graph_def: a frozen GraphDef (legacy ops already rewritten, so it imports).
+        names: tensor names, e.g. ``input:0``.
+
+    Returns:
+        name → shape (None where even the rank is unknown).
+
+    Raises:
+        GraphError: the graph does not import.
+    """
+    present = {node.name for node in graph_def.node}
+    wanted = [n for n in dict.fromkeys(names) if node_name(n) in present]
+    if not wanted:
+        return {}
+    graph = imported_graph(graph_def)
+    out = {}
+    for name in wanted:
+        try:
+            out[name] = tensor_info(graph.get_tensor_by_name(name)).shape
+        except (KeyError, ValueError):
+            continue  # the node is there but has no such output index
+    return out

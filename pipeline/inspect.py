@@ -4,7 +4,9 @@ Lists the graph's placeholders (name, dtype, shape), the image-shaped tensors in
 that decode their own JPEGs, like Inception v3 of 2015), and the tensors shaped like a pooled
 feature, ``[N,1,1,C]`` or ``[N,C]``, largest ``C`` first. That search is
 ``graph.bottleneck_candidates``, which ``backbone.resolve_spec`` also uses to find a catalog
-bottleneck whose name changed between TensorFlow versions.
+bottleneck whose name changed between TensorFlow versions. It also lists the graph's outputs
+(``graph.output_candidates``: terminal float ``[N,C]`` tensors, Softmax first), the one
+``--model-graph`` adopts when ``--output-tensor`` is not given.
 """
 from __future__ import annotations
 
@@ -15,9 +17,11 @@ from pipeline.graph import (
     PLACEHOLDER_OPS,
     TensorInfo,
     best_bottleneck,
+    best_output,
     bottleneck_candidates,
     imported_graph,
     load_graph_def,
+    output_candidates,
     tensor_info,
 )
 from pipeline.graphfix import Fix, legacy_ops_rewritten
@@ -36,6 +40,7 @@ class GraphSummary:
     images: list[TensorInfo]
     candidates: list[TensorInfo]
     fixes: list[Fix] = field(default_factory=list)
+    outputs: list[TensorInfo] = field(default_factory=list)
 
 
 def inspect_graph(path: Path) -> GraphSummary:
@@ -55,7 +60,7 @@ def inspect_graph(path: Path) -> GraphSummary:
         and info.shape[3] == 3 and None not in info.shape[1:3]
     ]
     return GraphSummary(Path(path), len(graph_def.node), graph_def.versions.producer, placeholders,
-                        images, bottleneck_candidates(graph_def), fixes)
+                        images, bottleneck_candidates(graph_def), fixes, output_candidates(graph_def))
 
 
 def describe(summary: GraphSummary) -> str:
@@ -75,6 +80,9 @@ def describe(summary: GraphSummary) -> str:
         lines.append(f"  ... and {len(summary.candidates) - len(shown)} more")
     if not shown:
         lines.append("  none")
+    lines += ["", "outputs (terminal float [N,C] tensors, Softmax first; --model-graph adopts one):"]
+    lines += [f"  {t.name:40s} {t.op:16s} {t.shape_text():18s} {t.features} classes"
+              for t in summary.outputs[:_SHOWN]] or ["  none"]
     for fix in summary.fixes:
         lines.append(f"note: edgepipe rewrites {fix.note()}")
     feed = (feeds or summary.images[-1:] or [None])[-1]
