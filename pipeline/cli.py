@@ -36,12 +36,19 @@ OPTIONS: dict[str, tuple[object, object]] = {
     "validation_pct": (_opt(Optional[float], "Validation percentage (default 10).", DATA), None),
     "test_pct": (_opt(Optional[float], "Test percentage when no --test-images (default 10).", DATA), None),
     "backbone": (_opt(Optional[str], f"Catalog backbone (default {DEFAULT_BACKBONE}); see `edgepipe fetch --list`.", BACKBONE), None),
-    "graph": (_opt(Optional[Path], "Your own frozen graph (.pb) instead of a catalog backbone.", BACKBONE), None),
-    "input_tensor": (_opt(Optional[str], "With --graph: the input tensor, e.g. input:0.", BACKBONE), None),
+    "graph": (_opt(Optional[Path], "Your own frozen graph (.pb) instead of a catalog backbone; alone when it is a "
+                                   "catalog architecture (recognised by its tensors).", BACKBONE), None),
+    "model_graph": (_opt(Optional[Path], "Adopt a frozen graph that already has its head (poets' retrained_graph.pb): "
+                                         "no training; export, quantize, tfjs and verify it.", BACKBONE), None),
+    "output_tensor": (_opt(Optional[str], "With --model-graph: its probabilities (default: the terminal Softmax, "
+                                          "e.g. final_result:0).", BACKBONE), None),
+    "labels": (_opt(Optional[Path], "With --model-graph: class names, one per line in output order (default 0..C-1).",
+                    BACKBONE), None),
+    "input_tensor": (_opt(Optional[str], "With --graph/--model-graph: the input tensor, e.g. input:0.", BACKBONE), None),
     "bottleneck_tensor": (_opt(Optional[str], "With --graph: the pooled feature tensor.", BACKBONE), None),
-    "input_size": (_opt(Optional[int], "With --graph: input height = width in pixels.", BACKBONE), None),
-    "mean": (_opt(Optional[float], "With --graph: subtracted from 0..255 pixels.", BACKBONE), None),
-    "std": (_opt(Optional[float], "With --graph: divides after the mean.", BACKBONE), None),
+    "input_size": (_opt(Optional[int], "With --graph/--model-graph: input height = width in pixels.", BACKBONE), None),
+    "mean": (_opt(Optional[float], "With --graph/--model-graph: subtracted from 0..255 pixels.", BACKBONE), None),
+    "std": (_opt(Optional[float], "With --graph/--model-graph: divides after the mean.", BACKBONE), None),
     "epochs": (_opt(Optional[int], "Training epochs over the cached bottlenecks.", TRAINING), None),
     "steps": (_opt(Optional[int], "Optimizer steps; replaces --epochs.", TRAINING), None),
     "learning_rate": (_opt(Optional[float], "Adam learning rate.", TRAINING), None),
@@ -92,7 +99,8 @@ RENAMED = {"quant": "quant_modes", "tfjs": "tfjs_modes", "runtime": "runtimes", 
            "gate": "gates"}
 
 _DATA = ("images", "test_images", "validation_pct", "test_pct")
-_BACKBONE = ("backbone", "graph", "input_tensor", "bottleneck_tensor", "input_size", "mean", "std")
+_BACKBONE = ("backbone", "graph", "model_graph", "output_tensor", "labels", "input_tensor", "bottleneck_tensor",
+             "input_size", "mean", "std")
 _TRAINING = ("epochs", "steps", "learning_rate", "batch_size", "validation_batch_size", "hidden_units", "dropout",
              "label_smoothing", "class_weights", "early_stopping", "eval_every", "checkpoint_every", "seed",
              "summaries_dir", "print_misclassified")

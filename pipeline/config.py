@@ -7,6 +7,7 @@ so ``import pipeline.cli`` stays fast. Each settings group validates itself (``p
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 from dataclasses import asdict, dataclass, field
@@ -247,29 +248,221 @@ def parse_gates(items: Iterable[str]) -> dict[str, float]:
     return gates
 
 
+DEFAULT_NORMALISATION = 127.5  # mean and std of a --graph given with its tensors but no --mean/--std
+# An adopted graph's SavedModel runs the same kernels as the graph itself with the normalisation
+# moved inside; a tie between two classes may still fall the other way, so not 1.0.
+ADOPTED_SAVEDMODEL_GATE = 0.99
+
+
 @dataclass(frozen=True)
 class CustomGraph:
-    """A user's own frozen graph (``--graph``) and how to feed it."""
+    """A user's own frozen graph (``--graph``, or ``--model-graph`` with :class:`Adoption`) and how
+    to feed it.
+
+    Fields left None are filled by :meth:`resolved`, which recognises the graph as a catalog
+    backbone by its tensor names and shapes (``catalog.match_backbones``): input, bottleneck, size
+    and normalisation then come from that row, named in ``recognised_as``. With the input, the
+    bottleneck (not needed for an adopted graph) and the size given, nothing is recognised and
+    mean and std default to 127.5.
+    """
 
     path: Path
-    input_tensor: str
-    bottleneck_tensor: str
-    input_size: int
-    mean: float = 127.5
-    std: float = 127.5
+    input_tensor: str | None = None
+    bottleneck_tensor: str | None = None
+    input_size: int | None = None
+    mean: float | None = None
+    std: float | None = None
+    recognised_as: str | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "path", Path(self.path))
 
-    def problems(self) -> list[str]:
+    def missing(self, needs_bottleneck: bool = True) -> list[str]:
+        """The flags a graph that is not recognised needs, of those not given."""
+        wanted = (("--input-tensor", self.input_tensor),
+                  ("--bottleneck-tensor", self.bottleneck_tensor if needs_bottleneck else ""),
+                  ("--input-size", self.input_size))
+        return [flag for flag, value in wanted if value is None]
+
+    def problems(self, flag: str = "--graph", needs_bottleneck: bool = True) -> list[str]:
         out = []
         if not self.path.is_file():
-            out.append(f"--graph {self.path}: no such file")
-        if self.input_size <= 0:
+            out.append(f"{flag} {self.path}: no such file")
+        if self.input_size is not None and self.input_size <= 0:
             out.append(f"--input-size {self.input_size}: must be a positive number of pixels")
         if self.std == 0:
             out.append("--std 0: would divide by zero; use 127.5 for [-1,1] or 255 for [0,1] inputs")
+        if not out:
+            try:
+                self.resolved(flag, needs_bottleneck)
+            except PipelineError as err:
+                out.append(str(err))
         return out
+
+    def resolved(self, flag: str = "--graph", needs_bottleneck: bool = True) -> "CustomGraph":
+        """Every field filled: from the options, else from the catalog row the graph matches.
+
+        Args:
+            flag: the option that named the graph, for messages.
+            needs_bottleneck: False for an adopted graph (no bottleneck is computed).
+
+        Raises:
+            ConfigError: a field is missing and the graph matches no catalog row, or rows that
+                disagree on what is missing (the message names the flags to give).
+            GraphError: the graph cannot be read (only when it has to be recognised).
+        """
+        missing = self.missing(needs_bottleneck)
+        if not missing:
+            return dataclasses.replace(self, mean=_or(self.mean, DEFAULT_NORMALISATION),
+                                       std=_or(self.std, DEFAULT_NORMALISATION))
+        rows = _recognised(self.path, self.input_tensor, self.bottleneck_tensor, self.input_size)
+        if not rows:
+            raise ConfigError(
+                f"{flag} {self.path} also needs {', '.join(missing)}: it matches no catalog backbone "
+                f"by its tensor names and shapes (see `edgepipe inspect {self.path}`)")
+        feeds = {name: (spec.input_tensor, bottleneck, spec.input_size, _or(self.mean, spec.preprocessing.mean),
+                        _or(self.std, spec.preprocessing.std)) for name, spec, bottleneck in rows}
+        if len(set(feeds.values())) > 1:
+            differ = [f for k, f in enumerate(("--input-tensor", "--bottleneck-tensor", "--input-size", "--mean",
+                                               "--std")) if len({v[k] for v in feeds.values()}) > 1]
+            raise ConfigError(
+                f"{flag} {self.path} matches catalog backbones {', '.join(feeds)} by its tensor names and shapes, "
+                f"and they differ in {', '.join(differ)}; give {', '.join(differ)} to choose")
+        name, (input_tensor, bottleneck, size, mean, std) = next(iter(feeds.items()))
+        return CustomGraph(self.path, input_tensor, bottleneck, size, mean, std, recognised_as=name)
+
+    def describe(self) -> str:
+        """One line for the log: what the graph was recognised as and what that gave."""
+        return (f"recognised as catalog backbone {self.recognised_as} by its tensor names and shapes "
+                f"(input {self.input_tensor} {self.input_size}x{self.input_size}, bottleneck "
+                f"{self.bottleneck_tensor}; normalisation (x - {self.mean:g}) / {self.std:g}, from models/backbones.toml)")
+
+
+def _or(value, default):
+    return default if value is None else value
+
+
+def _graph_key(path: Path) -> tuple:
+    st = Path(path).stat()
+    return str(Path(path).resolve()), st.st_size, st.st_mtime_ns
+
+
+@functools.lru_cache(maxsize=4)
+def _graph_def(key: tuple):
+    from pipeline.graph import load_graph_def
+
+    return load_graph_def(Path(key[0]))
+
+
+@functools.lru_cache(maxsize=16)
+def _recognised_cached(key: tuple, input_tensor, bottleneck_tensor, input_size) -> tuple:
+    from pipeline.catalog import recognise
+
+    found = recognise(_graph_def(key), input_tensor=input_tensor, bottleneck_tensor=bottleneck_tensor,
+                      input_size=input_size)
+    return tuple((spec.name, spec, bottleneck) for spec, bottleneck in found)
+
+
+def _recognised(path: Path, input_tensor, bottleneck_tensor, input_size) -> tuple:
+    """(name, row, bottleneck found) of each catalog row the graph matches; read once per file."""
+    return _recognised_cached(_graph_key(path), input_tensor, bottleneck_tensor, input_size)
+
+
+@functools.lru_cache(maxsize=16)
+def _model_outputs_cached(key: tuple, output_tensor):
+    from pipeline.graph import model_outputs
+
+    return model_outputs(_graph_def(key), output_tensor)
+
+
+def read_labels(path: Path) -> list[str]:
+    """The class names of a ``--labels`` file: one per line, in output order (poets'
+    ``retrained_labels.txt``); surrounding spaces and trailing blank lines are dropped.
+
+    Raises:
+        ConfigError: the file cannot be read, is empty, or has a blank or repeated label.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except FileNotFoundError:
+        raise ConfigError(f"--labels {path}: no such file") from None
+    except (OSError, UnicodeDecodeError) as err:
+        why = err.strerror if isinstance(err, OSError) else "not UTF-8 text"
+        raise ConfigError(f"--labels {path}: cannot read it ({why}); give a text file, one class name per line") from None
+    labels = [line.strip() for line in text.splitlines()]
+    while labels and not labels[-1]:
+        labels.pop()
+    if not labels:
+        raise ConfigError(f"--labels {path}: the file is empty; give one class name per line, in output order")
+    blank = [k + 1 for k, label in enumerate(labels) if not label]
+    if blank:
+        raise ConfigError(f"--labels {path}: line {blank[0]} is blank; give one class name per line, in output order")
+    seen: set[str] = set()
+    for label in labels:
+        if label in seen:
+            raise ConfigError(f"--labels {path}: {label!r} is there twice; each output needs its own name")
+        seen.add(label)
+    return labels
+
+
+@dataclass(frozen=True)
+class Adoption:
+    """``--model-graph``: the graph is the whole classifier, its head included; nothing is trained.
+
+    The graph and how to feed it are :attr:`RunConfig.graph`. The retrain stage writes the split
+    and the labels, the export stage wraps the graph (with its normalisation) into the SavedModel,
+    and quantize, tfjs and verify run as usual.
+
+    Attributes:
+        output_tensor: the graph's probabilities (``--output-tensor``); None: found as
+            ``edgepipe inspect`` lists outputs (the terminal Softmax, e.g. poets' ``final_result:0``).
+        labels: one class name per line in output order (``--labels``); None: ``0`` .. ``C-1``.
+    """
+
+    output_tensor: str | None = None
+    labels: Path | None = None
+
+    def __post_init__(self):
+        if self.labels is not None and not isinstance(self.labels, Path):
+            object.__setattr__(self, "labels", Path(self.labels))
+
+    def outputs(self, graph: CustomGraph):
+        """The graph's output (``graph.ModelOutputs``), read once per file.
+
+        Raises:
+            GraphError: see ``graph.model_outputs``.
+        """
+        return _model_outputs_cached(_graph_key(graph.path), self.output_tensor)
+
+    def problems(self, graph: CustomGraph) -> list[str]:
+        """What stops adopting ``graph``: no output found, or labels that do not fit it."""
+        try:
+            outputs = self.outputs(graph)
+        except PipelineError as err:
+            return [str(err)]
+        if self.labels is None:
+            return []
+        try:
+            labels = read_labels(self.labels)
+        except ConfigError as err:
+            return [str(err)]
+        if len(labels) != outputs.classes:
+            return [f"--labels {self.labels}: {len(labels)} labels, but the graph's output {outputs.probabilities} "
+                    f"has {outputs.classes} classes; give one label per output, in output order (or leave out "
+                    f"--labels to name them 0..{outputs.classes - 1})"]
+        return []
+
+    def to_dict(self) -> dict:
+        return {"output_tensor": self.output_tensor, "labels": None if self.labels is None else str(self.labels)}
+
+
+# Options that train a head: given explicitly, they contradict --model-graph (whose head is kept).
+_TRAINING_OPTIONS = ("epochs", "steps", "batch_size", "validation_batch_size", "learning_rate", "l2", "hidden_units",
+                     "dropout", "label_smoothing", "class_weights", "early_stopping", "eval_every", "checkpoint_every",
+                     "seed", "summaries_dir", "print_misclassified", "augment_copies", "flip_left_right",
+                     "random_crop", "random_scale", "random_brightness")
+_ADOPT_OPTIONS = ("output_tensor", "labels")
 
 
 _PATH_FIELDS = ("out", "images", "test_images", "cache_dir", "summaries_dir")
@@ -288,6 +481,7 @@ class RunConfig:
     test_images: Path | None = None
     backbone: str = DEFAULT_BACKBONE
     graph: CustomGraph | None = None
+    adopt: Adoption | None = None  # set: `graph` is a whole classifier (--model-graph), not a backbone
     validation_pct: float = 10.0
     test_pct: float = 10.0
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -324,10 +518,28 @@ class RunConfig:
         """Minimum top-1 agreement for an artifact: the user's override, else the default."""
         return self.gates.get(artifact, DEFAULT_GATES.get(artifact, 1.0))
 
+    @property
+    def graph_flag(self) -> str:
+        """The option that names :attr:`graph`: ``--model-graph`` when adopted, else ``--graph``."""
+        return "--model-graph" if self.adopt is not None else "--graph"
+
+    def resolved(self) -> "RunConfig":
+        """This configuration with :attr:`graph` resolved (:meth:`CustomGraph.resolved`).
+
+        Raises:
+            ConfigError, GraphError: the graph cannot be resolved (:func:`validate` reports it first).
+        """
+        if self.graph is None:
+            return self
+        return dataclasses.replace(self, graph=self.graph.resolved(self.graph_flag, self.adopt is None))
+
     def backbone_spec(self) -> BackboneSpec:
         if self.graph:
-            g = self.graph
-            return custom_backbone(g.path, g.input_tensor, g.bottleneck_tensor, g.input_size, g.mean, g.std)
+            g = self.resolved().graph
+            features = get_backbone(g.recognised_as).feature_size if g.recognised_as else 0
+            return custom_backbone(g.path, g.input_tensor, g.bottleneck_tensor or "", g.input_size, g.mean, g.std,
+                                   features, recognised_as=g.recognised_as,
+                                   prefix="adopted" if self.adopt is not None else "custom")
         spec = get_backbone(self.backbone)
         if self.bottleneck_tensor:
             # A catalog graph with another feature tensor (e.g. poets' 1001 logits for comparison).
@@ -357,8 +569,14 @@ class RunConfig:
                 get_backbone(self.backbone)
             except PipelineError as err:
                 problems.append(str(err))
+            if self.adopt is not None:
+                problems.append("adopting a model needs its graph: pass --model-graph FILE.pb")
         else:
-            problems += self.graph.problems()
+            graph_problems = self.graph.problems(self.graph_flag, needs_bottleneck=self.adopt is None)
+            problems += graph_problems
+            if self.adopt is not None and not graph_problems:
+                problems += self.adopt.problems(self.graph)
+        problems += self._adoption_contradictions(given)
         split_ok = self.validation_pct >= 0 and self.test_pct >= 0 and self.validation_pct + self.test_pct < 100
         if not split_ok:
             problems.append(
@@ -388,23 +606,49 @@ class RunConfig:
             problems += folder_problems(self.images, self.test_images, self.validation_pct, self.test_pct)
         return problems
 
+    def _adoption_contradictions(self, given: Collection[str]) -> list[str]:
+        """Options given explicitly that contradict adopting a graph, or need it."""
+        out = []
+        if "graph" in given and "model_graph" in given:
+            out.append("--graph and --model-graph: give one (--graph trains a new head on a backbone, "
+                       "--model-graph adopts a graph that already has its head)")
+        if self.adopt is not None:
+            where = f"--model-graph {self.graph.path}" if self.graph is not None else "--model-graph"
+            if "backbone" in given:
+                out.append(f"--backbone {self.backbone} contradicts {where}: the adopted graph is the whole model; "
+                           "drop --backbone")
+            training = [f"--{k.replace('_', '-')}" for k in _TRAINING_OPTIONS if k in given]
+            if training:
+                out.append(f"{', '.join(training)} contradict{'s' if len(training) == 1 else ''} {where}: its head is "
+                           f"kept as it is and nothing is trained; drop {'it' if len(training) == 1 else 'them'}")
+        else:
+            orphans = [f"--{k.replace('_', '-')}" for k in _ADOPT_OPTIONS if k in given]
+            if orphans:
+                out.append(f"{', '.join(orphans)} need{'s' if len(orphans) == 1 else ''} --model-graph FILE.pb "
+                           "(with --graph or --backbone the labels are the class folders' names)")
+        return out
+
     def with_options(self, **options: Any) -> "RunConfig":
         """A copy with options changed, named as on the command line; None means "not given".
 
         Accepts every :class:`RunConfig` field plus the flat names of the nested settings:
-        ``graph`` (a path; needs ``input_tensor``, ``bottleneck_tensor``, ``input_size``, and
-        takes ``mean``/``std``), the :class:`TrainConfig` fields (``epochs``, ``seed``, ...),
+        ``graph`` (a path; takes ``input_tensor``, ``bottleneck_tensor``, ``input_size``,
+        ``mean``/``std``, all found by recognising the graph when it is a catalog architecture),
+        ``model_graph`` (the same for a graph to adopt whole, with ``output_tensor`` and
+        ``labels``), the :class:`TrainConfig` fields (``epochs``, ``seed``, ...),
         ``augment_copies``, ``flip_left_right``, ``random_crop``, ``random_scale``,
         ``random_brightness``, ``gates`` (a mapping or ``ARTIFACT=VALUE`` strings, merged over the
         saved ones) and ``app_preprocessing`` (an :class:`AppPreprocessing` or ``KEY=VALUE``
         strings; given at all, it replaces the saved setting).
 
+        Options that contradict each other are kept for :meth:`problems` to report, all at once.
+
         Raises:
-            ConfigError: ``graph`` without the tensors it needs, a malformed gate or
-                app-preprocessing item, or an unknown option name.
+            ConfigError: a malformed gate or app-preprocessing item, or an unknown option name.
         """
         given = {k: v for k, v in options.items() if v is not None}
         graph_opts = {k: given.pop(k, None) for k in _GRAPH_KEYS}
+        adopt_opts = {k: given.pop(k, None) for k in _ADOPT_OPTIONS}
         train = {k: given.pop(k) for k in _TRAIN_KEYS if k in given}
         augment = {_AUGMENT_KEYS[k]: given.pop(k) for k in list(given) if k in _AUGMENT_KEYS}
         gates = given.pop("gates", None)
@@ -417,21 +661,20 @@ class RunConfig:
                 given[key] = tuple(given[key])
                 if not given[key]:
                     given.pop(key)  # an empty list on the command line means "not given"
-        if graph_opts["graph"] is not None:
-            bottleneck = given.pop("bottleneck_tensor", None)
-            missing = [flag for flag, v in (("--input-tensor", graph_opts["input_tensor"]),
-                                            ("--bottleneck-tensor", bottleneck),
-                                            ("--input-size", graph_opts["input_size"])) if v is None]
-            if missing:
-                raise ConfigError(f"--graph {graph_opts['graph']} also needs {', '.join(missing)} (see `edgepipe inspect`)")
+        path = graph_opts["model_graph"] if graph_opts["model_graph"] is not None else graph_opts["graph"]
+        if path is not None:
+            # What is not given is found when the configuration is validated (CustomGraph.resolved).
             given["graph"] = CustomGraph(
-                path=Path(graph_opts["graph"]), input_tensor=graph_opts["input_tensor"],
-                bottleneck_tensor=bottleneck, input_size=graph_opts["input_size"],
-                mean=127.5 if graph_opts["mean"] is None else graph_opts["mean"],
-                std=127.5 if graph_opts["std"] is None else graph_opts["std"],
+                path=Path(path), input_tensor=graph_opts["input_tensor"],
+                bottleneck_tensor=given.pop("bottleneck_tensor", None), input_size=graph_opts["input_size"],
+                mean=graph_opts["mean"], std=graph_opts["std"],
             )
+            given["adopt"] = Adoption(**adopt_opts) if graph_opts["model_graph"] is not None else None
+        elif self.adopt is not None and any(v is not None for v in adopt_opts.values()):
+            given["adopt"] = dataclasses.replace(self.adopt, **{k: v for k, v in adopt_opts.items() if v is not None})
         if "backbone" in given and "graph" not in given:
             given["graph"] = None
+            given["adopt"] = None
         cfg = dataclasses.replace(self, **given)
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **train),
                                   augment=dataclasses.replace(cfg.augment, **augment))
@@ -460,6 +703,8 @@ class RunConfig:
             d[key] = Path(d[key]) if d.get(key) not in (None, "None") else None
         if d.get("graph"):
             d["graph"] = CustomGraph(**d["graph"])
+        if d.get("adopt"):
+            d["adopt"] = Adoption(**d["adopt"])
         d["train"] = TrainConfig(**d.get("train", {}))
         d["augment"] = AugmentConfig(**d.get("augment", {}))
         d["app_preprocessing"] = AppPreprocessing(**d.get("app_preprocessing", {}))
@@ -473,7 +718,7 @@ class RunConfig:
 _TRAIN_KEYS = tuple(f.name for f in dataclasses.fields(TrainConfig))
 _AUGMENT_KEYS = {"augment_copies": "copies", "flip_left_right": "flip", "random_crop": "crop",
                  "random_scale": "scale", "random_brightness": "brightness"}
-_GRAPH_KEYS = ("graph", "input_tensor", "input_size", "mean", "std")
+_GRAPH_KEYS = ("graph", "model_graph", "input_tensor", "input_size", "mean", "std")
 
 
 def validate(cfg: RunConfig, needs_images: bool = True, given: Collection[str] = ()) -> None:

@@ -3,6 +3,12 @@
 Serving signature ``serving_default``: ``images`` float32 ``[N, size, size, 3]`` RGB in 0..255 →
 ``probabilities`` and ``logits`` ``[N, classes]``. Apps decode and resize; the model normalises,
 so no app re-implements mean/std.
+
+An adopted graph (``--model-graph``, :func:`build_adopted_module`) gets the same signature: its
+own output is ``probabilities``, and ``logits`` is there only when the graph has them (the input of
+its Softmax). Every later stage reads ``probabilities`` alone (quantize's metadata names whatever
+outputs there are, the TF.js page and runners ask for ``probabilities`` by name), so a graph
+without logits gets none rather than a made-up ``log(probabilities)``.
 """
 from __future__ import annotations
 
@@ -12,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.backbone import backbone_features
+from pipeline.graph import ModelOutputs
 from pipeline.rundir import atomic_dir, atomic_write_text
 from pipeline.types import BackboneSpec
 
@@ -54,18 +61,63 @@ def build_module(graph_def, spec: BackboneSpec, layers: list[tuple[np.ndarray, n
     return Classifier()
 
 
+def build_adopted_module(graph_def, spec: BackboneSpec, outputs: ModelOutputs):
+    """A ``tf.Module`` whose ``serve`` is a whole frozen classifier, normalisation in front.
+
+    Args:
+        graph_def: the frozen graph with its head (legacy ops already rewritten).
+        spec: its input tensor and preprocessing (the catalog row it was recognised as, or the
+            options); the bottleneck is not used.
+        outputs: its output tensor and logits (``graph.model_outputs``).
+    """
+    import tensorflow as tf
+
+    from pipeline.graphfix import feature_subgraph
+
+    size, prep, classes = spec.preprocessing.size, spec.preprocessing, outputs.classes
+    names = [outputs.probabilities] + ([outputs.logits] if outputs.logits else [])
+    # Only what the output needs; a fixed batch of 1 in its reshapes becomes any batch, as for
+    # a backbone (graphfix.feature_subgraph). Plain Python on protos: autograph leaves it alone.
+    trimmed, _ = tf.autograph.experimental.do_not_convert(feature_subgraph)(
+        graph_def, spec.input_tensor, outputs.probabilities)
+
+    class AdoptedClassifier(tf.Module):
+        def __init__(self):
+            super().__init__(name="edgepipe_adopted_classifier")
+
+        @tf.function(input_signature=[tf.TensorSpec([None, size, size, 3], tf.float32, name=INPUT_KEY)])
+        def serve(self, images):
+            x = (images - prep.mean) / prep.std
+            found = tf.graph_util.import_graph_def(trimmed, input_map={spec.input_tensor: x},
+                                                   return_elements=names, name="model")
+            # [N, C] whatever batch the graph was frozen with.
+            found = [tf.reshape(t, [tf.shape(images)[0], classes]) for t in found]
+            result = {"probabilities": found[0]}
+            if outputs.logits:
+                result["logits"] = found[1]
+            return result
+
+    return AdoptedClassifier()
+
+
 def export_savedmodel(
-    graph_def, spec: BackboneSpec, layers: list[tuple[np.ndarray, np.ndarray]],
-    classes: list[str], out_dir: Path,
+    graph_def, spec: BackboneSpec, layers: list[tuple[np.ndarray, np.ndarray]] | None,
+    classes: list[str], out_dir: Path, outputs: ModelOutputs | None = None,
 ) -> Path:
     """Writes ``out_dir/savedmodel``, ``labels.txt`` and ``preprocessing.json`` atomically.
+
+    Args:
+        graph_def: the backbone, or with ``outputs`` the whole adopted classifier.
+        layers: the retrained head's dense layers; None for an adopted graph.
+        classes: the labels, in output order.
+        outputs: an adopted graph's output and logits (:func:`build_adopted_module`).
 
     Returns:
         The SavedModel directory.
     """
     import tensorflow as tf
 
-    module = build_module(graph_def, spec, layers)
+    module = build_module(graph_def, spec, layers) if outputs is None else build_adopted_module(graph_def, spec, outputs)
     target = Path(out_dir) / "savedmodel"
     with atomic_dir(target) as tmp:
         tf.saved_model.save(module, str(tmp), signatures={SIGNATURE_KEY: module.serve})

@@ -55,12 +55,16 @@ def choose(examples: Sequence[Example], count: int = DEFAULT_COUNT) -> list[Exam
 
 
 def build_golden(savedmodel_dir: Path, examples: Sequence[Example], classes: Sequence[str],
-                 prep: Preprocessing, count: int = DEFAULT_COUNT, top_k: int = TOP_K) -> Golden:
+                 prep: Preprocessing, count: int = DEFAULT_COUNT, top_k: int = TOP_K,
+                 true_classes: Sequence[str] | None = None) -> Golden:
     """Picks ``count`` readable test images (see :func:`choose`) and runs the reference on them.
 
     Args:
         savedmodel_dir: the exported SavedModel (``serving_default``: ``images`` → ``probabilities``).
         examples: the test split.
+        classes: the model's labels, in output order.
+        true_classes: what the examples' label indices name when that is not ``classes`` (an
+            adopted graph whose class folders are not its labels: the folder names); None: ``classes``.
 
     Returns:
         The uint8 images and the ``golden.json`` contents; fewer than ``count`` images when the
@@ -90,7 +94,7 @@ def build_golden(savedmodel_dir: Path, examples: Sequence[Example], classes: Seq
     for n, (e, p) in enumerate(zip(chosen, probs)):
         top = np.argsort(-p, kind="stable")[:k]
         entries.append({
-            "file": f"{n}.png", "source": os.path.basename(e.path), "true_label": classes[e.label],
+            "file": f"{n}.png", "source": os.path.basename(e.path), "true_label": (true_classes or classes)[e.label],
             "expected": [{"label": classes[i], "index": int(i), "probability": round(float(p[i]), 6)} for i in top],
         })
     spec = {

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Collection
 
 from pipeline.errors import GraphError, one_line
-from pipeline.graphfix import legacy_ops_rewritten
+from pipeline.graphfix import feature_subgraph, legacy_ops_rewritten
 
 PLACEHOLDER_OPS = ("Placeholder", "PlaceholderV2")
 
@@ -430,6 +430,30 @@ def model_outputs(graph_def, output_tensor: str | None = None, flag: str = "--mo
         if logits_info.shape is not None and logits_info.shape[-1:] == info.shape[-1:]:
             logits = logits_info.name
     return ModelOutputs(name, logits, int(info.features), found_by, softmax is not None)
+
+
+def adopted_outputs(graph_def, input_tensor: str, output_tensor: str | None = None) -> tuple[ModelOutputs, list]:
+    """The fetch stage's check of a graph to adopt whole: its input is there, its output found.
+
+    Args:
+        graph_def: the graph as read (``load_graph_def(path, fix=False)``); legacy ops are
+            rewritten here and listed.
+        input_tensor: where the normalised images go.
+        output_tensor: ``--output-tensor``, or None to search (:func:`model_outputs`).
+
+    Returns:
+        ``(outputs, fixes)``: fixes are the rewrites (``graphfix.Fix``) the export will make.
+
+    Raises:
+        GraphError: the input is not in the graph (closest names given), or see :func:`model_outputs`.
+    """
+    graph_def, fixes = legacy_ops_rewritten(graph_def)
+    if node_name(input_tensor) not in {node.name for node in graph_def.node}:
+        raise GraphError(f"input tensor {input_tensor!r} is not in the graph; closest: "
+                         f"{closest_names(input_tensor, graph_def)} (set --input-tensor)")
+    outputs = model_outputs(graph_def, output_tensor)
+    _, trimmed = feature_subgraph(graph_def, input_tensor, outputs.probabilities)
+    return outputs, fixes + trimmed
 
 
 def tensor_shapes(graph_def, names) -> dict[str, tuple[int | None, ...] | None]:

@@ -5,6 +5,11 @@
 mirror tensorflow-for-poets' retrain.py (steps or epochs, learning rate, batch sizes, evaluation
 interval, TensorBoard summaries, checkpoints) plus label smoothing, class weights and early
 stopping on validation loss. The same seed gives the same weights.
+
+:func:`adopt` is the stage for a graph that already has its head (``--model-graph``): nothing is
+trained, but the folder holds what the later stages read all the same (``split.json``,
+``labels.txt`` with the graph's labels, ``metrics.json`` with an empty history), and the split's
+test images are matched to the graph's labels, or verified unlabelled when they cannot be.
 """
 from __future__ import annotations
 
@@ -18,7 +23,7 @@ import numpy as np
 from pipeline.config import AugmentConfig, TrainConfig
 from pipeline.console import log
 from pipeline.console import progress as progress_bar
-from pipeline.dataset import Dataset, leakage_warnings
+from pipeline.dataset import Dataset, Example, leakage_warnings, normalise_class_name
 from pipeline.errors import DatasetError
 from pipeline.rundir import atomic_write_bytes, atomic_write_json, atomic_write_text
 from pipeline.testhook import pause_point
@@ -335,3 +340,122 @@ def retrain(
         bottlenecks={"computed": ext.computed, "cached": ext.cached, "seconds": round(extract_s, 2)},
         augmented_training_examples=int(len(x_train) - is_train.sum()),
     )
+
+
+# --- adopting a graph that has its head -----------------------------------------------------------
+
+
+def numbered_labels(classes: int) -> list[str]:
+    """``"0"`` .. ``"C-1"``: the labels of an adopted graph given without ``--labels``."""
+    return [str(k) for k in range(classes)]
+
+
+def match_labels(folder_classes: tuple[str, ...], labels: list[str]) -> tuple[list[int] | None, list[str]]:
+    """Each class folder's output index, when every folder names one of the graph's labels.
+
+    Labels are compared as folder names are normalised (``dataset.normalise_class_name``: poets'
+    ``retrained_labels.txt`` says ``black eyed susan`` for the folder ``Black_Eyed_Susan``).
+
+    Returns:
+        ``(indices, [])`` when every folder names a label (a subset of the labels will do), else
+        ``(None, the folders that name none)``.
+    """
+    names: dict[str, list[int]] = {}
+    for k, label in enumerate(labels):
+        names.setdefault(normalise_class_name(label), []).append(k)
+    index = {name: ks[0] for name, ks in names.items() if len(ks) == 1}  # two labels alike name neither
+    unknown = [c for c in folder_classes if c not in index]
+    return (None, unknown) if unknown else ([index[c] for c in folder_classes], [])
+
+
+@dataclass
+class AdoptResult:
+    """What :func:`adopt` found.
+
+    Attributes:
+        dataset: the readable examples; in the labels' order when the folders name them (so a test
+            image's label is the output it should win), else in the folders' own order.
+        labels: the graph's output names, in output order.
+        labels_source: the ``--labels`` file, or a note that they are numbered.
+        unlabelled_reason: why the test images cannot be scored against the labels (verify then
+            reports agreement and drift only), or None.
+        counts, skipped: images per split and class (as found), unreadable image → reason.
+    """
+
+    dataset: Dataset
+    labels: list[str]
+    labels_source: str
+    unlabelled_reason: str | None
+    counts: dict
+    skipped: dict[str, str]
+
+    @property
+    def labelled(self) -> bool:
+        return self.unlabelled_reason is None
+
+    def save(self, folder: Path) -> dict[str, Path]:
+        """Writes split.json, labels.txt (the graph's labels) and metrics.json (an empty history);
+        returns the files later stages read, by name."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(folder / "split.json", self.dataset.to_dict())
+        atomic_write_text(folder / "labels.txt", "\n".join(self.labels) + "\n")
+        atomic_write_json(folder / "metrics.json", {
+            "counts": self.counts, "skipped": self.skipped, "warnings": [], "bottlenecks": {}, "history": {},
+            "misclassified": [], "augmented_training_examples": 0,
+            "adopted": {"labels": self.labels, "labels_source": self.labels_source, "labelled": self.labelled,
+                        "unlabelled_reason": self.unlabelled_reason},
+        })
+        return {k: folder / f for k, f in (("split", "split.json"), ("labels", "labels.txt"),
+                                            ("metrics", "metrics.json"))}
+
+
+def _unreadable(paths: list[str]) -> dict[int, str]:
+    """Index → reason for the images that cannot be decoded (each is decoded once, on every core)."""
+    import os
+    from concurrent.futures import ThreadPoolExecutor
+
+    from pipeline.images import ImageError, decode_rgb, read_image_file
+
+    def problem(path: str) -> str | None:
+        try:
+            decode_rgb(read_image_file(path), path)
+        except (ImageError, OSError) as err:
+            return err.reason if isinstance(err, ImageError) else f"cannot read ({err.strerror or err})"
+        return None
+
+    with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+        found = list(pool.map(problem, paths, chunksize=16))
+    return {i: why for i, why in enumerate(found) if why}
+
+
+def adopt(dataset: Dataset, labels: list[str], labels_source: str, *, images_dir: Path | None = None) -> AdoptResult:
+    """The retrain stage for a graph that already has its head: no training.
+
+    Every image is decoded once, so unreadable ones are dropped here as :func:`retrain` drops
+    them (the calibration sample and the test split must be readable). The examples are then put
+    in the labels' order when every class folder names a label.
+
+    Args:
+        dataset: the split (:func:`pipeline.dataset.build_dataset`), classes in folder order.
+        labels: the graph's output names, in output order (``--labels``, or :func:`numbered_labels`).
+        labels_source: where they came from, for the manifest and the messages.
+        images_dir: the training folder, named in messages.
+
+    Returns:
+        The split, the labels, and why the test images are unlabelled, if they are.
+    """
+    counts = dataset.counts()
+    skipped_at = _unreadable([e.path for e in dataset.examples])
+    skipped = {dataset.examples[i].path: why for i, why in sorted(skipped_at.items())}
+    for path, why in skipped.items():
+        log.info(f"skipped {path}: {why}")
+    kept = [e for i, e in enumerate(dataset.examples) if i not in skipped_at]
+    indices, unknown = match_labels(dataset.classes, labels)
+    if indices is None:
+        shown = ", ".join(unknown[:4]) + (f" and {len(unknown) - 4} more" if len(unknown) > 4 else "")
+        reason = (f"{len(unknown)} of the {len(dataset.classes)} class folders of {images_dir or 'the images'} "
+                  f"({shown}) are not among the graph's {len(labels)} labels ({labels_source})")
+        return AdoptResult(Dataset(dataset.classes, tuple(kept)), list(labels), labels_source, reason, counts, skipped)
+    relabelled = tuple(Example(e.path, indices[e.label], e.split) for e in kept)
+    return AdoptResult(Dataset(tuple(labels), relabelled), list(labels), labels_source, None, counts, skipped)

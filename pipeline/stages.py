@@ -27,6 +27,7 @@ from pipeline.config import DEFAULT_GATES, RunConfig
 from pipeline.console import library_output, log
 from pipeline.dataset import Dataset, build_dataset
 from pipeline.errors import PipelineError, VerificationFailed, disk_error
+from pipeline.graph import ModelOutputs
 from pipeline.rundir import RunDir, read_json, sha256_tree
 from pipeline.types import ArtifactKind, BackboneSpec
 from pipeline.version import __version__
@@ -60,6 +61,16 @@ class Context:
 
     def dataset(self) -> Dataset:
         return Dataset.from_dict(read_json(self.run.stage("retrain") / "split.json"))
+
+    def labels(self) -> list[str]:
+        """The model's class names in output order (retrain/labels.txt): the class folders for a
+        retrained head, the graph's labels for an adopted one."""
+        return (self.run.stage("retrain") / "labels.txt").read_text(encoding="utf-8").splitlines()
+
+    def model(self) -> ModelOutputs | None:
+        """An adopted graph's output and logits, as the fetch stage found them; None for a backbone."""
+        found = self.stage_info("fetch")["info"].get("model")
+        return ModelOutputs.from_dict(found) if found else None
 
     def savedmodel(self) -> Path:
         return self.run.stage("export") / "savedmodel"
@@ -97,12 +108,36 @@ def _upstream(ctx: Context, *names: str) -> dict:
 # --- fetch -------------------------------------------------------------------------------------
 
 def _fetch_fingerprint(ctx: Context) -> dict:
-    return {"spec": ctx.cfg.backbone_spec().to_dict()}
+    fp = {"spec": ctx.cfg.backbone_spec().to_dict()}
+    if ctx.cfg.adopt is not None:
+        fp["output_tensor"] = ctx.cfg.adopt.output_tensor
+    return fp
+
+
+def _fetch_adopted(ctx: Context) -> tuple[dict[str, Path], dict]:
+    """A graph with its head: checked as a local graph, its input and output found."""
+    from pipeline.fetch import fetch
+    from pipeline.graph import adopted_outputs, load_graph_def
+
+    spec = ctx.cfg.backbone_spec()
+    got = fetch(spec)
+    outputs, fixes = adopted_outputs(load_graph_def(got.graph_path, fix=False), spec.input_tensor,
+                                     ctx.cfg.adopt.output_tensor)
+    for fix in fixes:
+        log.info(f"note: graph rewritten: {fix.note()}")
+    kind = "a Softmax" if outputs.softmax else "not a Softmax: its values are taken as probabilities as they are"
+    log.info(f"fetch: adopting {outputs.probabilities} of {got.graph_path.name} ({outputs.classes} classes, {kind}; "
+             f"{'logits ' + outputs.logits if outputs.logits else 'no logits'})")
+    return {"graph": Path(got.graph_path)}, {
+        "spec": spec.to_dict(), "source": got.source, "checksum": got.checksum, "model": outputs.to_dict(),
+        "recognised_as": ctx.cfg.graph.recognised_as, "graph_fixes": [fix.to_dict() for fix in fixes]}
 
 
 def _fetch_run(ctx: Context) -> tuple[dict[str, Path], dict]:
     from pipeline.fetch import fetch_backbone
 
+    if ctx.cfg.adopt is not None:
+        return _fetch_adopted(ctx)
     got = fetch_backbone(ctx.cfg.backbone_spec(), cache_dir=ctx.cfg.cache_dir, mirror=ctx.cfg.mirror,
                          offline=ctx.cfg.offline, progress=ctx.cfg.progress)
     return {"graph": Path(got.graph.graph_path)}, got.info()
@@ -112,11 +147,52 @@ def _fetch_run(ctx: Context) -> tuple[dict[str, Path], dict]:
 
 def _retrain_fingerprint(ctx: Context) -> dict:
     c = ctx.cfg
+    if c.adopt is not None:
+        labels = c.adopt.labels
+        return {"fetch": _upstream(ctx, "fetch"), "spec": ctx.spec().to_dict(), "model": ctx.model().to_dict(),
+                "images": _folder_key(c.images), "test_images": _folder_key(c.test_images),
+                "split": [c.validation_pct, c.test_pct],
+                "labels": None if labels is None else [str(Path(labels).resolve()), _file_digest(labels)]}
     return {
         "fetch": _upstream(ctx, "fetch"), "spec": ctx.spec().to_dict(),
         "images": _folder_key(c.images), "test_images": _folder_key(c.test_images),
         "split": [c.validation_pct, c.test_pct], "train": c.train.to_dict(), "augment": c.augment.to_dict(),
     }
+
+
+def _file_digest(path: Path) -> str | None:
+    try:
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    except OSError:
+        return None  # validation has said why; the stage reads it again and says so
+
+
+def _retrain_adopted(ctx: Context) -> tuple[dict[str, Path], dict]:
+    """No training: the split, the graph's labels and an empty history (``retrain.adopt``)."""
+    from pipeline.config import read_labels
+    from pipeline.retrain import adopt, numbered_labels
+
+    c, model = ctx.cfg, ctx.model()
+    if c.adopt.labels is not None:
+        labels, source = read_labels(c.adopt.labels), str(c.adopt.labels)
+    else:
+        labels, source = numbered_labels(model.classes), f"numbered 0..{model.classes - 1}: no --labels given"
+        log.info(f"retrain: no --labels given; the graph's {model.classes} outputs are labelled 0..{model.classes - 1} "
+                 "(pass --labels FILE, one name per line in output order, to name them)")
+    if len(labels) != model.classes:
+        raise PipelineError(f"--labels {c.adopt.labels}: {len(labels)} labels, but the graph's output "
+                            f"{model.probabilities} has {model.classes} classes; give one label per output")
+    result = adopt(build_dataset(c.images, c.test_images, c.validation_pct, c.test_pct), labels, source,
+                   images_dir=c.images)
+    if result.labelled:
+        log.info(f"retrain: adopted graph, nothing trained; the class folders name {len(result.dataset.classes)} "
+                 f"of its labels, so verify scores the test images against them")
+    else:
+        log.info(f"retrain: adopted graph, nothing trained; verify runs unlabelled (agreement and drift only): "
+                 f"{result.unlabelled_reason}")
+    outputs = result.save(ctx.run.stage("retrain"))
+    return outputs, {"adopted": True, "labels": source, "labelled": result.labelled,
+                     "unlabelled_reason": result.unlabelled_reason, "skipped": len(result.skipped)}
 
 
 def _retrain_run(ctx: Context) -> tuple[dict[str, Path], dict]:
@@ -126,6 +202,8 @@ def _retrain_run(ctx: Context) -> tuple[dict[str, Path], dict]:
     c, out = ctx.cfg, ctx.run.stage("retrain")
     if c.images is None:
         raise PipelineError("retrain needs --images DIR (one sub-folder per class)")
+    if c.adopt is not None:
+        return _retrain_adopted(ctx)
     summaries = None
     if c.summaries_dir:
         # One sub-folder per run, kept between runs, as TensorBoard expects.
@@ -150,7 +228,10 @@ def _retrain_run(ctx: Context) -> tuple[dict[str, Path], dict]:
 # --- export ------------------------------------------------------------------------------------
 
 def _export_fingerprint(ctx: Context) -> dict:
-    return {"fetch": _upstream(ctx, "fetch"), "retrain": _upstream(ctx, "retrain"), "spec": ctx.spec().to_dict()}
+    fp = {"fetch": _upstream(ctx, "fetch"), "retrain": _upstream(ctx, "retrain"), "spec": ctx.spec().to_dict()}
+    if ctx.model() is not None:
+        fp["model"] = ctx.model().to_dict()
+    return fp
 
 
 def _export_run(ctx: Context) -> tuple[dict[str, Path], dict]:
@@ -158,9 +239,13 @@ def _export_run(ctx: Context) -> tuple[dict[str, Path], dict]:
     from pipeline.export import export_savedmodel
     from pipeline.retrain import Head
 
-    head = Head.from_npz(np.load(ctx.run.stage("retrain") / "head.npz"))
-    out = ctx.run.stage("export")
-    sm = export_savedmodel(load_graph_def(ctx.graph_path()), ctx.spec(), head.layers, list(ctx.dataset().classes), out)
+    out, model = ctx.run.stage("export"), ctx.model()
+    layers = None if model else Head.from_npz(np.load(ctx.run.stage("retrain") / "head.npz")).layers
+    sm = export_savedmodel(load_graph_def(ctx.graph_path()), ctx.spec(), layers, ctx.labels(), out, outputs=model)
+    if model:
+        log.info(f"export: {ctx.graph_path().name} wrapped as the SavedModel: (images - {ctx.spec().preprocessing.mean:g}) "
+                 f"/ {ctx.spec().preprocessing.std:g} → {model.probabilities} as probabilities"
+                 f"{', ' + model.logits + ' as logits' if model.logits else ' (the graph has no logits)'}")
     return {"savedmodel": sm, "labels": out / "labels.txt", "preprocessing": out / "preprocessing.json"}, {}
 
 
@@ -193,11 +278,13 @@ def _quantize_run(ctx: Context) -> tuple[dict[str, Path], dict]:
     ds, spec, out = ctx.dataset(), ctx.spec(), ctx.run.stage("quantize")
     calibration = _calibration_paths(ctx)
     contract = preprocessing_contract(read_json(ctx.run.stage("export") / "preprocessing.json"))
-    files = quantize(ctx.savedmodel(), ctx.cfg.quant_modes, calibration, spec.preprocessing, ds.classes,
+    files = quantize(ctx.savedmodel(), ctx.cfg.quant_modes, calibration, spec.preprocessing, ctx.labels(),
                      contract, spec.name, out)
     outputs = {f"tflite-{mode.value}": path for mode, path in files.items()}
     # The golden self-test set, built once per run: tfjs copies it into every bundle.
-    golden = build_golden(ctx.savedmodel(), ds.split("test"), ds.classes, spec.preprocessing)
+    labels = ctx.labels()
+    golden = build_golden(ctx.savedmodel(), ds.split("test"), labels, spec.preprocessing,
+                          true_classes=None if list(ds.classes) == labels else ds.classes)
     outputs["golden"] = write_golden(out / GOLDEN_DIR, golden).parent
     return outputs, {"calibration_images": len(calibration)}
 
@@ -215,7 +302,7 @@ def _tfjs_run(ctx: Context) -> tuple[dict[str, Path], dict]:
     from pipeline.tfjs import convert_all
 
     meta = {
-        "labels": list(ctx.dataset().classes),
+        "labels": ctx.labels(),
         "preprocessing": read_json(ctx.run.stage("export") / "preprocessing.json"),
         "backbone": ctx.spec().name,
     }
@@ -256,7 +343,7 @@ def _verify_run(ctx: Context) -> tuple[dict[str, Path], dict]:
     sm = ctx.savedmodel()
     reference = Artifact("savedmodel", sm, sum(p.stat().st_size for p in sm.rglob("*") if p.is_file()),
                          ArtifactKind.SAVEDMODEL)
-    settings = VerifySettings(classes=ds.classes, contract=ctx.spec().preprocessing, runtimes=c.runtimes,
+    settings = VerifySettings(classes=tuple(ctx.labels()), contract=ctx.spec().preprocessing, runtimes=c.runtimes,
                               gates=c.gates, app=c.app_preprocessing, stress=c.stress, timeout_s=c.runtime_timeout_s,
                               run=RunSettings(latency_runs=c.latency_runs))
     # The prepared test images live in a temporary folder for the length of the stage.
@@ -336,6 +423,9 @@ def run_stages(cfg: RunConfig, until: str = "verify", verbose: bool = False) -> 
         PipelineError: bad input in any stage (the manifest records the failure).
         VerificationFailed: a converted model failed its gate (after the reports are written).
     """
+    cfg = cfg.resolved()  # a graph's tensors, found by recognising it, go into the manifest's config
+    if cfg.graph is not None and cfg.graph.recognised_as:
+        log.info(f"{cfg.graph_flag} {cfg.graph.path.name}: {cfg.graph.describe()}")
     run = RunDir(cfg.out)
     run.root.mkdir(parents=True, exist_ok=True)
     manifest = run.load_manifest()
