@@ -1,6 +1,13 @@
 """report.json, report.md and the pictures (confusion matrices, per-class agreement,
 size/latency/accuracy).
 
+Two kinds of report share these writers. A run's report (``edgepipe verify``) compares the
+exported SavedModel with the run's conversions; a check report (``edgepipe check``) compares any
+reference with candidates made by other tools, names them in a ``"models"`` section and carries
+its own ``"title"``. Either may be unlabelled (``"labelled": false``): the test images have no true
+labels matched to the classes, so the report shows agreement and drift only (no accuracy, no
+confusion matrices) and groups per-class agreement by the reference's top-1 class.
+
 Every layout here has to read at 8 classes and at 101 (Caltech-101) with 17+ result rows: the
 per-class agreement is one row per class, worst first; figures grow with the number of classes up
 to a cap and then shrink their fonts and thin their labels; point labels in the trade-off plot are
@@ -26,10 +33,69 @@ COLUMNS = [
     ("artifact", "artifact", "{}"), ("runtime", "runtime", "{}"),
     ("top1_agreement", "agree", "{:.4f}"), ("accuracy", "acc", "{:.4f}"),
     ("macro_precision", "P", "{:.4f}"), ("macro_recall", "R", "{:.4f}"), ("macro_f1", "F1", "{:.4f}"),
-    ("max_abs_diff", "max|Δp|", "{:.2e}"), ("mean_abs_diff", "mean|Δp|", "{:.2e}"),
+    # Pipes in a head escaped: a bare one splits the cell, and GFM drops a table whose head row
+    # has more cells than its rule.
+    ("max_abs_diff", r"max\|Δp\|", "{:.2e}"), ("mean_abs_diff", r"mean\|Δp\|", "{:.2e}"),
     ("size_bytes", "size", "{}"), ("latency_ms", "ms/img", "{:.2f}"), ("gate", "gate", "{:.2f}"),
     ("passed", "ok", "{}"),
 ]
+LABEL_KEYS = ("accuracy", "macro_precision", "macro_recall", "macro_f1")  # None in unlabelled reports
+PREPROCESSING_KEYS = ("size", "mean", "std", "channel_order", "resize")  # the models table's order
+
+
+def is_labelled(report: dict) -> bool:
+    """Whether the report has figures against true labels; reports before ``edgepipe check``
+    have no ``"labelled"`` key and all are."""
+    return report.get("labelled", True) is not False
+
+
+def report_title(report: dict) -> str:
+    """The report's heading: a check report's own ``"title"``, else the run's backbone."""
+    return report.get("title") or f"edgepipe verification: {report.get('backbone')}"
+
+
+def reference_text(report: dict) -> str:
+    """``Reference: …`` for the intro: the check's reference model, or the run's SavedModel."""
+    models = report.get("models") or []
+    ref = next((m for m in models if m.get("role") == "reference"), None)
+    if ref is None:
+        return "Reference: the exported SavedModel in TensorFlow."
+    results = report.get("results") or []
+    where = f" in {results[0]['runtime']}" if results and results[0].get("runtime") else ""
+    return f"Reference: {ref.get('name')} ({ref.get('format')}){where}."
+
+
+def unlabelled_text(report: dict) -> str:
+    """The line near the top of an unlabelled report; "" for a labelled one."""
+    if is_labelled(report):
+        return ""
+    reason = (report.get("unlabelled_reason") or "the test images have no true labels.").strip()
+    reason = reason if reason.endswith((".", "!", "?")) else reason + "."
+    return (f"Agreement and drift only: {reason} Each converted model is compared with the reference's "
+            "predictions; without true labels there is no accuracy, precision, recall or confusion matrix.")
+
+
+def reference_counts(report: dict) -> list[int] | None:
+    """The reference's top-1 class of every test image when the per-class agreement is grouped
+    by it (unlabelled reports), else None (grouped by true class)."""
+    if is_labelled(report):
+        return None
+    return [int(k) for k in report.get("reference_top1") or []]
+
+
+def has_confusion(results: list[dict]) -> bool:
+    """Whether :func:`plot_confusion_matrices` draws anything (unlabelled rows have ``[]``)."""
+    return any(r.get("confusion_matrix") for r in results)
+
+
+def tradeoff_rows(results: list[dict]) -> list[dict]:
+    """The rows :func:`plot_tradeoffs` draws: those with a latency and a size."""
+    return [r for r in results if r.get("latency_ms") is not None and r.get("size_bytes") is not None]
+
+
+def has_latency(results: list[dict]) -> bool:
+    """Whether :func:`plot_tradeoffs` draws anything."""
+    return bool(tradeoff_rows(results))
 
 
 def latency_text(r: dict) -> str:
@@ -56,11 +122,14 @@ def _fmt(key: str, fmt: str, value, row: dict) -> str:
     return fmt.format(value)
 
 
-def markdown_table(results: list[dict]) -> str:
-    heads = [("ms/img p50 / p90" if k == "latency_ms" and has_p90(results) else h) for k, h, _ in COLUMNS]
+def markdown_table(results: list[dict], labelled: bool = True) -> str:
+    """The results table; unlabelled, without the accuracy, P, R and F1 columns (left out, not
+    filled with dashes: there is nothing they could hold)."""
+    columns = [c for c in COLUMNS if labelled or c[0] not in LABEL_KEYS]
+    heads = [("ms/img p50 / p90" if k == "latency_ms" and has_p90(results) else h) for k, h, _ in columns]
     head = "| " + " | ".join(heads) + " |"
-    rule = "|" + "|".join("---" for _ in COLUMNS) + "|"
-    rows = ["| " + " | ".join(_fmt(k, f, r.get(k), r) for k, _, f in COLUMNS) + " |" for r in results]
+    rule = "|" + "|".join("---" for _ in columns) + "|"
+    rows = ["| " + " | ".join(_fmt(k, f, r.get(k), r) for k, _, f in columns) + " |" for r in results]
     return "\n".join([head, rule, *rows])
 
 
@@ -72,7 +141,8 @@ class ClassAgreement:
 
     Attributes:
         name: the class.
-        n_images: its test images (None when the report has no reference confusion matrix).
+        n_images: its test images, or in an unlabelled report the images the reference puts in it
+            (None when the report has neither a reference confusion matrix nor reference_top1).
         per_row: its agreement in each of :func:`agreement_rows`' rows (None: no test image, or no value).
         worst: the lowest of ``per_row`` (None when every value is None).
         worst_in: ``"artifact / runtime"`` of every row at ``worst``.
@@ -93,11 +163,31 @@ def agreement_rows(results: list[dict]) -> list[dict]:
     return [r for r in results[1:] if r.get("per_class_agreement")]
 
 
-def class_agreement(results: list[dict], classes: list[str]) -> list[ClassAgreement]:
-    """Every class, worst agreement first; classes with no value at all (no test image) last."""
-    rows = agreement_rows(results)
+def class_counts(results: list[dict], classes: list[str], reference_top1: list[int] | None = None) -> list:
+    """Images per class: how many the reference puts in each when ``reference_top1`` is given
+    (unlabelled reports group agreement by it), else the true-class counts from the reference's
+    confusion matrix; None per class when neither is there."""
+    if reference_top1:
+        return [int(c) for c in np.bincount(np.asarray(reference_top1, dtype=int), minlength=len(classes))]
+    if reference_top1 is not None:
+        return [None] * len(classes)
     ref_cm = results[0].get("confusion_matrix") if results else None
-    counts = [int(c) for c in np.asarray(ref_cm).sum(1)] if ref_cm else [None] * len(classes)
+    return [int(c) for c in np.asarray(ref_cm).sum(1)] if ref_cm else [None] * len(classes)
+
+
+def class_agreement(results: list[dict], classes: list[str],
+                    reference_top1: list[int] | None = None) -> list[ClassAgreement]:
+    """Every class, worst agreement first; classes with no value at all (no test image) last.
+
+    Args:
+        results: the report rows, the reference first.
+        classes: the class names, in the model's output order.
+        reference_top1: given when the rows' per-class agreement is grouped by the reference's
+            top-1 class (unlabelled reports, see :func:`reference_counts`); the image counts come
+            from it.
+    """
+    rows = agreement_rows(results)
+    counts = class_counts(results, classes, reference_top1)
     out = []
     for k, name in enumerate(classes):
         per_row = tuple(r["per_class_agreement"][k] if k < len(r["per_class_agreement"]) else None for r in rows)
@@ -143,26 +233,166 @@ def worst_text(c: ClassAgreement) -> str:
     return f"{c.worst:.3f} ({round(c.worst * c.n_images)}/{c.n_images})"
 
 
-def class_agreement_markdown(results: list[dict], classes: list[str]) -> list[str]:
+def unused_classes(table: list[ClassAgreement], reference_top1: list[int] | None) -> list[str]:
+    """Unlabelled reports: the classes the reference puts no image in (no row has a value for
+    them). They say nothing about agreement, and a 1001-class model would otherwise list some
+    900 empty rows."""
+    if reference_top1 is None:
+        return []
+    return [c.name for c in table if c.worst is None]
+
+
+def no_image_text(names: list[str]) -> str:
+    """The sentence after an unlabelled per-class table about the classes it leaves out, named
+    up to MAX_NAMED_CLASSES of them."""
+    n = len(names)
+    text = f"The reference puts no image in {n} class{'es' if n != 1 else ''}"
+    if n > MAX_NAMED_CLASSES:
+        return text + "; they are left out."
+    return text + f", left out: {', '.join(sorted(names))}."
+
+
+def class_agreement_markdown(results: list[dict], classes: list[str],
+                             reference_top1: list[int] | None = None) -> list[str]:
     """report.md's per-class section: one line per class that some row does not fully agree on,
-    worst first; the classes every row agrees on are named in one sentence after it."""
+    worst first; the classes every row agrees on are named in one sentence after it. With
+    ``reference_top1`` (unlabelled) the classes are the reference's top-1 class, and those it
+    puts no image in are left out and counted."""
     rows = agreement_rows(results)
     if not rows:
         return []
-    table = class_agreement(results, classes)
+    table = class_agreement(results, classes, reference_top1)
+    empty = set(unused_classes(table, reference_top1))
+    table = [c for c in table if c.name not in empty]
     shown = [c for c in table if c.worst is None or c.worst < 1]
     perfect = [c.name for c in table if c.worst is not None and c.worst >= 1]
-    lines = ["## Agreement per class", "",
-             f"Top-1 agreement with the reference per class, worst first, over the {len(rows)} converted "
+    if reference_top1 is None:
+        head, what, col = "## Agreement per class", " per class,", "class"
+    else:
+        head, what, col = ("## Agreement per reference's top-1 class", ", the images grouped by the class the "
+                           "reference gives them (there are no true labels),", "reference's top-1 class")
+    lines = [head, "",
+             f"Top-1 agreement with the reference{what} worst first, over the {len(rows)} converted "
              "(artifact, runtime) rows; `verify/class_agreement.png` shows every class in every row.", ""]
     if shown:
-        lines += ["| class | images | worst agreement | in | rows below 1 |", "|---|---|---|---|---|"]
+        lines += [f"| {col} | images | worst agreement | in | rows below 1 |", "|---|---|---|---|---|"]
         lines += [f"| {c.name} | {'—' if c.n_images is None else c.n_images} | {worst_text(c)} | "
                   f"{worst_in_text(c, len(rows))} | {c.below_one} of {len(rows)} |" for c in shown]
         lines.append("")
     if perfect:
         every = "All" if not shown else f"The other {len(perfect)}"
         lines.append(f"{every} classes agree on every image in every row: {', '.join(sorted(perfect))}.")
+    if empty:
+        lines.append(no_image_text(list(empty)))
+    return lines + [""]
+
+
+# --- the models of a check report ---------------------------------------------------------------
+
+def value_text(key: str, value) -> str:
+    """One preprocessing value: ``224×224``, ``[123.68, 116.78, 103.94]``, ``127.5``, ``RGB``."""
+    if value is None:
+        return "—"
+    if isinstance(value, (list, tuple)):
+        if key == "size" and all(isinstance(v, int) for v in value):
+            return "×".join(str(v) for v in value)
+        return "[" + ", ".join(value_text(key, v) for v in value) + "]"
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+def setting_cell(key: str, setting) -> tuple[str, str | None]:
+    """A preprocessing setting as (value text, where it came from)."""
+    if not isinstance(setting, dict):
+        return value_text(key, setting), None
+    return value_text(key, setting.get("value")), setting.get("source")
+
+
+def cell_text(cell: tuple[str, str | None]) -> str:
+    """``value (source)``, or the value alone when there is no source."""
+    value, source = cell
+    return f"{value} ({source})" if source else value
+
+
+def input_text(m: dict) -> str:
+    """``uint8 1×224×224×3, scale 0.0078125, zero point 128``; unknown dimensions as ``?``."""
+    spec = m.get("input") or {}
+    shape = spec.get("shape")
+    dims = "×".join("?" if d is None or d == -1 else str(d) for d in shape) if shape else "shape unknown"
+    text = f"{spec.get('dtype') or '?'} {dims}"
+    q = spec.get("quantization")
+    if q:
+        text += f", scale {value_text('', float(q[0]))}, zero point {q[1]}"
+    return text
+
+
+def output_text(m: dict) -> str:
+    """``probabilities`` or ``logits, softmax applied`` after the output's name."""
+    spec = m.get("output") or {}
+    kind = spec.get("kind") or "?"
+    if kind == "logits":
+        kind += ", softmax applied" if spec.get("softmax_applied") else ", no softmax applied"
+    return f"{spec['name']}: {kind}" if spec.get("name") else kind
+
+
+def labels_text(m: dict) -> str:
+    """``1001 (labels.txt beside the model)``; ``none (…)`` without a count."""
+    spec = m.get("labels") or {}
+    count = spec.get("count")
+    text = "none" if count is None else str(count)
+    return text + (f" ({spec['source']})" if spec.get("source") else "")
+
+
+def preprocessing_keys(models: list[dict]) -> list[str]:
+    """The settings the models table has a column for: the usual five in order, then any other."""
+    seen = [k for m in models for k in (m.get("preprocessing") or {})]
+    others = dict.fromkeys(k for k in seen if k not in PREPROCESSING_KEYS)
+    return [k for k in PREPROCESSING_KEYS if k in seen] + list(others)
+
+
+MODEL_COLUMNS = [("model", lambda m: m.get("name") or "?"), ("role", lambda m: m.get("role") or "?"),
+                 ("format", lambda m: m.get("format") or "?"), ("kind", lambda m: m.get("kind") or "—"),
+                 ("input", input_text), ("output", output_text), ("labels", labels_text)]
+
+
+def model_cells(models: list[dict]) -> tuple[list[str], list[list[tuple[str, str | None]]]]:
+    """The models table, shared by report.md and report.html: heads and one row per model
+    (reference first, as given), each cell (text, source): the source only for preprocessing
+    settings, which are shown as ``value (source)``."""
+    keys = preprocessing_keys(models)
+    heads = [h for h, _ in MODEL_COLUMNS] + [k.replace("_", " ") for k in keys]
+    rows = []
+    for m in models:
+        pre = m.get("preprocessing") or {}
+        rows.append([(f(m), None) for _, f in MODEL_COLUMNS]
+                    + [setting_cell(k, pre[k]) if k in pre else ("—", None) for k in keys])
+    return heads, rows
+
+
+def model_warnings(models: list[dict]) -> list[str]:
+    """Every model's warnings, each after its model's name."""
+    return [f"{m.get('name')}: {w}" for m in models for w in m.get("warnings") or []]
+
+
+def _md_cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def models_markdown(models: list[dict]) -> list[str]:
+    """report.md's models section (check reports): a row per model, then the files and warnings."""
+    if not models:
+        return []
+    heads, rows = model_cells(models)
+    lines = ["## Models", "", "Preprocessing settings as value (where it came from).", "",
+             "| " + " | ".join(heads) + " |", "|" + "|".join("---" for _ in heads) + "|"]
+    lines += ["| " + " | ".join(_md_cell(cell_text(c)) for c in row) + " |" for row in rows]
+    lines += ["", "Files:"] + [f"- {m.get('name')}: `{m.get('path')}`" for m in models]
+    warnings = model_warnings(models)
+    if warnings:
+        lines += ["", f"Warnings about the models ({len(warnings)}):"] + [f"- {w}" for w in warnings[:MAX_LISTED]]
+        if len(warnings) > MAX_LISTED:
+            lines.append(f"- … and {len(warnings) - MAX_LISTED} more (report.json)")
     return lines + [""]
 
 
@@ -180,15 +410,12 @@ def write_reports(root: Path, report: dict) -> None:
     picture report.md points to (``verify/class_agreement.png``)."""
     atomic_write_json(root / "report.json", report)
     classes, results = report["classes"], report["results"]
-    lines = [
-        f"# edgepipe verification: {report['backbone']}",
-        "",
-        f"{report['n_test']} test images, {classes_text(classes)}. "
-        "Reference: the exported SavedModel in TensorFlow.",
-        "",
-        markdown_table(results),
-        "",
-    ]
+    labelled, reference_top1 = is_labelled(report), reference_counts(report)
+    lines = [f"# {report_title(report)}", "",
+             f"{report['n_test']} test images, {classes_text(classes)}. {reference_text(report)}", ""]
+    if not labelled:
+        lines += [unlabelled_text(report), ""]
+    lines += [markdown_table(results, labelled), ""]
     failures = [r for r in results if not r["passed"]]
     if failures:
         lines.append("## Failed")
@@ -197,7 +424,8 @@ def write_reports(root: Path, report: dict) -> None:
             lines.append(f"- {r['artifact']} in {r['runtime']}: {why}")
     else:
         lines.append("Every artifact passed its gate in every runtime.")
-    lines += ["", *class_agreement_markdown(results, classes)]
+    lines += ["", *models_markdown(report.get("models") or [])]
+    lines += class_agreement_markdown(results, classes, reference_top1)
     skipped, warnings = report.get("skipped_images") or [], report.get("warnings") or []
     lines += [f"Images skipped as unreadable: {len(skipped)}."]
     lines += [f"- `{s['path']}`: {s['reason']}" for s in skipped[:MAX_LISTED]]
@@ -207,10 +435,14 @@ def write_reports(root: Path, report: dict) -> None:
         lines += ["", f"## Warnings ({len(warnings)})"] + [f"- {w}" for w in warnings[:MAX_LISTED]]
         if len(warnings) > MAX_LISTED:
             lines.append(f"- … and {len(warnings) - MAX_LISTED} more (report.json)")
-    pictures = ["confusion_matrices.png", "tradeoffs.png"]
-    if plot_class_agreement(root / "verify" / "class_agreement.png", results, classes):
-        pictures.insert(1, "class_agreement.png")
-    lines += ["", "Pictures: " + ", ".join(f"`verify/{p}`" for p in pictures) + "."]
+    # The pictures Report.save draws after this: name only those that will be there.
+    pictures = ["confusion_matrices.png"] if has_confusion(results) else []
+    if plot_class_agreement(root / "verify" / "class_agreement.png", results, classes, reference_top1):
+        pictures.append("class_agreement.png")
+    if has_latency(results):
+        pictures.append("tradeoffs.png")
+    if pictures:
+        lines += ["", "Pictures: " + ", ".join(f"`verify/{p}`" for p in pictures) + "."]
     atomic_write_text(root / "report.md", "\n".join(lines) + "\n")
 
 
@@ -343,12 +575,15 @@ def confusion_norm(cm: np.ndarray, axis: ClassAxis):
 
 # --- pictures -----------------------------------------------------------------------------------
 
-def plot_confusion_matrices(path: Path, results: list[dict], classes: list[str]) -> None:
-    """One panel per (artifact, runtime) that ran."""
-    plt = pyplot_agg()
+def plot_confusion_matrices(path: Path, results: list[dict], classes: list[str]) -> bool:
+    """One panel per (artifact, runtime) that ran; False (nothing written) when no row has a
+    matrix, as in an unlabelled report."""
     rows = [r for r in results if r.get("confusion_matrix")]
-    if not rows:
-        return
+    if not rows or not classes:
+        # A picture left from an earlier labelled run would contradict this report.
+        Path(path).unlink(missing_ok=True)
+        return False
+    plt = pyplot_agg()
     axis = class_axis(len(classes), names=classes)
     grid = matrix_grid(len(rows), classes, axis, min(4, len(rows)), "rows: true class; columns: predicted")
     for k, (ax, r) in enumerate(zip(grid.axes, rows)):
@@ -357,20 +592,28 @@ def plot_confusion_matrices(path: Path, results: list[dict], classes: list[str])
         annotate_cells(ax, cm, axis, light_above=cm.max() / 2)
         if grid.colorbar_axes:
             grid.fig.colorbar(im, cax=grid.colorbar_axes[k]).ax.tick_params(labelsize=axis.fontsize)
-        ax.set_title(f"{r['artifact']} / {r['runtime']}\nacc {r['accuracy']:.3f}", fontsize=9)
+        acc = f"\nacc {r['accuracy']:.3f}" if r.get("accuracy") is not None else ""
+        ax.set_title(f"{r['artifact']} / {r['runtime']}{acc}", fontsize=9)
     path.parent.mkdir(parents=True, exist_ok=True)
     _savefig(grid.fig, path, dpi=100)
     plt.close(grid.fig)
+    return True
 
 
-def class_agreement_figure(results: list[dict], classes: list[str]):
+def class_agreement_figure(results: list[dict], classes: list[str], reference_top1: list[int] | None = None):
     """Heat map: classes (rows, worst first, as in the tables) × converted (artifact, runtime)
-    rows; None when no converted row has per-class figures."""
+    rows; None when no converted row has per-class figures. With ``reference_top1``
+    (unlabelled) the rows are the reference's top-1 classes, those it puts no image in left out."""
     rows = agreement_rows(results)
     if not rows or not classes:
         return None
+    table = class_agreement(results, classes, reference_top1)
+    empty = set(unused_classes(table, reference_top1))
+    table = [c for c in table if c.name not in empty]
+    if not table:
+        return None
     plt = pyplot_agg()
-    table = class_agreement(results, classes)
+    classes = [c.name for c in table]
     values = np.array([[np.nan if v is None else v for v in c.per_row] for c in table], dtype=float)
     low = np.nanmin(values) if np.isfinite(values).any() else 1.0
     vmin = min(0.9, math.floor(low * 10) / 10)  # 0.1 steps: 0.99 and 1.0 still differ in colour
@@ -390,17 +633,21 @@ def class_agreement_figure(results: list[dict], classes: list[str]):
     set_class_ticks(ax, [c.name for c in table], y, x=False)
     ax.set_xticks(range(len(rows)), [f"{r['artifact']} / {r['runtime']}" for r in rows], rotation=90,
                   fontsize=min(8, max(MIN_FONT, x.fontsize)))
-    ax.set_title("top-1 agreement with the reference per class (worst first; grey: no test image)", fontsize=9)
+    what = "per class (worst first; grey: no test image)" if reference_top1 is None else \
+        "per reference's top-1 class (worst first)"
+    ax.set_title(f"top-1 agreement with the reference {what}", fontsize=9)
     fig.colorbar(im, ax=ax, fraction=0.05, pad=0.02).ax.tick_params(labelsize=7)
     fig.tight_layout()
     return fig
 
 
-def plot_class_agreement(path: Path, results: list[dict], classes: list[str]) -> bool:
-    """Writes :func:`class_agreement_figure` to ``path``; False (nothing written) when there is
-    nothing to show."""
-    fig = class_agreement_figure(results, classes)
+def plot_class_agreement(path: Path, results: list[dict], classes: list[str],
+                         reference_top1: list[int] | None = None) -> bool:
+    """Writes :func:`class_agreement_figure` to ``path``; False (nothing written, an earlier
+    picture removed) when there is nothing to show."""
+    fig = class_agreement_figure(results, classes, reference_top1)
     if fig is None:
+        Path(path).unlink(missing_ok=True)
         return False
     path.parent.mkdir(parents=True, exist_ok=True)
     _savefig(fig, path, dpi=100)
@@ -483,13 +730,17 @@ def place_labels(ax, xy: list[tuple[float, float]], labels: list[str], fontsize:
     return placed
 
 
-def plot_tradeoffs(path: Path, results: list[dict]) -> None:
+def tradeoffs_figure(results: list[dict]):
     """Size vs latency and size vs accuracy, one point per (artifact, runtime); green = passed.
-    A vertical bar from p50 to p90 where the row has a p90; points that coincide share one label."""
-    plt = pyplot_agg()
-    rows = [r for r in results if r.get("latency_ms") is not None]
+    A vertical bar from p50 to p90 where the row has a p90; points that coincide share one label.
+    When no row has an accuracy (an unlabelled report) the second panel is size vs top-1
+    agreement instead. None when no row has a latency."""
+    rows = tradeoff_rows(results)
     if not rows:
-        return
+        return None
+    plt = pyplot_agg()
+    labelled = any(r.get("accuracy") is not None for r in rows)
+    key = "accuracy" if labelled else "top1_agreement"
     fig, (a, b) = plt.subplots(1, 2, figsize=(14, max(5.2, 0.3 * len(rows))))
     for r in rows:
         colour = "tab:green" if r["passed"] else "tab:red"
@@ -497,24 +748,44 @@ def plot_tradeoffs(path: Path, results: list[dict]) -> None:
         a.scatter(mb, r["latency_ms"], c=colour, s=30, zorder=3)
         if r.get("latency_p90_ms") is not None:
             a.vlines(mb, r["latency_ms"], r["latency_p90_ms"], colors=colour, lw=1.2, alpha=0.6, zorder=2)
-        b.scatter(mb, r["accuracy"], c=colour, s=30, zorder=3)
+        if r.get(key) is not None:
+            b.scatter(mb, r[key], c=colour, s=30, zorder=3)
     a.set_yscale("log")
     a.set_xlabel("size (MB)")
     a.set_ylabel("ms per image (1 thread" + ("; bar: p50 to p90)" if has_p90(rows) else ")"))
     a.set_title("size vs latency (green = passed its gate)")
     b.set_xlabel("size (MB)")
-    b.set_ylabel("test accuracy")
-    b.set_title("size vs accuracy (label: top-1 agreement)")
+    if labelled:
+        b.set_ylabel("test accuracy")
+        b.set_title("size vs accuracy (label: top-1 agreement)")
+    else:
+        b.set_ylabel("top-1 agreement with the reference")
+        b.set_title("size vs top-1 agreement (no true labels)")
     for ax in (a, b):
         ax.margins(x=0.25, y=0.2)  # room for the labels inside the axes
     fig.tight_layout()
-    for ax, key, extra in ((a, "latency_ms", None), (b, "accuracy", lambda r: f"{r['top1_agreement']:.3f}")):
-        xy = [(r["size_bytes"] / 1e6, r[key]) for r in rows]
+    extra = (lambda r: f"{r['top1_agreement']:.3f}") if labelled else None
+    with_key = [r for r in rows if r.get(key) is not None]
+    for ax, k, lab, shown in ((a, "latency_ms", None, rows), (b, key, extra, with_key)):
+        if not shown:
+            continue
+        xy = [(r["size_bytes"] / 1e6, r[k]) for r in shown]
         groups = _clusters(ax.transData.transform(np.asarray(xy, dtype=float)), radius=6)
-        place_labels(ax, [xy[g[0]] for g in groups], [_merged_label([rows[i] for i in g], extra) for g in groups])
+        place_labels(ax, [xy[g[0]] for g in groups], [_merged_label([shown[i] for i in g], lab) for g in groups])
+    return fig
+
+
+def plot_tradeoffs(path: Path, results: list[dict]) -> bool:
+    """Writes :func:`tradeoffs_figure` to ``path``; False (nothing written, an earlier picture
+    removed: report.html inlines whatever is there) when no row has a latency."""
+    fig = tradeoffs_figure(results)
+    if fig is None:
+        Path(path).unlink(missing_ok=True)
+        return False
     path.parent.mkdir(parents=True, exist_ok=True)
     _savefig(fig, path, dpi=90)
-    plt.close(fig)
+    pyplot_agg().close(fig)
+    return True
 
 
 def plot_training(path: Path, history: dict) -> None:

@@ -16,10 +16,20 @@ from pipeline.report import (
     class_axis,
     classes_text,
     confusion_norm,
+    has_confusion,
     has_p90,
+    is_labelled,
     latency_text,
     matrix_grid,
+    model_cells,
+    model_warnings,
+    no_image_text,
     pyplot_agg,
+    reference_counts,
+    reference_text,
+    report_title,
+    unlabelled_text,
+    unused_classes,
     worst_in_text,
     worst_text,
 )
@@ -33,7 +43,8 @@ th{background:#f3f3f3}td.l,th.l{text-align:left}.pass{color:#176b1b;font-weight:
 .thumbs{display:flex;flex-wrap:wrap;gap:8px}.thumbs figure{margin:0;font-size:11px;width:100px}
 .thumbs img{width:96px;height:96px;object-fit:cover;border:1px solid #ccc}img.plot{max-width:100%}
 th.v{writing-mode:vertical-rl;transform:rotate(180deg);text-align:left;white-space:nowrap;font-weight:normal;padding:5px 2px}
-td.a{font-size:11px;padding:2px 3px}td.one{color:#aaa}.wide{overflow-x:auto}
+td.a{font-size:11px;padding:2px 3px}td.one{color:#aaa}.wide{overflow-x:auto}.note{background:#fff6dd}
+span.src{color:#777;font-size:11px}
 """
 
 
@@ -85,24 +96,35 @@ def _confusion_figure(results: list[dict], classes: list[str]):
     return src, same
 
 
-def _agreement_section(results: list[dict], classes: list[str]) -> list[str]:
+def _agreement_section(results: list[dict], classes: list[str], reference_top1: list[int] | None = None) -> list[str]:
     """Classes as rows, worst first: images, worst agreement and where, then one narrow column per
-    converted (artifact, runtime), shaded by how far below 1 it is."""
+    converted (artifact, runtime), shaded by how far below 1 it is. With ``reference_top1``
+    (unlabelled) the classes are the reference's top-1 class; those it puts no image in are left
+    out and named after the table."""
     e = html.escape
     rows = agreement_rows(results)
     if not rows:
         return []
-    table = class_agreement(results, classes)
-    out = ["<h2>Agreement per class</h2><p>Top-1 agreement with the reference, one row per class, worst first, "
-           f"over the {len(rows)} converted (artifact, runtime) rows.</p>"]
-    if len(classes) > 30:
+    table = class_agreement(results, classes, reference_top1)
+    empty = unused_classes(table, reference_top1)
+    table = [c for c in table if c.name not in set(empty)] if empty else table
+    if reference_top1 is None:
+        out = ["<h2>Agreement per class</h2><p>Top-1 agreement with the reference, one row per class, worst first, "
+               f"over the {len(rows)} converted (artifact, runtime) rows.</p>"]
+        col = "class"
+    else:
+        out = ["<h2>Agreement per reference's top-1 class</h2><p>Top-1 agreement with the reference, the images "
+               "grouped by the class the reference gives them, one row per class, worst first, over the "
+               f"{len(rows)} converted (artifact, runtime) rows; images: how many the reference puts in the class.</p>"]
+        col = "reference's top-1 class"
+    if len(table) > 30:
         # At many classes the picture shows the pattern that the long table hides.
-        fig = class_agreement_figure(results, classes)
+        fig = class_agreement_figure(results, classes, reference_top1)
         out.append(f"<img class=plot src='{_png(fig)}'>")
         pyplot_agg().close(fig)
     heads = "".join(f"<th class=v title='{e(r['artifact'])} / {e(r['runtime'])}'>{e(r['artifact'])} / "
                     f"{e(r['runtime'])}</th>" for r in rows)
-    out.append("<div class=wide><table><tr><th class=l>class</th><th>images</th><th>worst</th><th class=l>in</th>"
+    out.append(f"<div class=wide><table><tr><th class=l>{e(col)}</th><th>images</th><th>worst</th><th class=l>in</th>"
                f"{heads}</tr>")
     for c in table:
         cells = []
@@ -119,6 +141,31 @@ def _agreement_section(results: list[dict], classes: list[str]) -> list[str]:
         out.append(f"<tr><td class=l>{e(c.name)}</td><td>{n}</td><td>{e(worst_text(c))}</td>"
                    f"<td class=l>{e(worst_in_text(c, len(rows)))}</td>{''.join(cells)}</tr>")
     out.append("</table></div>")
+    if empty:
+        out.append(f"<p>{e(no_image_text(empty))}</p>")
+    return out
+
+
+def _models_section(models: list[dict]) -> list[str]:
+    """A check report's models: one row per model, reference first (the same cells as report.md),
+    each preprocessing setting with where it came from; then every model's warnings."""
+    if not models:
+        return []
+    e = html.escape
+    heads, rows = model_cells(models)
+    out = ["<h2>Models</h2><p>Preprocessing settings as value (where it came from).</p><div class=wide><table><tr>"
+           + "".join(f"<th class=l>{e(h)}</th>" for h in heads) + "</tr>"]
+    for row in rows:
+        cells = "".join(f"<td class=l>{e(value)}" + (f" <span class=src>({e(source)})</span>" if source else "")
+                        + "</td>" for value, source in row)
+        out.append(f"<tr>{cells}</tr>")
+    out.append("</table></div><p>Files:</p><ul>"
+               + "".join(f"<li>{e(str(m.get('name')))}: <code>{e(str(m.get('path')))}</code></li>" for m in models)
+               + "</ul>")
+    warnings = model_warnings(models)
+    if warnings:
+        out.append(f"<div class='banner note'><b>Warnings about the models ({len(warnings)})</b><ul>"
+                   + "".join(f"<li>{e(w)}</li>" for w in warnings[:200]) + "</ul></div>")
     return out
 
 
@@ -126,10 +173,63 @@ def _fmt(v, spec: str) -> str:
     return "—" if v is None else format(v, spec)
 
 
+def _mb(v) -> str:
+    return "—" if v is None else f"{v / 1e6:.2f}"
+
+
 def _why(r: dict) -> str:
     if r.get("error"):
         return r["error"]
     return f"top-1 agreement {r['top1_agreement']:.4f} < gate {r['gate']:.2f}"
+
+
+def _ok(r: dict) -> str:
+    return "<span class=pass>PASS</span>" if r["passed"] else "<span class=fail>FAIL</span>"
+
+
+# The results table: (head, cell, shown only when labelled). Unlabelled reports leave the
+# accuracy columns out rather than fill them with dashes.
+RESULT_COLUMNS = [
+    ("artifact", lambda r: html.escape(r["artifact"]), False),
+    ("runtime", lambda r: html.escape(r["runtime"]), False),
+    ("agreement", lambda r: _fmt(r["top1_agreement"], ".4f"), False),
+    ("gate", lambda r: _fmt(r.get("gate"), ".2f"), False),
+    ("accuracy", lambda r: _fmt(r.get("accuracy"), ".4f"), True),
+    ("macro P", lambda r: _fmt(r.get("macro_precision"), ".4f"), True),
+    ("macro R", lambda r: _fmt(r.get("macro_recall"), ".4f"), True),
+    ("macro F1", lambda r: _fmt(r.get("macro_f1"), ".4f"), True),
+    ("max |Δp|", lambda r: _fmt(r["max_abs_diff"], ".2e"), False),
+    ("mean |Δp|", lambda r: _fmt(r["mean_abs_diff"], ".2e"), False),
+    ("KL", lambda r: _fmt(r.get("kl_divergence"), ".2e"), False),
+    ("size MB", lambda r: _mb(r.get("size_bytes")), False),
+    ("ms/img", latency_text, False),
+    ("result", _ok, False),
+]
+LEFT = {"artifact", "runtime"}
+
+
+def _results_table(results: list[dict], labelled: bool) -> str:
+    columns = [c for c in RESULT_COLUMNS if labelled or not c[2]]
+    ms_head = "ms/img p50 / p90" if has_p90(results) else "ms/img"
+    heads = "".join(f"<th class=l>{h}</th>" if h in LEFT else f"<th>{html.escape(ms_head if h == 'ms/img' else h)}</th>"
+                    for h, _, _ in columns)
+    out = [f"<h2>Results</h2><table><tr>{heads}</tr>"]
+    for r in sorted(results, key=lambda r: (r.get("size_bytes") is None, r.get("size_bytes") or 0)):
+        out.append("<tr>" + "".join(f"<td class=l>{f(r)}</td>" if h in LEFT else f"<td>{f(r)}</td>"
+                                    for h, f, _ in columns) + "</tr>")
+    out.append("</table>")
+    return "".join(out)
+
+
+def _recommendation(rec: dict) -> str:
+    """The recommendation banner; its accuracy only where there is one (not in unlabelled reports)."""
+    e = html.escape
+    acc = f", accuracy {rec['accuracy']:.4f}" if rec.get("accuracy") is not None else ""
+    return (f"<div class='banner ok'><b>Recommended:</b> {e(rec['artifact'])} — {_mb(rec.get('size_bytes'))} MB, "
+            f"{_fmt(rec['latency_ms'], '.2f')} ms/image in {e(rec['runtime'])}{acc}, "
+            f"agreement ≥ {rec['top1_agreement']:.4f} ({e(rec['why'])}). Fastest passing: "
+            f"{e(rec['fastest']['artifact'])} in {e(rec['fastest']['runtime'])} "
+            f"({_fmt(rec['fastest']['latency_ms'], '.2f')} ms).</div>")
 
 
 def write_html_report(path: Path, report: dict, images: list[np.ndarray],
@@ -139,11 +239,14 @@ def write_html_report(path: Path, report: dict, images: list[np.ndarray],
     e = html.escape
     classes = report["classes"]
     results = report["results"]
-    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>edgepipe report: {e(report['backbone'])}</title>"
+    labelled = is_labelled(report)
+    title = report_title(report)
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{e(title)}</title>"
              f"<style>{CSS}</style></head><body>"]
-    parts.append(f"<h1>edgepipe verification — {e(report['backbone'])}</h1>")
-    parts.append(f"<p>{report['n_test']} test images, {e(classes_text(classes))}. "
-                 "Reference: the exported SavedModel in TensorFlow.</p>")
+    parts.append(f"<h1>{e(title)}</h1>")
+    parts.append(f"<p>{report['n_test']} test images, {e(classes_text(classes))}. {e(reference_text(report))}</p>")
+    if not labelled:
+        parts.append(f"<div class='banner note'>{e(unlabelled_text(report))}</div>")
     failed = [r for r in results if not r["passed"]]
     if failed:
         items = "".join(f"<li>{e(r['artifact'])} in {e(r['runtime'])}: {e(_why(r))}</li>" for r in failed)
@@ -156,32 +259,17 @@ def write_html_report(path: Path, report: dict, images: list[np.ndarray],
                      f"from the contract: {e('; '.join(app['differences']))}.</div>")
     rec = report.get("recommendation")
     if rec:
-        parts.append(f"<div class='banner ok'><b>Recommended:</b> {e(rec['artifact'])} — {rec['size_bytes'] / 1e6:.2f} MB, "
-                     f"{_fmt(rec['latency_ms'], '.2f')} ms/image in {e(rec['runtime'])}, accuracy {rec['accuracy']:.4f}, "
-                     f"agreement ≥ {rec['top1_agreement']:.4f} ({e(rec['why'])}). Fastest passing: "
-                     f"{e(rec['fastest']['artifact'])} in {e(rec['fastest']['runtime'])} "
-                     f"({_fmt(rec['fastest']['latency_ms'], '.2f')} ms).</div>")
+        parts.append(_recommendation(rec))
 
-    ms_head = "ms/img p50 / p90" if has_p90(results) else "ms/img"
-    parts.append(f"<h2>Results</h2><table><tr><th class=l>artifact</th><th class=l>runtime</th><th>agreement</th>"
-                 "<th>gate</th><th>accuracy</th><th>macro P</th><th>macro R</th><th>macro F1</th><th>max |Δp|</th>"
-                 f"<th>mean |Δp|</th><th>KL</th><th>size MB</th><th>{ms_head}</th><th>result</th></tr>")
-    for r in sorted(results, key=lambda r: r["size_bytes"]):
-        ok = "<span class=pass>PASS</span>" if r["passed"] else "<span class=fail>FAIL</span>"
-        parts.append(
-            f"<tr><td class=l>{e(r['artifact'])}</td><td class=l>{e(r['runtime'])}</td>"
-            f"<td>{_fmt(r['top1_agreement'], '.4f')}</td><td>{r['gate']:.2f}</td><td>{_fmt(r['accuracy'], '.4f')}</td>"
-            f"<td>{_fmt(r['macro_precision'], '.4f')}</td><td>{_fmt(r['macro_recall'], '.4f')}</td>"
-            f"<td>{_fmt(r['macro_f1'], '.4f')}</td><td>{_fmt(r['max_abs_diff'], '.2e')}</td>"
-            f"<td>{_fmt(r['mean_abs_diff'], '.2e')}</td><td>{_fmt(r.get('kl_divergence'), '.2e')}</td>"
-            f"<td>{r['size_bytes'] / 1e6:.2f}</td><td>{latency_text(r)}</td><td>{ok}</td></tr>")
-    parts.append("</table>")
+    parts.append(_results_table(results, labelled))
+    parts += _models_section(report.get("models") or [])
     if tradeoffs_png is not None and Path(tradeoffs_png).is_file():
         # The same picture as verify/tradeoffs.png (pipeline.report.plot_tradeoffs), inlined.
         src = "data:image/png;base64," + base64.b64encode(Path(tradeoffs_png).read_bytes()).decode()
-        parts.append(f"<h2>Size, latency, accuracy</h2><img class=plot src='{src}'>")
+        heading = "Size, latency, accuracy" if labelled else "Size, latency, agreement"
+        parts.append(f"<h2>{heading}</h2><img class=plot src='{src}'>")
 
-    parts += _agreement_section(results, classes)
+    parts += _agreement_section(results, classes, reference_counts(report))
 
     parts.append("<h2>Images whose top-1 flipped</h2>")
     any_flip = False
@@ -201,7 +289,8 @@ def write_html_report(path: Path, report: dict, images: list[np.ndarray],
     if not any_flip:
         parts.append("<p>None: every converted model gives the reference's top-1 on every test image.</p>")
 
-    if any(r.get("confusion_matrix") for r in results):
+    # Unlabelled rows have no matrix; a labelled one needs the reference's to show differences from.
+    if labelled and has_confusion(results) and results[0].get("confusion_matrix"):
         src, same = _confusion_figure(results, classes)
         note = f" Identical to the reference: {e(', '.join(same))}." if same else ""
         parts.append("<h2>Confusion matrices</h2><p>Rows: true class; columns: predicted. First the reference's "
@@ -209,13 +298,16 @@ def write_html_report(path: Path, report: dict, images: list[np.ndarray],
                      f"verify/confusion_matrices.png.</p><img class=plot src='{src}'>")
 
     if report.get("stress"):
+        acc_heads = "<th>accuracy</th><th>drop</th>" if labelled else ""
         parts.append("<h2>Preprocessing stress (reference model, the usual app mistakes)</h2><table><tr>"
-                     "<th class=l>mistake</th><th class=l>setting</th><th>accuracy</th><th>drop</th>"
+                     f"<th class=l>mistake</th><th class=l>setting</th>{acc_heads}"
                      "<th>agreement</th><th>mean |Δp|</th></tr>")
         for s in report["stress"]:
-            parts.append(f"<tr><td class=l>{e(s['mistake'])}</td><td class=l>{e(s['setting'])}</td>"
-                         f"<td>{s['accuracy']:.4f}</td><td>{s['accuracy_drop']:+.4f}</td>"
-                         f"<td>{s['top1_agreement']:.4f}</td><td>{s['mean_abs_diff']:.3e}</td></tr>")
+            acc = (f"<td>{_fmt(s.get('accuracy'), '.4f')}</td><td>{_fmt(s.get('accuracy_drop'), '+.4f')}</td>"
+                   if labelled else "")
+            parts.append(f"<tr><td class=l>{e(s['mistake'])}</td><td class=l>{e(s['setting'])}</td>{acc}"
+                         f"<td>{_fmt(s.get('top1_agreement'), '.4f')}</td>"
+                         f"<td>{_fmt(s.get('mean_abs_diff'), '.3e')}</td></tr>")
         parts.append("</table>")
     skipped, warnings = report.get("skipped_images") or [], report.get("warnings") or []
     if skipped or warnings:

@@ -127,9 +127,12 @@ class TfjsMode(enum.StrEnum):
 
 
 class ArtifactKind(enum.StrEnum):
-    """What a runner takes: the SavedModel folder, a .tflite file or a TF.js bundle folder."""
+    """What a runner takes: a SavedModel folder, a Keras file (``.keras``/``.h5``), a frozen
+    GraphDef (``.pb``), a .tflite file or a TF.js model folder (graph or layers model)."""
 
     SAVEDMODEL = "savedmodel"
+    KERAS = "keras"
+    GRAPH = "frozen-graph"
     TFLITE = "tflite"
     TFJS = "tfjs"
 

@@ -25,18 +25,37 @@ import numpy as np
 from pipeline.config import DEFAULT_GATES, AppPreprocessing  # noqa: F401 (DEFAULT_GATES re-exported)
 from pipeline.console import log
 from pipeline.errors import DatasetError
-from pipeline.runners import REGISTRY, Feed, runtimes_for
-from pipeline.runners.base import Prediction, RunSettings, RuntimeFailed
+from pipeline.runners import REFERENCE_RUNTIME, REGISTRY, Feed, runtimes_for
+from pipeline.runners.base import Prediction, RunSettings, RuntimeFailed, Tensors
 from pipeline.runners.feed import FeedFile
 from pipeline.types import ArtifactKind, Preprocessing, Runtime
 
 
 @dataclass
 class Artifact:
-    name: str          # e.g. "tflite-int8", the gate key
+    """One model verify runs.
+
+    Attributes:
+        name: its row name, e.g. ``tflite-int8`` in a run, a file name in ``edgepipe check``.
+        kind: what runs it (:data:`pipeline.runners.REGISTRY`).
+        tensors: which input and output the runners use (default: the runner's choice).
+        feed: the :attr:`Holdout.feeds` entry it takes, for a model with its own preprocessing:
+            one name for every runtime, or a name per :class:`~pipeline.runners.Feed` (``edgepipe
+            check`` gives MediaPipe, which normalises by the metadata itself, raw pixels). None:
+            the contract's or the app's pixels, as the registry says.
+        gate_key: the :data:`DEFAULT_GATES` entry for it when ``name`` is not one (check's files).
+        columns: for each reference class, its output column in this model (labels in another
+            order); None: the same order.
+    """
+
+    name: str
     path: Path
     size_bytes: int
     kind: ArtifactKind = ArtifactKind.TFLITE
+    tensors: Tensors = field(default_factory=Tensors)
+    feed: str | Mapping[Feed, str] | None = None
+    gate_key: str | None = None
+    columns: tuple[int, ...] | None = None
 
 
 @dataclass
@@ -63,6 +82,7 @@ class Result:
     latency_p50_ms: float | None = None
     latency_p90_ms: float | None = None
     latency_runs: int = 0
+    output_kind: str | None = None  # "probabilities", or "logits" (softmax applied before comparing)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -88,18 +108,21 @@ class Holdout:
     """The test images verify runs on, prepared once into feed files.
 
     Attributes:
-        labels: their true class indices.
+        labels: their true class indices; None when they have none (agreement and drift only).
         paths: their files, in the same order.
         skipped: ``{"path", "reason"}`` for test images that could not be read.
         contract: the images as the preprocessing contract prepares them (what the reference gets).
         app: as the deploying app prepares them (the contract's file when they are the same).
+        feeds: by name, the images as a model with its own preprocessing takes them (its
+            ``(x - mean) / std`` applied), for :attr:`Artifact.feed`.
     """
 
-    labels: np.ndarray
+    labels: np.ndarray | None
     paths: list[str]
     skipped: list[dict]
     contract: FeedFile
     app: FeedFile
+    feeds: Mapping[str, FeedFile] = field(default_factory=dict)
 
     @property
     def images(self) -> DecodedImages:
@@ -112,15 +135,32 @@ class Holdout:
 DECODE_CHUNK = 32  # test images decoded and prepared at a time
 
 
+def prepare_model_input(rgbs: list[np.ndarray], prep: Preprocessing) -> np.ndarray:
+    """Decoded uint8 RGB photos → float32 ``[k, size, size, 3]`` as a model with this
+    preprocessing takes them: resized, channels ordered, ``(x - mean) / std``."""
+    from pipeline.stress import prepare_batch
+
+    how = AppPreprocessing(channel_order=prep.channel_order, resize=prep.resize_method, antialias=prep.antialias)
+    x = prepare_batch(rgbs, prep, how)
+    return ((x - np.float32(prep.mean)) / np.float32(prep.std)).astype(np.float32)
+
+
 def load_holdout(examples: Sequence, contract: Preprocessing, folder: Path,
-                 app: AppPreprocessing = AppPreprocessing()) -> Holdout:
+                 app: AppPreprocessing = AppPreprocessing(), feeds: Mapping[str, Preprocessing] = {},
+                 labelled: bool = True) -> Holdout:
     """Decodes each test example (``pipeline.dataset.Example``) once and writes it, prepared, into
-    ``folder/contract.f32`` (and ``folder/app.f32`` when ``app`` differs from the contract);
-    unreadable ones are skipped. Only :data:`DECODE_CHUNK` images are in memory at a time.
+    ``folder/contract.f32`` (and ``folder/app.f32`` when ``app`` differs from the contract, and
+    ``folder/<name>.f32`` for each of ``feeds``, see :func:`prepare_model_input`); unreadable ones
+    are skipped. Only :data:`DECODE_CHUNK` images are in memory at a time.
+
+    Args:
+        labelled: the examples' labels are classes of the models (else the holdout has none).
 
     Raises:
         DatasetError: there are no test examples, or none can be read.
     """
+    from contextlib import ExitStack
+
     from pipeline.images import ImageError, decode_rgb, read_image_file
     from pipeline.stress import prepare_batch
 
@@ -130,7 +170,7 @@ def load_holdout(examples: Sequence, contract: Preprocessing, folder: Path,
     labels, paths, skipped = [], [], []
     same = app == AppPreprocessing()
 
-    def prepared(app_file) -> Iterator[np.ndarray]:
+    def prepared(app_file, feed_files) -> Iterator[np.ndarray]:
         for k in range(0, len(examples), DECODE_CHUNK):
             chunk = []
             for e in examples[k:k + DECODE_CHUNK]:
@@ -146,19 +186,22 @@ def load_holdout(examples: Sequence, contract: Preprocessing, folder: Path,
             if chunk:
                 if app_file is not None:
                     np.ascontiguousarray(prepare_batch(chunk, contract, app), "<f4").tofile(app_file)
+                for name, f in feed_files.items():
+                    np.ascontiguousarray(prepare_model_input(chunk, feeds[name]), "<f4").tofile(f)
                 yield prepare_batch(chunk, contract, AppPreprocessing())
 
     shape = (contract.size, contract.size, 3)
-    if same:
-        feed = FeedFile.write(folder / "contract.f32", prepared(None), shape)
-    else:
-        with open(folder / "app.f32", "wb") as app_file:
-            feed = FeedFile.write(folder / "contract.f32", prepared(app_file), shape)
+    with ExitStack() as files:
+        app_file = None if same else files.enter_context(open(folder / "app.f32", "wb"))
+        feed_files = {name: files.enter_context(open(folder / f"feed-{k}.f32", "wb")) for k, name in enumerate(feeds)}
+        feed = FeedFile.write(folder / "contract.f32", prepared(app_file, feed_files), shape)
     if not paths:
         raise DatasetError(f"none of the {len(examples)} test images can be read (listed above); "
                            "restore them or run retrain again")
     app_feed = feed if same else FeedFile(folder / "app.f32", feed.shape)
-    return Holdout(np.array(labels), paths, skipped, feed, app_feed)
+    extra = {name: FeedFile(folder / f"feed-{k}.f32", (len(paths), prep.size, prep.size, 3))
+             for k, (name, prep) in enumerate(feeds.items())}
+    return Holdout(np.array(labels) if labelled else None, paths, skipped, feed, app_feed, extra)
 
 
 @dataclass(frozen=True)
@@ -174,6 +217,7 @@ class VerifySettings:
         stress: also run the reference with each usual preprocessing mistake.
         timeout_s: wall-clock limit for one runtime on one artifact.
         run: batch size and threads of the agreement pass, single-image calls timed per row.
+        unlabelled_reason: why the holdout has no true labels (the report says it).
     """
 
     classes: tuple[str, ...]
@@ -184,9 +228,15 @@ class VerifySettings:
     stress: bool = False
     timeout_s: float = 600.0
     run: RunSettings = field(default_factory=RunSettings)
+    unlabelled_reason: str | None = None
 
-    def gate(self, artifact: str) -> float:
-        return self.gates.get(artifact, DEFAULT_GATES.get(artifact, 1.0))
+    def gate(self, artifact: str, key: str | None = None) -> float:
+        """The gate of the row named ``artifact``: its own override, else that of its kind
+        ``key`` (e.g. ``tflite-int8`` for a checked file), else the default."""
+        for name in (artifact, key):
+            if name is not None and name in self.gates:
+                return self.gates[name]
+        return DEFAULT_GATES.get(artifact, DEFAULT_GATES.get(key, 1.0))
 
 
 @dataclass
@@ -207,18 +257,21 @@ class Report:
     def failed(self) -> list[str]:
         return [f"{r.artifact}/{r.runtime}" for r in self.results if not r.passed]
 
-    def to_dict(self, backbone: str, earlier_skipped: Sequence[dict] = (), warnings: Sequence[str] = ()) -> dict:
+    def to_dict(self, backbone: str | None, earlier_skipped: Sequence[dict] = (), warnings: Sequence[str] = (),
+                extra: Mapping | None = None) -> dict:
         """report.json's contents.
 
         Args:
             backbone: the backbone's name, for the title.
             earlier_skipped: images retrain dropped (train, validation and test alike).
             warnings: dataset warnings (duplicates, leaks) to repeat in the report.
+            extra: more entries (``edgepipe check``: ``title``, ``models``).
         """
         rows = [r.to_dict() for r in self.results]
         app = self.settings.app
         return {
             "backbone": backbone, "classes": list(self.settings.classes), "n_test": len(self.holdout),
+            "labelled": self.holdout.labels is not None, "unlabelled_reason": self.settings.unlabelled_reason,
             "test_images": list(self.holdout.paths),
             "skipped_images": list(earlier_skipped) + list(self.holdout.skipped), "warnings": list(warnings),
             "results": rows,
@@ -229,10 +282,11 @@ class Report:
             "latency": {"runs": self.settings.run.latency_runs, "threads": 1, "batch": 1,
                         "agreement_pass": {"batch": self.settings.run.batch, "threads": self.settings.run.threads}},
             "recommendation": recommend(rows),
+            **(extra or {}),
         }
 
-    def save(self, run_root: Path, backbone: str, earlier_skipped: Sequence[dict] = (),
-             warnings: Sequence[str] = ()) -> dict[str, Path]:
+    def save(self, run_root: Path, backbone: str | None, earlier_skipped: Sequence[dict] = (),
+             warnings: Sequence[str] = (), extra: Mapping | None = None) -> dict[str, Path]:
         """Writes report.json, report.md and report.html at ``run_root`` and the pictures and the
         reference's probabilities under ``run_root/verify``; returns the report files by name."""
         from pipeline.report import plot_confusion_matrices, plot_tradeoffs, write_reports
@@ -242,20 +296,33 @@ class Report:
         run_root = Path(run_root)
         out = run_root / "verify"
         out.mkdir(parents=True, exist_ok=True)
-        report = self.to_dict(backbone, earlier_skipped, warnings)
+        report = self.to_dict(backbone, earlier_skipped, warnings, extra)
         write_reports(run_root, report)
         plot_confusion_matrices(out / "confusion_matrices.png", report["results"], list(self.settings.classes))
         plot_tradeoffs(out / "tradeoffs.png", report["results"])
         write_html_report(run_root / "report.html", report, self.holdout.images, out / "tradeoffs.png")
         buf = io.BytesIO()
-        np.savez_compressed(buf, probabilities=self.reference, labels=self.holdout.labels)
+        labels = self.holdout.labels if self.holdout.labels is not None else np.full(len(self.holdout), -1)
+        np.savez_compressed(buf, probabilities=self.reference, labels=labels)
         atomic_write_bytes(out / "reference.npz", buf.getvalue())
         return {"report": run_root / "report.json", "report_md": run_root / "report.md",
                 "report_html": run_root / "report.html"}
 
 
-def compare(reference: np.ndarray, probs: np.ndarray, labels: np.ndarray, num_classes: int) -> dict:
-    """Drift and quality figures of one prediction against the reference and the truth."""
+def as_probabilities(outputs: np.ndarray) -> tuple[np.ndarray, str]:
+    """A model's outputs as probabilities, and what they were: ``probabilities`` when every row
+    is already a distribution (within the rounding of a quantised output), else ``logits``, to
+    which softmax is applied, so a logits model and a softmax model compare on one scale."""
+    x = np.asarray(outputs, np.float32)
+    if x.size and x.min() >= -1e-3 and x.max() <= 1 + 1e-3 and np.all(np.abs(x.sum(1) - 1) <= 0.02 + x.shape[1] / 512):
+        return x, "probabilities"
+    z = np.exp(x - x.max(1, keepdims=True))
+    return (z / z.sum(1, keepdims=True)).astype(np.float32), "logits"
+
+
+def compare(reference: np.ndarray, probs: np.ndarray, labels: np.ndarray | None, num_classes: int) -> dict:
+    """Drift and quality figures of one prediction against the reference and the truth (with no
+    true labels: drift only, per-class agreement by the reference's top-1 class)."""
     from pipeline.metrics import classification_metrics
 
     if probs.shape != reference.shape:
@@ -267,9 +334,13 @@ def compare(reference: np.ndarray, probs: np.ndarray, labels: np.ndarray, num_cl
     kl = max(0.0, float(np.mean(np.sum(p * (np.log(p) - np.log(q)), axis=1))))
     pred = probs.argmax(1)
     flipped = np.nonzero(pred != reference.argmax(1))[0]
-    m = classification_metrics(labels, pred, num_classes)
+    if labels is None:
+        m = dict.fromkeys(("accuracy", "macro_precision", "macro_recall", "macro_f1"), None) | {"confusion_matrix": []}
+        by = reference.argmax(1)
+    else:
+        m, by = classification_metrics(labels, pred, num_classes), labels
     same = pred == reference.argmax(1)
-    per_class = [float(same[labels == k].mean()) if np.any(labels == k) else None for k in range(num_classes)]
+    per_class = [float(same[by == k].mean()) if np.any(by == k) else None for k in range(num_classes)]
     return {
         "per_class_agreement": per_class,
         "top1_agreement": float(1 - len(flipped) / max(len(pred), 1)),
@@ -295,7 +366,8 @@ def evaluate(
         return Result(artifact.name, runtime, None, None, None, None, None, None, None, None,
                       artifact.size_bytes, None, gate, False, error or "no prediction")
     try:
-        figures = compare(reference, prediction.probabilities, labels, num_classes)
+        probs, kind = model_probabilities(artifact, prediction.probabilities)
+        figures = compare(reference, probs, labels, num_classes)
     except RuntimeFailed as err:
         return evaluate(artifact, runtime, None, reference, labels, num_classes, gate, str(err))
     return Result(
@@ -303,16 +375,51 @@ def evaluate(
         latency_ms=prediction.latency_ms, gate=gate,
         passed=figures["top1_agreement"] >= gate, **figures,
         latency_p50_ms=prediction.percentile(50), latency_p90_ms=prediction.percentile(90),
-        latency_runs=len(prediction.latencies_ms),
+        latency_runs=len(prediction.latencies_ms), output_kind=kind,
     )
+
+
+def model_probabilities(artifact: Artifact, outputs: np.ndarray) -> tuple[np.ndarray, str]:
+    """A model's raw outputs as probabilities in the reference's class order (see
+    :func:`as_probabilities` and :attr:`Artifact.columns`), and whether they were logits.
+
+    Raises:
+        RuntimeFailed: the outputs are not ``[N, classes]``.
+    """
+    outputs = np.asarray(outputs, np.float32)
+    if outputs.ndim != 2:
+        raise RuntimeFailed(f"output of shape {outputs.shape} is not [images, classes]")
+    if artifact.columns is not None:
+        if outputs.shape[1] <= max(artifact.columns):
+            raise RuntimeFailed(f"output has {outputs.shape[1]} columns, the labels name {len(artifact.columns)}")
+        outputs = outputs[:, list(artifact.columns)]
+    return as_probabilities(outputs)
 
 
 def run_one(runner, artifact: Artifact, images: FeedFile, settings: VerifySettings, run: RunSettings):
     """(prediction, error) for one pair; runtime failures become an error string."""
     try:
-        return runner.predict(artifact.path, images, timeout_s=settings.timeout_s, settings=run), None
+        return runner.predict(artifact.path, images, timeout_s=settings.timeout_s, settings=run,
+                              **_tensors(artifact)), None
     except RuntimeFailed as err:
         return None, str(err)
+
+
+def _tensors(artifact: Artifact) -> dict:
+    return {} if artifact.tensors == Tensors() else {"tensors": artifact.tensors}
+
+
+def feed_of(holdout: Holdout, artifact: Artifact, feed: Feed) -> FeedFile:
+    """The images ``artifact`` takes in a runtime fed ``feed`` (its own feed when it has one)."""
+    if isinstance(artifact.feed, str):
+        return holdout.feeds[artifact.feed]
+    if artifact.feed is not None and feed in artifact.feed:
+        return holdout.feeds[artifact.feed[feed]]
+    return holdout.contract if feed is Feed.CONTRACT else holdout.app
+
+
+def _single(feed: FeedFile) -> FeedFile:
+    return FeedFile(feed.path, (1, *feed.shape[1:]))
 
 
 def _latency_text(row: Result) -> str:
@@ -342,10 +449,17 @@ def verify(reference: Artifact, artifacts: Sequence[Artifact], holdout: Holdout,
 
     y, n_cls, run = holdout.labels, len(settings.classes), settings.run
     start = time.perf_counter()
-    log.info(f"verify: reference SavedModel on {len(holdout)} test images")
-    ref_runner = REGISTRY[Runtime.TENSORFLOW].create(settings.classes)
-    ref_pred = ref_runner.predict(reference.path, holdout.contract, settings=dataclasses.replace(run, latency_runs=0))
-    ref = ref_pred.probabilities
+    ref_info = REGISTRY[REFERENCE_RUNTIME[reference.kind]]
+    log.info(f"verify: reference {reference.name} ({ref_info.runtime}) on {len(holdout)} test images")
+    ref_runner = ref_info.create(settings.classes)
+    ref_feed = feed_of(holdout, reference, ref_info.feed)
+    try:
+        ref_pred = ref_runner.predict(reference.path, ref_feed, timeout_s=settings.timeout_s,
+                                      settings=dataclasses.replace(run, latency_runs=0), **_tensors(reference))
+        ref, ref_kind = model_probabilities(reference, ref_pred.probabilities)
+    except BaseException:
+        ref_runner.close()
+        raise
     # Every pair's agreement pass, one task per runtime (its artifacts in turn, in one worker);
     # runtimes in parallel, each on its share of the cores; --stress beside them.
     pairs: dict[Runtime, list[Artifact]] = {}
@@ -358,23 +472,26 @@ def verify(reference: Artifact, artifacts: Sequence[Artifact], holdout: Holdout,
     found: dict[tuple[str, Runtime], tuple[Prediction | None, str | None]] = {}
 
     def agree(rt: Runtime) -> None:
-        runner, feed = runners[rt], holdout.contract if REGISTRY[rt].feed is Feed.CONTRACT else holdout.app
+        runner = runners[rt]
         for art in pairs[rt]:
             why = runner.unsupported(art.path)
             if why:
                 log.info(f"verify: {art.name:15s} {runner.name} skipped: {why}")
                 continue
             t0 = time.perf_counter()
-            found[art.name, rt] = run_one(runner, art, feed, settings, agreement)
+            found[art.name, rt] = run_one(runner, art, feed_of(holdout, art, REGISTRY[rt].feed), settings, agreement)
             pred, err = found[art.name, rt]
-            detail = err or f"agreement {float((pred.probabilities.argmax(1) == ref.argmax(1)).mean()):.4f}"
+            try:
+                detail = err or f"agreement {float((model_probabilities(art, pred.probabilities)[0].argmax(1) == ref.argmax(1)).mean()):.4f}"
+            except RuntimeFailed as bad:
+                detail = str(bad)
             log.info(f"verify: ran {art.name} in {runner.name}: {detail} ({time.perf_counter() - t0:.1f} s)")
 
     stress: list[dict] = []
     try:
         with ThreadPoolExecutor(parallel) as pool:
             jobs = [pool.submit(agree, rt) for rt in pairs]
-            if settings.stress:
+            if settings.stress and y is not None:
                 jobs.append(pool.submit(lambda: stress.extend(
                     _stress(ref_runner, reference, holdout, settings, ref, float((ref.argmax(1) == y).mean())))))
             for job in jobs:
@@ -383,19 +500,19 @@ def verify(reference: Artifact, artifacts: Sequence[Artifact], holdout: Holdout,
                  f"latency: {run.latency_runs} single-image calls per row, one at a time")
         # Latency, alone: one row at a time, nothing else running, one thread, one image a call.
         timing = dataclasses.replace(run, threads=1)
-        one = FeedFile(holdout.contract.path, (1, *holdout.contract.shape[1:]))
-        one_app = FeedFile(holdout.app.path, (1, *holdout.app.shape[1:]))
-        ref_pred = Prediction(ref, _latencies(ref_runner, reference, one, settings, timing))
-        results = [evaluate(reference, ref_runner.name, ref_pred, ref, y, n_cls, settings.gate(reference.name))]
+        ref_pred = Prediction(ref_pred.probabilities, _latencies(ref_runner, reference, _single(ref_feed), settings, timing))
+        results = [evaluate(reference, ref_runner.name, ref_pred, ref, y, n_cls,
+                            settings.gate(reference.name, reference.gate_key))]
+        results[0].output_kind = ref_kind
         for art in artifacts:
             for info in runtimes_for(art.kind, settings.runtimes):
                 if (art.name, info.runtime) not in found:
                     continue
                 pred, err = found[art.name, info.runtime]
                 if pred is not None:
-                    feed = one if info.feed is Feed.CONTRACT else one_app
-                    pred = Prediction(pred.probabilities, _latencies(runners[info.runtime], art, feed, settings, timing))
-                row = evaluate(art, info.runtime.value, pred, ref, y, n_cls, settings.gate(art.name), err)
+                    one = _single(feed_of(holdout, art, info.feed))
+                    pred = Prediction(pred.probabilities, _latencies(runners[info.runtime], art, one, settings, timing))
+                row = evaluate(art, info.runtime.value, pred, ref, y, n_cls, settings.gate(art.name, art.gate_key), err)
                 results.append(row)
                 status = "ok" if row.passed else "FAILED"
                 detail = row.error or (f"agreement {row.top1_agreement:.4f}, acc {row.accuracy:.4f}, "
@@ -413,7 +530,8 @@ def _latencies(runner, artifact: Artifact, one: FeedFile, settings: VerifySettin
     if timing.latency_runs <= 0:
         return ()
     try:
-        return runner.predict(artifact.path, one, timeout_s=settings.timeout_s, settings=timing).latencies_ms
+        return runner.predict(artifact.path, one, timeout_s=settings.timeout_s, settings=timing,
+                              **_tensors(artifact)).latencies_ms
     except RuntimeFailed as err:
         log.info(f"verify: {artifact.name} {runner.name}: latency not measured: {err}")
         return ()
@@ -453,9 +571,8 @@ def recommend(rows: list[dict]) -> dict | None:
     """The smallest converted artifact that passes every gate in every runtime it ran in, the
     fastest (runtime, artifact) among the passing ones, and why."""
     by_artifact: dict[str, list[dict]] = {}
-    for r in rows:
-        if r["artifact"] != "savedmodel":
-            by_artifact.setdefault(r["artifact"], []).append(r)
+    for r in rows[1:]:  # rows[0] is the reference
+        by_artifact.setdefault(r["artifact"], []).append(r)
     passing = {a: rs for a, rs in by_artifact.items() if all(r["passed"] for r in rs)}
     if not passing:
         return None

@@ -77,7 +77,9 @@ def test_every_runtime_has_one_registry_row_and_runner():
 
     assert set(REGISTRY) == set(Runtime)
     assert set(ALL_RUNTIMES) < set(REGISTRY) and Runtime.TENSORFLOW not in ALL_RUNTIMES
-    assert REGISTRY[Runtime.TENSORFLOW].accepts is ArtifactKind.SAVEDMODEL
+    assert REGISTRY[Runtime.TENSORFLOW].accepts == {ArtifactKind.SAVEDMODEL, ArtifactKind.KERAS, ArtifactKind.GRAPH}
+    # Every kind of model has somewhere to run.
+    assert set().union(*(info.accepts for info in REGISTRY.values())) == set(ArtifactKind)
     # MediaPipe prepares pixels itself from the metadata: an app's preprocessing is not its own.
     assert REGISTRY[Runtime.MEDIAPIPE].feed is Feed.CONTRACT and REGISTRY[Runtime.LITERT].feed is Feed.APP
     for runtime, info in REGISTRY.items():

@@ -4,6 +4,7 @@ fonts and drop per-cell numbers; trade-off labels that do not overlap. Synthetic
 no model runs."""
 from __future__ import annotations
 
+import html
 import re
 
 import numpy as np
@@ -20,13 +21,21 @@ ROWS = [("savedmodel", "tensorflow", 1.03e6)] + [
 ] + [("tfjs-float32", "tfjs-wasm", 0.92e6), ("tfjs-float16", "tfjs-wasm", 0.50e6)]
 
 
+REASON = "the test folder is a flat folder of images, with no class subfolders to take labels from."
+
+
 def synthetic_report(n_classes: int, per_class: int = 13, seed: int = 0, p90: bool = True,
-                     rows: list[tuple] = ROWS) -> dict:
+                     rows: list[tuple] = ROWS, labelled: bool = True) -> dict:
     """A report dict shaped like Report.to_dict: 17 rows, each converted row's predictions the
-    reference's with a few flipped, so per-class agreement and the matrices are consistent."""
+    reference's with a few flipped, so per-class agreement and the matrices are consistent.
+    Unlabelled (``labelled=False``): no accuracy figures, no matrices, agreement grouped by the
+    reference's top-1 class, which is never the last class."""
     rng = np.random.default_rng(seed)
     labels = np.repeat(np.arange(n_classes), per_class)
     ref = np.where(rng.random(len(labels)) < 0.85, labels, rng.integers(0, n_classes, len(labels)))
+    if not labelled:
+        ref = np.minimum(ref, n_classes - 2)
+    by = labels if labelled else ref
     classes = [f"class {k:03d} {'x' * (k % 9)}".strip() for k in range(n_classes)]
     results = []
     for i, (artifact, runtime, size) in enumerate(rows):
@@ -43,13 +52,82 @@ def synthetic_report(n_classes: int, per_class: int = 13, seed: int = 0, p90: bo
             "size_bytes": int(size), "latency_ms": p50, "latency_p50_ms": p50 if p90 else None,
             "latency_p90_ms": p50 * 1.3 if p90 else None, "gate": 0.9, "passed": bool(same.mean() >= 0.9),
             "error": None, "confusion_matrix": cm.tolist(),
-            "per_class_agreement": [float(same[labels == k].mean()) for k in range(n_classes)],
+            "per_class_agreement": [float(same[by == k].mean()) if np.any(by == k) else None
+                                    for k in range(n_classes)],
             "flipped": [], "flipped_to": [],
         })
-    return {"backbone": "mobilenet_v1_0.25_224", "classes": classes, "n_test": len(labels),
-            "test_images": [], "skipped_images": [], "warnings": [], "results": results, "passed": True,
-            "app_preprocessing": {}, "stress": [], "reference_top1": [int(k) for k in ref],
-            "recommendation": None}
+        if not labelled:
+            results[-1].update(dict.fromkeys(rp.LABEL_KEYS), confusion_matrix=[])
+    report = {"backbone": "mobilenet_v1_0.25_224", "classes": classes, "n_test": len(labels),
+              "test_images": [], "skipped_images": [], "warnings": [], "results": results, "passed": True,
+              "app_preprocessing": {}, "stress": [], "reference_top1": [int(k) for k in ref],
+              "recommendation": None}
+    if not labelled:
+        report |= {"labelled": False, "unlabelled_reason": REASON}
+    return report
+
+
+CHECK_ROWS = [("mobilenet_v1_1.0_224_frozen.pb", "tensorflow", 16.9e6),
+              ("model_int8.tflite", "tflite-runtime", 4.3e6), ("model_int8.tflite", "ai-edge-litert", 4.3e6),
+              ("model_float16.tflite", "tflite-runtime", 8.5e6), ("web_model", "tfjs-wasm", 16.8e6)]
+
+
+def check_models() -> list[dict]:
+    """An ``edgepipe check`` models section: a frozen-graph reference and two candidates, their
+    preprocessing from different places, one with warnings."""
+    def pre(mean, mean_src, **over):
+        settings = {"size": {"value": [224, 224], "source": "input tensor shape"},
+                    "mean": {"value": mean, "source": mean_src}, "std": {"value": 127.5, "source": mean_src},
+                    "channel_order": {"value": "RGB", "source": "default (no model carries it)"},
+                    "resize": {"value": "bilinear", "source": "default (no model carries it)"}}
+        return settings | over
+    return [
+        {"name": "mobilenet_v1_1.0_224", "role": "reference", "path": "/models/mobilenet_v1_1.0_224_frozen.pb",
+         "format": "frozen-graph", "kind": "savedmodel",
+         "input": {"shape": [None, 224, 224, 3], "dtype": "float32", "quantization": None},
+         "output": {"name": "MobilenetV1/Predictions/Reshape_1", "kind": "probabilities", "softmax_applied": False},
+         "labels": {"count": 1001, "source": "labels.txt beside the model"},
+         "preprocessing": pre([127.5, 127.5, 127.5], "catalog: mobilenet_v1_1.0_224"), "warnings": []},
+        {"name": "model_int8.tflite", "role": "candidate", "path": "/models/model_int8.tflite",
+         "format": "tflite", "kind": "tflite-int8",
+         "input": {"shape": [1, 224, 224, 3], "dtype": "uint8", "quantization": [0.0078125, 128]},
+         "output": {"name": "StatefulPartitionedCall:0", "kind": "logits", "softmax_applied": True},
+         "labels": {"count": None, "source": "none in the model"},
+         "preprocessing": pre(127.5, "TFLite metadata (NormalizationOptions)"),
+         "warnings": ["its output is logits; softmax applied before comparing",
+                      "no labels in the model; classes taken from the reference"]},
+        {"name": "web_model", "role": "candidate", "path": "/models/web_model/model.json",
+         "format": "tfjs-layers", "kind": "tfjs-float32",
+         "input": {"shape": [-1, 224, 224, 3], "dtype": "float32", "quantization": None},
+         "output": {"name": "dense_1", "kind": "probabilities", "softmax_applied": False},
+         "labels": {"count": 1001, "source": "--labels"},
+         "preprocessing": pre(127.5, "--mean", resize={"value": "area", "source": "--resize"}), "warnings": []},
+    ]
+
+
+def check_report(labelled: bool) -> dict:
+    """An ``edgepipe check`` report: candidate file names as artifacts, a title, no backbone."""
+    report = synthetic_report(8, per_class=10, seed=4, rows=CHECK_ROWS, labelled=labelled)
+    report |= {"backbone": None, "title": "edgepipe check: mobilenet_v1_1.0_224", "models": check_models()}
+    best = report["results"][1]
+    report["recommendation"] = {
+        "artifact": best["artifact"], "runtime": best["runtime"], "size_bytes": best["size_bytes"],
+        "latency_ms": best["latency_ms"], "top1_agreement": best["top1_agreement"], "accuracy": best["accuracy"],
+        "fastest": {"artifact": best["artifact"], "runtime": best["runtime"], "latency_ms": best["latency_ms"]},
+        "why": "smallest of 3 artifacts that pass every gate in every runtime"}
+    return report
+
+
+def results_head(md: str) -> list[str]:
+    """The results table's head cells (``\\|`` is a pipe inside a cell)."""
+    line = next(ln for ln in md.splitlines() if ln.startswith("| artifact |"))
+    return [c.strip() for c in re.split(r"(?<!\\)\|", line.strip().strip("|"))]
+
+
+def model_row(md: str, name: str) -> list[str]:
+    section = md.split("## Models", 1)[1].split("\n## ", 1)[0]
+    line = next(ln for ln in section.splitlines() if ln.startswith(f"| {name} |"))
+    return [c.strip() for c in line.strip("|").split("|")]
 
 
 @pytest.fixture(scope="module")
@@ -209,3 +287,108 @@ def test_html_reads_at_eight_classes(tmp_path):
     assert "<img" not in section    # the table is enough at few classes
     assert len(re.findall(r"<tr><td class=l>", section)) == 8
     assert ", ".join(report["classes"]) in page and "p90" not in page
+
+
+def test_md_unlabelled_says_agreement_and_drift_only(tmp_path):
+    report = synthetic_report(8, per_class=10, seed=5, labelled=False)
+    rp.write_reports(tmp_path, report)
+    md = (tmp_path / "report.md").read_text()
+    drift = next(ln for ln in md.splitlines() if ln.startswith("Agreement and drift only: "))
+    assert drift.startswith(f"Agreement and drift only: {REASON} ")
+    assert md.index(drift) < md.index("| artifact |")   # near the top, before the table
+    head = results_head(md)
+    assert "agree" in head and not {"acc", "P", "R", "F1"} & set(head)
+    assert len(head) == len(rp.COLUMNS) - 4 == md.split("| artifact |", 1)[1].splitlines()[1].count("---")
+    rest = md.replace(drift, "")
+    assert "accuracy" not in rest.lower() and "confusion" not in rest.lower()   # no claims, no matrix
+    assert "## Agreement per class" not in md and "## Agreement per reference's top-1 class" in md
+    assert "| reference's top-1 class | images |" in md
+    # Images per class: how many the reference put there, not how many the truth has.
+    counts = np.bincount(report["reference_top1"], minlength=8)
+    section = md.split("## Agreement per reference's top-1 class", 1)[1]
+    for cells in [[c.strip() for c in ln.strip("|").split("|")] for ln in section.splitlines()
+                  if ln.startswith("| class ")]:
+        assert int(cells[1]) == counts[report["classes"].index(cells[0])]
+    assert f"The reference puts no image in 1 class, left out: {report['classes'][-1]}." in md
+    assert "Pictures: `verify/class_agreement.png`, `verify/tradeoffs.png`." in md
+
+
+def test_pngs_do_not_crash_when_unlabelled(tmp_path):
+    report = synthetic_report(8, per_class=10, seed=5, labelled=False)
+    results, classes = report["results"], report["classes"]
+    stale = tmp_path / "confusion_matrices.png"
+    stale.write_bytes(b"from an earlier labelled run")
+    assert rp.plot_confusion_matrices(stale, results, classes) is False and not stale.exists()
+    assert rp.plot_tradeoffs(tmp_path / "tradeoffs.png", results)
+    assert (tmp_path / "tradeoffs.png").stat().st_size > 10_000
+    fig = rp.tradeoffs_figure(results)
+    assert fig.axes[1].get_ylabel() == "top-1 agreement with the reference"
+    assert "accuracy" not in fig.axes[1].get_title()
+    rp.pyplot_agg().close(fig)
+    assert rp.plot_class_agreement(tmp_path / "agree.png", results, classes, report["reference_top1"])
+    # Labelled rows draw the accuracy panel as before.
+    fig = rp.tradeoffs_figure(synthetic_report(4, per_class=3)["results"])
+    assert fig.axes[1].get_ylabel() == "test accuracy"
+    rp.pyplot_agg().close(fig)
+
+
+def test_md_check_report_lists_models_with_sources(tmp_path):
+    report = check_report(labelled=True)
+    rp.write_reports(tmp_path, report)
+    md = (tmp_path / "report.md").read_text()
+    assert md.startswith("# edgepipe check: mobilenet_v1_1.0_224\n") and "None" not in md.split("\n", 1)[0]
+    assert "Reference: mobilenet_v1_1.0_224 (frozen-graph) in tensorflow." in md
+    assert "acc" in results_head(md) and "Agreement and drift only" not in md   # labelled: as before
+    assert "| model_int8.tflite | ai-edge-litert |" in md                     # candidates by file name
+    head = [c.strip() for c in md.split("## Models", 1)[1].split("\n| ", 1)[1].split("\n", 1)[0].strip("|").split("|")]
+    assert head == ["model", "role", "format", "kind", "input", "output", "labels",
+                    "size", "mean", "std", "channel order", "resize"]
+    assert model_row(md, "mobilenet_v1_1.0_224") == [
+        "mobilenet_v1_1.0_224", "reference", "frozen-graph", "savedmodel", "float32 ?×224×224×3",
+        "MobilenetV1/Predictions/Reshape_1: probabilities", "1001 (labels.txt beside the model)",
+        "224×224 (input tensor shape)", "[127.5, 127.5, 127.5] (catalog: mobilenet_v1_1.0_224)",
+        "127.5 (catalog: mobilenet_v1_1.0_224)", "RGB (default (no model carries it))",
+        "bilinear (default (no model carries it))"]
+    int8 = model_row(md, "model_int8.tflite")
+    assert int8[1:7] == ["candidate", "tflite", "tflite-int8", "uint8 1×224×224×3, scale 0.0078125, zero point 128",
+                         "StatefulPartitionedCall:0: logits, softmax applied", "none (none in the model)"]
+    assert int8[8] == "127.5 (TFLite metadata (NormalizationOptions))"
+    assert model_row(md, "web_model")[11] == "area (--resize)"
+    assert "- web_model: `/models/web_model/model.json`" in md
+    assert "Warnings about the models (2):" in md
+    assert "- model_int8.tflite: no labels in the model; classes taken from the reference" in md
+    assert "`verify/confusion_matrices.png`" in md
+
+
+def test_unlabelled_check_report_html_and_md(tmp_path):
+    report = check_report(labelled=False)
+    rp.write_reports(tmp_path, report)
+    md = (tmp_path / "report.md").read_text()
+    assert f"Agreement and drift only: {REASON}" in md and "## Models" in md
+    assert md.index("Agreement and drift only") < md.index("## Models")
+    assert "acc" not in results_head(md) and "Warnings about the models (2):" in md
+    assert rp.plot_confusion_matrices(tmp_path / "cm.png", report["results"], report["classes"]) is False
+    assert rp.plot_tradeoffs(tmp_path / "tradeoffs.png", report["results"])
+    write_html_report(tmp_path / "report.html", report, [], tmp_path / "tradeoffs.png")
+    page = (tmp_path / "report.html").read_text()
+    assert "<h1>edgepipe check: mobilenet_v1_1.0_224</h1>" in page
+    assert f"Agreement and drift only: {html.escape(REASON)}" in page
+    assert page.count("<img") == 1 and "<h2>Size, latency, agreement</h2><img" in page   # the trade-offs only
+    assert "Confusion matrices" not in page and "confusion_matrices.png" not in page
+    heads = re.findall(r"<th[^>]*>([^<]*)</th>", page.split("<h2>Results</h2>", 1)[1].split("</table>", 1)[0])
+    assert "agreement" in heads and not {"accuracy", "macro P", "macro R", "macro F1"} & set(heads)
+    banner = page.split("<b>Recommended:</b>", 1)[1].split("</div>", 1)[0]
+    assert "model_int8.tflite" in banner and "accuracy" not in banner
+    models = page.split("<h2>Models</h2>", 1)[1].split("<h2>", 1)[0]
+    assert "<td class=l>127.5 <span class=src>(TFLite metadata (NormalizationOptions))</span></td>" in models
+    assert "<td class=l>area <span class=src>(--resize)</span></td>" in models
+    assert "<li>model_int8.tflite: its output is logits; softmax applied before comparing</li>" in models
+    assert "<h2>Agreement per reference's top-1 class</h2>" in page
+
+
+def test_old_reports_are_labelled():
+    report = synthetic_report(4, per_class=3)
+    assert "labelled" not in report and rp.is_labelled(report) and rp.reference_counts(report) is None
+    assert rp.report_title(report) == "edgepipe verification: mobilenet_v1_0.25_224"
+    assert rp.reference_text(report) == "Reference: the exported SavedModel in TensorFlow."
+    assert rp.unlabelled_text(report) == ""

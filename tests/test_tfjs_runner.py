@@ -1,6 +1,9 @@
-"""The TF.js wasm runner on a tiny SavedModel converted by the real tensorflowjs converter."""
+"""The TF.js wasm runner on tiny models converted by the real tensorflowjs converter: edgepipe-style
+SavedModel bundles, and graph and layers models of a Keras classifier as other tools make them."""
 from __future__ import annotations
 
+import json
+import re
 import shutil
 import time
 from pathlib import Path
@@ -9,8 +12,9 @@ import numpy as np
 import pytest
 
 from pipeline.runners import tfjs_node
-from pipeline.runners.base import RuntimeFailed
+from pipeline.runners.base import RuntimeFailed, Tensors
 from pipeline.runners.tfjs_node import TfjsWasmRunner
+from tests.helpers import tfjs_models
 
 LABELS = ["daisy", "rose", "tulip", "sunflower"]
 SIZE = 8
@@ -153,6 +157,153 @@ def test_garbage_model_json_is_reported(node_ready, bundles, tmp_path):
 def test_folder_without_model_json_fails_before_starting_node(node_ready, tmp_path):
     with pytest.raises(RuntimeFailed, match="has no model.json"):
         TfjsWasmRunner().predict(tmp_path, _images(1))
+
+
+def test_tensors_output_wins_over_output_key(node_ready, bundles):
+    images = _images(2, seed=3)
+    runner = TfjsWasmRunner(output_key="logits")
+    tensors = Tensors(output="probabilities")
+    got = runner.predict(bundles["float32"], images, timeout_s=60, tensors=tensors)
+    want = _reference(bundles["saved_two_heads"], images)["probabilities"]
+    np.testing.assert_allclose(got.probabilities, want, atol=1e-5)
+    assert runner.last_summary["output"] == "probabilities"
+
+
+KERAS_LABELS = ["cat", "dog", "bird"]
+KERAS_SIZE = 32
+
+
+@pytest.fixture(scope="module")
+def keras_models(tmp_path_factory) -> dict:
+    """A Keras classifier, its two-output and non-image relatives, and their TF.js conversions."""
+    root = tmp_path_factory.mktemp("keras_tfjs")
+    classifier = tfjs_models.keras_classifier(KERAS_SIZE, len(KERAS_LABELS))
+    two_outputs = tfjs_models.keras_two_outputs(classifier)
+    vector = tfjs_models.keras_vector_model(classes=len(KERAS_LABELS))
+    made = {"classifier": classifier, "two_outputs": two_outputs}
+    for name, model in {"classifier": classifier, "two_outputs": two_outputs, "vector": vector}.items():
+        made[f"layers_{name}"] = tfjs_models.write_layers_model(
+            model, root / f"layers_{name}", KERAS_LABELS, KERAS_SIZE)
+    for name, model in {"classifier": classifier, "two_outputs": two_outputs}.items():
+        made[f"graph_{name}"] = tfjs_models.write_graph_model(model, root / f"graph_{name}")
+    made["graph_float16"] = tfjs_models.write_graph_model(classifier, root / "graph_float16", "float16")
+    return made
+
+
+def _keras_outputs(model, images: np.ndarray) -> dict[str, np.ndarray]:
+    outputs = model(images, training=False)
+    if isinstance(outputs, dict):
+        return {key: np.asarray(value) for key, value in outputs.items()}
+    return {"scores": np.asarray(outputs)}
+
+
+def test_layers_model_agrees_with_keras(node_ready, keras_models):
+    images = tfjs_models.sample_inputs(5, KERAS_SIZE)
+    runner = TfjsWasmRunner()
+    got = runner.predict(keras_models["layers_classifier"], images, timeout_s=60)
+    want = _keras_outputs(keras_models["classifier"], images)["scores"]
+    np.testing.assert_allclose(got.probabilities, want, atol=1e-5)
+    assert not np.allclose(want, want[:, :1], atol=0.05)  # the softmax is not flat: a real comparison
+    used = {key: runner.last_summary[key] for key in ("format", "input", "output")}
+    assert used == {"format": "layers-model", "input": "image", "output": "scores"}
+    assert len(got.latencies_ms) == 30
+
+
+def test_layers_model_has_teachable_machines_layout(keras_models):
+    folder = keras_models["layers_classifier"]
+    assert sorted(p.name for p in folder.iterdir()) == ["metadata.json", "model.json", "weights.bin"]
+    metadata = json.loads((folder / "metadata.json").read_text())
+    assert (metadata["labels"], metadata["imageSize"]) == (KERAS_LABELS, KERAS_SIZE)
+    assert {"tfjsVersion", "modelName", "timeStamp"} <= metadata.keys()
+    model_json = json.loads((folder / "model.json").read_text())
+    assert model_json["format"] == "layers-model"
+    assert model_json["weightsManifest"][0]["paths"] == ["weights.bin"]
+
+
+@pytest.mark.parametrize(("bundle", "atol"), [("graph_classifier", 1e-5), ("graph_float16", 1e-3)])
+def test_graph_model_agrees_with_keras(node_ready, keras_models, bundle, atol):
+    images = tfjs_models.sample_inputs(5, KERAS_SIZE, seed=1)
+    runner = TfjsWasmRunner()
+    got = runner.predict(keras_models[bundle], images, timeout_s=60)
+    want = _keras_outputs(keras_models["classifier"], images)["scores"]
+    np.testing.assert_allclose(got.probabilities, want, atol=atol)
+    used = {key: runner.last_summary[key] for key in ("format", "input", "output")}
+    # model.export keys the signature by the Input's name and calls a lone output output_0.
+    assert used == {"format": "graph-model", "input": "image", "output": "output_0"}
+
+
+def test_graph_model_without_a_signature_uses_its_placeholder(node_ready, keras_models, tmp_path):
+    # Older converters wrote no signature: the graph's placeholder and sink stand in for it.
+    bundle = shutil.copytree(keras_models["graph_classifier"], tmp_path / "unsigned")
+    model_json = json.loads((bundle / "model.json").read_text())
+    del model_json["signature"]
+    (bundle / "model.json").write_text(json.dumps(model_json))
+    images = tfjs_models.sample_inputs(3, KERAS_SIZE, seed=2)
+    runner = TfjsWasmRunner()
+    got = runner.predict(bundle, images, timeout_s=60)
+    want = _keras_outputs(keras_models["classifier"], images)["scores"]
+    np.testing.assert_allclose(got.probabilities, want, atol=1e-5)
+    assert (runner.last_summary["input"], runner.last_summary["output"]) == ("image", "Identity")
+
+
+@pytest.mark.parametrize(
+    ("bundle", "name", "want_key"),
+    [
+        ("layers_two_outputs", "embedding", "embedding"),
+        ("layers_two_outputs", "scores", "scores"),
+        ("graph_two_outputs", "embedding", "embedding"),
+        ("graph_two_outputs", "Identity_1:0", "scores"),  # the converter's tensor name for it
+    ],
+)
+def test_output_chosen_by_name(node_ready, keras_models, bundle, name, want_key):
+    images = tfjs_models.sample_inputs(4, KERAS_SIZE, seed=3)
+    runner = TfjsWasmRunner()
+    got = runner.predict(keras_models[bundle], images, timeout_s=60, tensors=Tensors(output=name))
+    want = _keras_outputs(keras_models["two_outputs"], images)[want_key]
+    np.testing.assert_allclose(got.probabilities, want, atol=1e-5)
+    assert runner.last_summary["output"] == name
+
+
+@pytest.mark.parametrize(
+    ("bundle", "kind"), [("layers_two_outputs", "output"), ("graph_two_outputs", "signature output")]
+)
+def test_several_outputs_and_none_chosen_lists_the_names(node_ready, keras_models, bundle, kind):
+    runner = TfjsWasmRunner()
+    with pytest.raises(RuntimeFailed) as caught:
+        runner.predict(keras_models[bundle], tfjs_models.sample_inputs(1, KERAS_SIZE), timeout_s=60)
+    message = str(caught.value)
+    assert f"no {kind} 'probabilities' and 2 {kind}s to choose from: " in message
+    assert "embedding" in message and "scores" in message
+    assert "choose one with --output NAME" in message
+    assert runner.last_summary is None
+
+
+@pytest.mark.parametrize(
+    ("bundle", "tensors", "expected"),
+    [
+        ("layers_classifier", Tensors(output="logits"), "no output 'logits'; the model has: scores"),
+        ("layers_classifier", Tensors(input="pixels"), "no input 'pixels'; the model has: image"),
+        ("graph_classifier", Tensors(output="logits"),
+         "no signature output 'logits'; the model has: output_0"),
+    ],
+)
+def test_unknown_name_lists_the_names(node_ready, keras_models, bundle, tensors, expected):
+    with pytest.raises(RuntimeFailed, match=re.escape(expected)):
+        TfjsWasmRunner().predict(keras_models[bundle], tfjs_models.sample_inputs(1, KERAS_SIZE),
+                                 timeout_s=60, tensors=tensors)
+
+
+def test_layers_model_with_a_non_image_input_fails_clearly(node_ready, keras_models):
+    expected = "input 'vector' has shape [-1,10], not an image batch [N,H,W,3]"
+    with pytest.raises(RuntimeFailed, match=re.escape(expected)):
+        TfjsWasmRunner().predict(keras_models["layers_vector"], tfjs_models.sample_inputs(1, KERAS_SIZE),
+                                 timeout_s=60)
+
+
+def test_images_of_the_wrong_size_are_reported(node_ready, keras_models):
+    with pytest.raises(RuntimeFailed, match="input 'image' takes 32x32 images, the feed holds 8x8"):
+        TfjsWasmRunner().predict(keras_models["graph_classifier"], tfjs_models.sample_inputs(1, 8),
+                                 timeout_s=60)
 
 
 def _fake_runner(monkeypatch, tmp_path: Path, source: str) -> None:

@@ -33,7 +33,7 @@ class RunnerInfo:
     """One registry row: what the runtime's runner takes and where it lives."""
 
     runtime: Runtime
-    accepts: ArtifactKind
+    accepts: frozenset[ArtifactKind]
     feed: Feed
     module: str
 
@@ -43,14 +43,23 @@ class RunnerInfo:
 
 
 REGISTRY: dict[Runtime, RunnerInfo] = {info.runtime: info for info in (
-    RunnerInfo(Runtime.TENSORFLOW, ArtifactKind.SAVEDMODEL, Feed.CONTRACT, "pipeline.runners.savedmodel"),
-    RunnerInfo(Runtime.TFLITE_RUNTIME, ArtifactKind.TFLITE, Feed.APP, "pipeline.runners.tflite"),
-    RunnerInfo(Runtime.LITERT, ArtifactKind.TFLITE, Feed.APP, "pipeline.runners.tflite"),
-    RunnerInfo(Runtime.MEDIAPIPE, ArtifactKind.TFLITE, Feed.CONTRACT, "pipeline.runners.mediapipe"),
-    RunnerInfo(Runtime.TFJS_WASM, ArtifactKind.TFJS, Feed.APP, "pipeline.runners.tfjs_node"),
+    RunnerInfo(Runtime.TENSORFLOW, frozenset({ArtifactKind.SAVEDMODEL, ArtifactKind.KERAS, ArtifactKind.GRAPH}),
+               Feed.CONTRACT, "pipeline.runners.savedmodel"),
+    RunnerInfo(Runtime.TFLITE_RUNTIME, frozenset({ArtifactKind.TFLITE}), Feed.APP, "pipeline.runners.tflite"),
+    RunnerInfo(Runtime.LITERT, frozenset({ArtifactKind.TFLITE}), Feed.APP, "pipeline.runners.tflite"),
+    RunnerInfo(Runtime.MEDIAPIPE, frozenset({ArtifactKind.TFLITE}), Feed.CONTRACT, "pipeline.runners.mediapipe"),
+    RunnerInfo(Runtime.TFJS_WASM, frozenset({ArtifactKind.TFJS}), Feed.APP, "pipeline.runners.tfjs_node"),
 )}
+
+# Where a model of each kind runs when it is the reference (a float TFLite file: the newer runtime).
+REFERENCE_RUNTIME: dict[ArtifactKind, Runtime] = {
+    ArtifactKind.SAVEDMODEL: Runtime.TENSORFLOW, ArtifactKind.KERAS: Runtime.TENSORFLOW,
+    ArtifactKind.GRAPH: Runtime.TENSORFLOW, ArtifactKind.TFLITE: Runtime.LITERT, ArtifactKind.TFJS: Runtime.TFJS_WASM,
+}
 
 
 def runtimes_for(kind: ArtifactKind, chosen: Sequence[Runtime]) -> list[RunnerInfo]:
-    """The registry rows among ``chosen`` that take ``kind``, in registry order."""
-    return [info for rt, info in REGISTRY.items() if info.accepts is kind and rt in chosen]
+    """The registry rows among ``chosen`` that take ``kind``, in registry order. TensorFlow is
+    never a ``--runtime`` choice: it runs every TensorFlow model (SavedModel, Keras, frozen graph)."""
+    return [info for rt, info in REGISTRY.items()
+            if kind in info.accepts and (rt in chosen or rt is Runtime.TENSORFLOW)]

@@ -62,6 +62,23 @@ class Prediction:
         return float(np.percentile(self.latencies_ms, q)) if self.latencies_ms else None
 
 
+@dataclass(frozen=True)
+class Tensors:
+    """Which input and output of a model a runner uses (by name; None: the runner's default).
+
+    The default input is the model's only image input. The default output is the one named
+    ``probabilities`` when the model has one (every edgepipe artifact does), else its only output;
+    a model with several outputs and none named so needs ``output`` (``--output NAME``), and the
+    runner raises :class:`RuntimeFailed` listing the names it has.
+    """
+
+    input: str | None = None
+    output: str | None = None
+
+    def to_dict(self) -> dict:
+        return {"input": self.input, "output": self.output}
+
+
 class RuntimeFailed(Exception):
     """The runtime crashed, hung or refused the artifact; verify reports it and goes on."""
 

@@ -1,4 +1,6 @@
-"""TF.js graph models on the wasm backend, run by Node.js the way a web app runs them.
+"""TF.js models on the wasm backend, run by Node.js the way a web app runs them: graph models
+(``tensorflowjs_converter``'s, edgepipe's bundles among them) and layers models (Teachable
+Machine's exports, ``model.save`` in tfjs-layers).
 
 The work happens in ``tfjs/run.mjs``; this module checks that Node and the pinned npm packages
 are there, hands the images over as a raw float32 file and turns every way the child process can
@@ -16,7 +18,9 @@ from typing import Sequence
 
 import numpy as np
 
-from pipeline.runners.base import Prediction, RunSettings, RuntimeFailed, as_feed, describe_exit
+from pipeline.runners.base import (
+    Prediction, RunSettings, RuntimeFailed, Tensors, as_feed, describe_exit,
+)
 from pipeline.runners.feed import FeedFile
 from pipeline.types import Runtime
 
@@ -50,16 +54,25 @@ def ensure_node_modules() -> None:
 
 
 class TfjsWasmRunner:
-    """Runs a TF.js graph-model folder (``model.json`` + shards) with tfjs 4.22 on wasm.
+    """Runs a TF.js model folder (``model.json`` + weight files) with tfjs 4.22 on wasm.
 
     Args:
-        output_key: the SavedModel signature output to return (``probabilities`` or ``logits``).
+        output_key: the output to return when :meth:`predict` is given no ``tensors.output``
+            (None: the one named ``probabilities``, else the only one).
+
+    Attributes:
+        last_summary: what run.mjs said about the last :meth:`predict` (None until one succeeds):
+            ``format`` (``graph-model`` or ``layers-model``), ``input`` and ``output`` (the names
+            it used), ``batch`` (images per call; 1 for a graph frozen with batch 1), ``shape``,
+            ``latency_ms``, ``latencies_ms``, ``agreement_pass_ms``, ``backend``, ``tfjs``.
+            :class:`Prediction` carries only what every runtime has; ``check`` reports these.
     """
 
     name = Runtime.TFJS_WASM.value
 
-    def __init__(self, output_key: str = "probabilities") -> None:
+    def __init__(self, output_key: str | None = None) -> None:
         self.output_key = output_key
+        self.last_summary: dict | None = None
 
     def unsupported(self, artifact: Path) -> str | None:
         return None
@@ -68,22 +81,31 @@ class TfjsWasmRunner:
         pass
 
     def predict(self, artifact: Path, images: np.ndarray | FeedFile, timeout_s: float = 600.0,
-                settings: RunSettings = RunSettings()) -> Prediction:
+                settings: RunSettings = RunSettings(), *, tensors: Tensors | None = None) -> Prediction:
         """Classifies ``images`` ``settings.batch`` at a time, then times single-image calls.
 
-        One Node process per bundle (there are two; starting Node and the wasm backend costs about
-        0.3 s): wasm has one thread whatever ``settings.threads`` says.
+        One Node process per model (starting Node and the wasm backend costs about 0.3 s): wasm
+        has one thread whatever ``settings.threads`` says.
 
         Args:
-            artifact: folder holding ``model.json`` and its weight shards.
-            images: float32 RGB ``[N, H, W, 3]``, or a feed file of them.
+            artifact: folder holding ``model.json`` and its weight files.
+            images: float32 RGB ``[N, H, W, 3]``, or a feed file of them, already the values the
+                model takes (normalised by the caller; they reach the model unchanged).
             timeout_s: wall-clock limit for the whole Node process, model loading included.
+            tensors: the input and output to use, by name. A graph model's names are its signature
+                keys, ``structuredOutputKeys`` or node names (``Identity:0``); a layers model's are
+                its input and output layer names. ``tensors.output`` wins over ``output_key``.
+                Default: the only input; the output named ``probabilities``, else the only one.
 
         Returns:
-            The output named ``output_key``, float32 ``[N, C]``, and the timed single-image calls.
+            The chosen output, float32 ``[N, C]``, and the timed single-image calls; the names used
+            are in :attr:`last_summary`.
 
         Raises:
-            RuntimeFailed: Node is missing, or the process crashed, timed out or printed no result.
+            RuntimeFailed: Node is missing; the model has no such input or output (the message
+                lists those it has), several outputs and none chosen, or an input that is not a
+                float32 ``[N, H, W, 3]`` image batch of this size; or the process crashed, timed
+                out or printed no result.
             ValueError: ``images`` is not a non-empty ``[N, H, W, 3]`` array.
         """
         shape = images.shape if isinstance(images, FeedFile) else np.shape(images)
@@ -93,8 +115,14 @@ class TfjsWasmRunner:
         artifact = Path(artifact)
         if not (artifact / "model.json").is_file():
             raise RuntimeFailed(
-                f"{artifact} has no model.json; expected a TF.js graph-model folder"
+                f"{artifact} has no model.json; expected a TF.js graph- or layers-model folder"
             )
+
+        self.last_summary = None
+        tensors = tensors or Tensors()
+        output = tensors.output or self.output_key
+        tensor_flags = [*(("--input-name", tensors.input) if tensors.input else ()),
+                 *(("--output-key", output) if output else ())]
 
         with as_feed(images) as feed, tempfile.TemporaryDirectory(prefix="edgepipe-tfjs-") as tmp:
             output_path = Path(tmp) / "outputs.bin"
@@ -105,7 +133,7 @@ class TfjsWasmRunner:
                 "--input", str(feed.path),
                 "--shape", ",".join(str(d) for d in feed.shape),
                 "--output", str(output_path),
-                "--output-key", self.output_key,
+                *tensor_flags,
                 "--batch", str(settings.batch),
                 "--latency-runs", str(settings.latency_runs),
             ]  # fmt: skip
@@ -122,10 +150,12 @@ class TfjsWasmRunner:
                     f"{_tail(done.stderr)}"
                 )
             summary = _parse_summary(done.stdout, expected_rows=len(feed))
-            return Prediction(
+            prediction = Prediction(
                 probabilities=_read_outputs(output_path, summary["shape"]),
                 latencies_ms=tuple(float(v) for v in summary.get("latencies_ms", [])),
             )
+        self.last_summary = summary
+        return prediction
 
 
 def create(runtime: Runtime, labels: Sequence[str]) -> TfjsWasmRunner:

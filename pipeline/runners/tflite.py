@@ -14,7 +14,7 @@ from typing import Sequence
 
 import numpy as np
 
-from pipeline.runners.base import Prediction, RunSettings, Worker, as_feed
+from pipeline.runners.base import Prediction, RunSettings, Tensors, Worker, as_feed
 from pipeline.runners.feed import FeedFile
 from pipeline.types import Runtime
 
@@ -38,11 +38,13 @@ class TfliteRunner:
         return None
 
     def predict(self, artifact: Path, images: np.ndarray | FeedFile, timeout_s: float = 600.0,
-                settings: RunSettings = RunSettings()) -> Prediction:
+                settings: RunSettings = RunSettings(), tensors: Tensors = Tensors()) -> Prediction:
+        """The chosen output (see :class:`Tensors`) for ``images``, the model's real input values
+        (quantised here with the file's own scale and zero point when its input is an integer)."""
         with as_feed(images) as feed, tempfile.TemporaryDirectory(prefix="edgepipe-tflite-") as tmp:
             out = Path(tmp) / "out.npy"
             answer = self.worker.run({"model": str(artifact), "feed": feed.to_dict(), "out": str(out),
-                                      **settings.to_dict()}, timeout_s, Path(artifact).name)
+                                      "tensors": tensors.to_dict(), **settings.to_dict()}, timeout_s, Path(artifact).name)
             return Prediction(np.load(out).astype(np.float32), tuple(answer["latencies_ms"]))
 
     def close(self) -> None:
@@ -59,6 +61,8 @@ def _quantise(x: np.ndarray, detail: dict) -> np.ndarray:
         return x.astype(dtype)
     scale, zero = detail["quantization"]
     info = np.iinfo(dtype)
+    if not scale:  # an integer input without quantisation parameters takes the values as they are
+        return np.clip(np.round(x), info.min, info.max).astype(dtype)
     return np.clip(np.round(x / scale + zero), info.min, info.max).astype(dtype)
 
 
@@ -66,20 +70,61 @@ def _dequantise(y: np.ndarray, detail: dict) -> np.ndarray:
     if np.dtype(detail["dtype"]).kind == "f":
         return y
     scale, zero = detail["quantization"]
+    if not scale:
+        return y.astype(np.float32)
     return (y.astype(np.float32) - zero) * scale
 
 
-class _Model:
-    """One interpreter on a file, fed through tensor indices (the serving signature's ``images``
-    input and ``probabilities`` output). Not the signature runner: it resizes and re-allocates
-    the input on every call, which costs tflite-runtime its XNNPACK speed (measured: 26 ms instead
-    of 3 ms a call on the demo's float32 file)."""
+class _Choice(Exception):
+    """The model has no such input or output, or several and none was chosen."""
 
-    def __init__(self, interpreter_mod, model: str, threads: int, batch: int | None = None):
+
+def choose(names: dict[str, int], wanted: str | None, what: str, default: str | None = None) -> int:
+    """The tensor index of the input or output named ``wanted`` (a signature key or a tensor
+    name), else of ``default`` when the model has it, else of the only one.
+
+    Raises:
+        _Choice: no tensor of that name, or several and none chosen (the names are listed).
+    """
+    if wanted is not None:
+        if wanted in names:
+            return names[wanted]
+        raise _Choice(f"no {what} named {wanted!r}; the model has: {', '.join(names)}")
+    if default in names:
+        return names[default]
+    indices = set(names.values())
+    if len(indices) == 1:
+        return indices.pop()
+    flag = "--output NAME" if what == "output" else "--input-tensor NAME"
+    raise _Choice(f"the model has {len(indices)} {what}s ({', '.join(names)}); choose one with {flag}")
+
+
+def tensor_names(interp) -> tuple[dict[str, int], dict[str, int]]:
+    """Inputs and outputs by name: the first signature's keys (``serving_default`` when there is
+    one) and every tensor's own name, both mapping to tensor indices."""
+    signatures = interp._get_full_signature_list()
+    inputs = {d["name"]: d["index"] for d in interp.get_input_details()}
+    outputs = {d["name"]: d["index"] for d in interp.get_output_details()}
+    if signatures:
+        signature = signatures.get("serving_default") or next(iter(signatures.values()))
+        inputs = {**signature["inputs"], **inputs}
+        outputs = {**signature["outputs"], **outputs}
+    return inputs, outputs
+
+
+class _Model:
+    """One interpreter on a file, fed through tensor indices (by default the only input and the
+    ``probabilities`` output, see :class:`~pipeline.runners.base.Tensors`). Not the signature
+    runner: it resizes and re-allocates the input on every call, which costs tflite-runtime its
+    XNNPACK speed (measured: 26 ms instead of 3 ms a call on the demo's float32 file)."""
+
+    def __init__(self, interpreter_mod, model: str, threads: int, batch: int | None = None,
+                 tensors: dict | None = None):
+        tensors = tensors or {}
         self.interp = interpreter_mod.Interpreter(model_path=model, num_threads=threads)
-        signature = self.interp._get_full_signature_list()["serving_default"]
-        (self.input,) = signature["inputs"].values()
-        self.output = signature["outputs"]["probabilities"]
+        inputs, outputs = tensor_names(self.interp)
+        self.input = choose(inputs, tensors.get("input"), "input")
+        self.output = choose(outputs, tensors.get("output"), "output", default="probabilities")
         if batch is not None:
             shape = self.interp.get_input_details()[0]["shape"]
             self.interp.resize_tensor_input(self.input, [batch, *shape[1:]])
@@ -95,6 +140,19 @@ class _Model:
         return _dequantise(self.interp.get_tensor(self.output), self.out_detail)
 
 
+def _batched(interpreter_mod, job: dict, batch: int) -> "_Model | None":
+    """The file at ``batch`` images a call, or None when its graph cannot take a batch."""
+    try:
+        model = _Model(interpreter_mod, job["model"], int(job["threads"]), batch, job.get("tensors"))
+        model.set(np.zeros((batch, *model.interp.get_tensor(model.input).shape[1:]), np.float32))
+        rows = model().shape[0]
+    except _Choice:
+        raise
+    except (RuntimeError, ValueError):
+        return None
+    return model if rows == batch else None
+
+
 def _run_job(interpreter_mod, job: dict) -> dict:
     from pipeline.runners.base import timed_calls
     from pipeline.testhook import crash_point
@@ -107,7 +165,11 @@ def _run_job(interpreter_mod, job: dict) -> dict:
         # resized input: its outputs are bit-identical to single-image calls). Integer-I/O models
         # take quantised pixels and return quantised scores; an app converts with the file's scale
         # and zero point, and so do we. A short last batch is padded; the padding's outputs dropped.
-        model = _Model(interpreter_mod, job["model"], int(job["threads"]), batch)
+        model = _batched(interpreter_mod, job, batch)
+        if model is None:
+            # A file whose graph fixes the batch inside (a Reshape to [1, ...], common in files
+            # converted from Keras elsewhere) cannot take a batch: image by image instead.
+            batch, model = 1, _Model(interpreter_mod, job["model"], int(job["threads"]), None, job.get("tensors"))
         for _, images in feed.batches(batch):
             padded = np.zeros((batch, *images.shape[1:]), np.float32)
             padded[:len(images)] = images
@@ -116,7 +178,7 @@ def _run_job(interpreter_mod, job: dict) -> dict:
     latencies: list[float] = []
     if len(feed) == 1 or int(job["latency_runs"]) > 0:
         # Latency: the file as shipped (its own input shape), one thread, one image a call.
-        single = _Model(interpreter_mod, job["model"], 1)
+        single = _Model(interpreter_mod, job["model"], 1, tensors=job.get("tensors"))
         single.set(feed.read(0, 1))
         if len(feed) == 1:
             outputs.append(single().astype(np.float32))
@@ -131,7 +193,14 @@ def _main(runtime: str) -> None:
     from pipeline.runners.base import serve
 
     interpreter_mod = importlib.import_module(RUNTIME_MODULES[runtime])
-    serve(lambda job: _run_job(interpreter_mod, job))
+
+    def handle(job):
+        try:
+            return _run_job(interpreter_mod, job)
+        except _Choice as err:
+            return {"error": str(err)}
+
+    serve(handle)
 
 
 if __name__ == "__main__":

@@ -1,14 +1,22 @@
 #!/usr/bin/env node
-// Runs a TF.js graph-model bundle on the wasm backend, the way a web app runs it.
+// Runs a TF.js model on the wasm backend, the way a web app runs it: a graph model (model.json
+// "format": "graph-model", from tensorflowjs_converter) or a layers model ("layers-model", as
+// Teachable Machine and tfjs-layers' model.save write them).
 //
 //   node run.mjs --model DIR --input images.bin --shape N,H,W,3 --output probs.bin \
-//                [--output-key probabilities] [--batch 16] [--latency-runs 30]
+//                [--input-name NAME] [--output-key NAME] [--batch 16] [--latency-runs 30]
+//
+// --input-name picks the model input the images go to (default: its only input); --output-key the
+// output to return (default: the one named `probabilities`, else the only one). A graph model's
+// names are its signature keys, structuredOutputKeys or graph node names (`Identity:0`); a layers
+// model's are its input and output layer names.
 //
 // The input file holds raw little-endian float32 images, read --batch images at a time (never the
-// whole file at once); the output file receives raw float32 [N, C]. The agreement pass runs
-// --batch images a call; then --latency-runs single-image calls are timed after a warm-up call.
-// On success one JSON line goes to stdout:
+// whole file at once), fed to the model as they are; the output file receives raw float32 [N, C].
+// The agreement pass runs --batch images a call; then --latency-runs single-image calls are timed
+// after a warm-up call. On success one JSON line goes to stdout:
 //   {"shape":[N,C],"latency_ms":<median>,"latencies_ms":[...],"agreement_pass_ms":<batched pass>,
+//    "format":"graph-model","input":"<name used>","output":"<name used>","batch":16,
 //    "backend":"wasm","tfjs":"4.22.0"}
 // On failure the exit status is non-zero and the last stderr line says why.
 //
@@ -39,7 +47,8 @@ function parseCli(argv) {
         input: { type: 'string' },
         shape: { type: 'string' },
         output: { type: 'string' },
-        'output-key': { type: 'string', default: 'probabilities' },
+        'input-name': { type: 'string' },
+        'output-key': { type: 'string' },
         batch: { type: 'string', default: '16' },
         'latency-runs': { type: 'string', default: '30' },
       },
@@ -68,7 +77,8 @@ function parseCli(argv) {
     inputPath: values.input,
     shape,
     outputPath: values.output,
-    outputKey: values['output-key'],
+    inputName: values['input-name'] ?? null,
+    outputKey: values['output-key'] ?? null,
   };
 }
 
@@ -139,39 +149,225 @@ function weightByteLength(spec) {
   return bytes === undefined ? null : spec.shape.reduce((a, b) => a * b, 1) * bytes;
 }
 
+const DEFAULT_OUTPUT = 'probabilities';
+
+/*
+ * A model's inputs and outputs, each described as {names, shape, dtype, ...}: `names[0]` is the
+ * name reported back and listed in errors, the rest are aliases a user may type (a graph output is
+ * known by its signature key, its structuredOutputKey and its tensor name). `shape` uses null for
+ * an unknown size; `shape` and `dtype` are null where the model does not say.
+ */
+
+const TF_DTYPES = { DT_FLOAT: 'float32', DT_INT32: 'int32', DT_BOOL: 'bool', DT_STRING: 'string' };
+
+function signatureShape(info) {
+  const shape = info.tensorShape;
+  if (shape == null || shape.unknownRank) return null;
+  return (shape.dim ?? []).map((d) => (Number(d.size) >= 0 ? Number(d.size) : null));
+}
+
+function signatureDtype(info) {
+  if (info.dtype == null) return null;
+  return TF_DTYPES[info.dtype] ?? info.dtype.replace(/^DT_/, '').toLowerCase();
+}
+
+function fromNodeInfo(info) {
+  const bare = info.name.replace(/:0$/, '');
+  const names = [...new Set([info.name, bare, `${bare}:0`])];
+  const shape = Array.isArray(info.shape) ? info.shape.map((d) => (d >= 0 ? d : null)) : null;
+  return { names, node: info.name, shape, dtype: info.dtype ?? null };
+}
+
 /**
- * Maps the input and the requested output key to graph node names.
+ * The graph model's inputs and outputs, from its signature.
  *
  * The converter names a signature output by its SavedModel key only when no other output has the
  * same dtype and shape; `probabilities` and `logits` are both [-1, C], so both end up keyed by
  * tensor name (`Identity:0`, `Identity_1:0`). Converting with `use_structured_outputs_names=True`
  * adds `userDefinedMetadata.structuredOutputKeys`, the sorted keys in signature-output order;
- * GraphModel.predict pairs them the same way.
+ * GraphModel.predict pairs them the same way. Older converters wrote no signature (or one without
+ * tensor names): the graph's own placeholders and sinks stand in for it.
  */
-function resolveSignature(artifacts, outputKey) {
+function graphTensors(artifacts, model) {
   const signature = artifacts.userDefinedMetadata?.signature ?? artifacts.signature ?? {};
-  const inputs = Object.values(signature.inputs ?? {});
-  const outputs = signature.outputs ?? {};
-  if (inputs.length !== 1) {
-    throw new Error(`expected a signature with exactly one input, the model has ${inputs.length}`);
+  const named = (entries) =>
+    entries.length > 0 && entries.every(([, info]) => typeof info?.name === 'string');
+  const inputEntries = Object.entries(signature.inputs ?? {});
+  const outputEntries = Object.entries(signature.outputs ?? {});
+  const fromSignature = ([key, info]) => ({
+    names: [...new Set([key, info.name, info.name.replace(/:0$/, '')])],
+    node: info.name,
+    shape: signatureShape(info),
+    dtype: signatureDtype(info),
+  });
+  const inputs = named(inputEntries)
+    ? inputEntries.map(fromSignature)
+    : model.inputs.map(fromNodeInfo);
+  let outputs = model.outputs.map(fromNodeInfo);
+  let lostNames = false;
+  if (named(outputEntries)) {
+    outputs = outputEntries.map(fromSignature);
+    const structuredKeys = artifacts.userDefinedMetadata?.structuredOutputKeys ?? [];
+    if (structuredKeys.length === outputs.length) {
+      outputs.forEach((output, i) => output.names.unshift(structuredKeys[i]));
+    } else {
+      lostNames = outputs.length > 1 && outputEntries.some(([key]) => key.includes(':'));
+    }
   }
-  const inputNode = inputs[0].name;
-  if (outputKey in outputs) {
-    return { inputNode, outputNode: outputs[outputKey].name };
+  const nodeNames = new Set((artifacts.modelTopology.node ?? []).map((node) => node.name));
+  return {
+    inputs,
+    outputs,
+    /** Any node of the graph (`name` or `name:k`), for outputs the signature does not list. */
+    node(name) {
+      if (!nodeNames.has(name.replace(/:\d+$/, ''))) return null;
+      return { names: [name], node: name, shape: null, dtype: null };
+    },
+    hint: lostNames
+      ? ' (outputs of equal shape lose their names unless converted with ' +
+        'use_structured_outputs_names=True)'
+      : '',
+  };
+}
+
+/**
+ * Picks the tensor named `requested`, or the default: the one named `preferred` if any, else the
+ * only one. `kind` ("input", "signature output", ...) and `flag` (the edgepipe option that names
+ * one) word the errors, which list the names that exist; `node` finds names the list lacks.
+ */
+function pick(candidates, requested, { kind, flag, preferred = null, node = () => null, hint = '' }) {
+  const list = candidates.map((c) => c.names[0]).join(', ') || 'none';
+  if (requested !== null) {
+    const found = candidates.find((c) => c.names.includes(requested)) ?? node(requested);
+    if (found) return { ...found, names: [requested, ...found.names.filter((n) => n !== requested)] };
+    throw new Error(`no ${kind} '${requested}'; the model has: ${list}${hint}`);
   }
-  const structuredKeys = artifacts.userDefinedMetadata?.structuredOutputKeys ?? [];
-  const outputEntries = Object.values(outputs);
-  const index = structuredKeys.indexOf(outputKey);
-  if (index !== -1 && structuredKeys.length === outputEntries.length) {
-    return { inputNode, outputNode: outputEntries[index].name };
+  const named = candidates.find((c) => preferred !== null && c.names.includes(preferred));
+  if (named) return named;
+  if (candidates.length === 1) return candidates[0];
+  const none = preferred === null ? 'the model has' : `no ${kind} '${preferred}' and`;
+  throw new Error(
+    `${none} ${candidates.length} ${kind}s to choose from: ${list}; choose one with ${flag} NAME${hint}`,
+  );
+}
+
+/**
+ * Checks that `input` takes the feed: float32 image batches [N, H, W, 3] of the feed's size.
+ * Returns the images per call the model allows (a graph frozen with batch 1 takes one at a time).
+ */
+function checkImageInput(input, [, h, w, c], batch) {
+  const name = input.names[0];
+  if (input.dtype !== null && input.dtype !== 'float32') {
+    throw new Error(`input '${name}' is ${input.dtype}; run.mjs feeds float32 images`);
   }
-  const known = [...new Set([...Object.keys(outputs), ...structuredKeys])].join(', ') || 'none';
-  const hint =
-    structuredKeys.length === 0
-      ? '; outputs of equal shape lose their names unless converted with ' +
-        'use_structured_outputs_names=True'
-      : '';
-  throw new Error(`no signature output '${outputKey}'; the model has: ${known}${hint}`);
+  const shape = input.shape;
+  if (shape === null) return batch;
+  const shown = `[${shape.map((d) => d ?? -1).join(',')}]`;
+  if (shape.length !== 4 || (shape[3] !== null && shape[3] !== c)) {
+    throw new Error(`input '${name}' has shape ${shown}, not an image batch [N,H,W,3]`);
+  }
+  if ((shape[1] !== null && shape[1] !== h) || (shape[2] !== null && shape[2] !== w)) {
+    const size = `${shape[1] ?? '?'}x${shape[2] ?? '?'}`;
+    throw new Error(`input '${name}' takes ${size} images, the feed holds ${h}x${w}`);
+  }
+  if (shape[0] === null) return batch;
+  if (shape[0] === 1) return 1;
+  throw new Error(
+    `input '${name}' has a fixed batch of ${shape[0]} (${shown}); run.mjs needs 1 or any`,
+  );
+}
+
+/**
+ * Loads a graph model; `infer(batch)` returns the chosen output.
+ *
+ * Graphs with control flow only run through executeAsync; plain feed-forward ones run through the
+ * cheaper synchronous path. The first call (the warm-up, outside the timing) picks which one.
+ */
+async function openGraphModel(artifacts, args) {
+  const model = await tf.loadGraphModel({ load: async () => artifacts });
+  const tensors = graphTensors(artifacts, model);
+  const input = pick(tensors.inputs, args.inputName, {
+    kind: 'input',
+    flag: '--input',
+    node: tensors.node,
+  });
+  const output = pick(tensors.outputs, args.outputKey, {
+    kind: 'signature output',
+    flag: '--output',
+    preferred: DEFAULT_OUTPUT,
+    node: tensors.node,
+    hint: tensors.hint,
+  });
+  let runAsync = false;
+  async function run(batch) {
+    const feed = { [input.node]: batch };
+    return runAsync ? model.executeAsync(feed, output.node) : model.execute(feed, output.node);
+  }
+  return {
+    input,
+    output,
+    async infer(batch) {
+      try {
+        return await run(batch);
+      } catch (err) {
+        if (runAsync || !/executeAsync/.test(err.message)) throw err;
+        runAsync = true;
+        return run(batch);
+      }
+    },
+  };
+}
+
+/** Loads a layers model; `infer(batch)` returns the chosen output of `model.predict`. */
+async function openLayersModel(artifacts, args) {
+  const model = await tf.loadLayersModel({ load: async () => artifacts });
+  // Named by layer: a Sequential has no inputNames/outputNames, and tfjs renames the symbolic
+  // tensors (`scores/scores_1`) when another model in the process used the same names.
+  const described = (symbolic, i) => ({
+    names: [...new Set([symbolic.sourceLayer.name, symbolic.name])],
+    index: i,
+    shape: symbolic.shape,
+    dtype: symbolic.dtype ?? null,
+  });
+  const inputs = model.inputs.map(described);
+  const outputs = model.outputs.map(described);
+  if (inputs.length > 1) {
+    // predict() needs a value for every input; run.mjs has images for one.
+    const list = inputs.map((c) => c.names[0]).join(', ');
+    throw new Error(
+      `the layers model has ${inputs.length} inputs (${list}); run.mjs feeds one image input`,
+    );
+  }
+  const input = pick(inputs, args.inputName, { kind: 'input', flag: '--input' });
+  const output = pick(outputs, args.outputKey, {
+    kind: 'output',
+    flag: '--output',
+    preferred: DEFAULT_OUTPUT,
+  });
+  return {
+    input,
+    output,
+    async infer(batch) {
+      const result = model.predict(batch, { batchSize: batch.shape[0] });
+      const all = Array.isArray(result) ? result : [result];
+      all.forEach((t, i) => i !== output.index && t.dispose());
+      return all[output.index];
+    },
+  };
+}
+
+const OPENERS = { 'graph-model': openGraphModel, 'layers-model': openLayersModel };
+
+/** The model.json format; files without one are told apart by their topology (a GraphDef has nodes). */
+function modelFormat(artifacts, modelDir) {
+  const guessed = Array.isArray(artifacts.modelTopology?.node) ? 'graph-model' : 'layers-model';
+  const format = artifacts.format ?? guessed;
+  if (!(format in OPENERS)) {
+    throw new Error(
+      `${join(modelDir, 'model.json')} has format '${format}'; expected graph-model or layers-model`,
+    );
+  }
+  return format;
 }
 
 /** Reads images [start, start + count) of the raw float32 file; checks its size once. */
@@ -220,22 +416,18 @@ async function main() {
   await tf.ready();
 
   const artifacts = await loadArtifacts(args.modelDir);
-  const { inputNode, outputNode } = resolveSignature(artifacts, args.outputKey);
-  const model = await tf.loadGraphModel({ load: async () => artifacts });
+  const format = modelFormat(artifacts, args.modelDir);
+  const model = await OPENERS[format](artifacts, args);
+  const batchSize = checkImageInput(model.input, args.shape, args.batch);
+  const outputName = model.output.names[0];
 
   const [n, h, w, c] = args.shape;
   const images = imageReader(args.inputPath, args.shape);
 
-  // Graphs with control flow only run through executeAsync; plain feed-forward ones run through
-  // the cheaper synchronous path. The warm-up call picks which one, outside the timing.
-  let runAsync = false;
   async function infer(pixels, count) {
     const batch = tf.tensor4d(pixels, [count, h, w, c]);
     try {
-      const feed = { [inputNode]: batch };
-      const output = runAsync
-        ? await model.executeAsync(feed, outputNode)
-        : model.execute(feed, outputNode);
+      const output = await model.infer(batch);
       try {
         return { values: await output.data(), shape: output.shape };
       } finally {
@@ -247,22 +439,16 @@ async function main() {
   }
 
   const first = images.read(0, 1);
-  try {
-    await infer(first, 1);
-  } catch (err) {
-    if (!/executeAsync/.test(err.message)) throw err;
-    runAsync = true;
-    await infer(first, 1);
-  }
+  await infer(first, 1);
 
   let numClasses = null;
   let flat = null;
   const passStart = performance.now();
-  for (let start = 0; start < n; start += args.batch) {
-    const count = Math.min(args.batch, n - start);
+  for (let start = 0; start < n; start += batchSize) {
+    const count = Math.min(batchSize, n - start);
     const { values, shape } = await infer(images.read(start, count), count);
     if (shape.length !== 2 || shape[0] !== count) {
-      throw new Error(`output '${args.outputKey}' has shape [${shape}], expected [${count}, C]`);
+      throw new Error(`output '${outputName}' has shape [${shape}], expected [${count}, C]`);
     }
     if (flat === null) {
       numClasses = shape[1];
@@ -288,6 +474,10 @@ async function main() {
       latency_ms: median(latencies),
       latencies_ms: latencies,
       agreement_pass_ms: passMs,
+      format,
+      input: model.input.names[0],
+      output: outputName,
+      batch: batchSize,
       backend: tf.getBackend(),
       tfjs: tf.version.tfjs,
     }) + '\n',
