@@ -61,6 +61,29 @@ def build_module(graph_def, spec: BackboneSpec, layers: list[tuple[np.ndarray, n
     return Classifier()
 
 
+def defaults_as_identities(graph_def):
+    """The graph with every ``PlaceholderWithDefault`` made an ``Identity`` of its default.
+
+    Nothing feeds them in an exported model (poets' graph has one, ``input_1/
+    BottleneckInputPlaceholder``, between the backbone and its head), so each is its default. The
+    TF.js converter keeps the op, and TF.js 4.22's wasm backend fails on it ("Cannot read
+    properties of undefined (reading 'backend')": the executor passes the default tensor on and
+    disposes it), so it goes before conversion. Returns a copy; ``graph_def`` is not modified.
+    """
+    import tensorflow as tf
+
+    out = tf.compat.v1.GraphDef()
+    out.CopyFrom(graph_def)
+    for node in out.node:
+        if node.op == "PlaceholderWithDefault":
+            dtype = node.attr["dtype"].type
+            node.op = "Identity"
+            for key in list(node.attr):
+                del node.attr[key]
+            node.attr["T"].type = dtype
+    return out
+
+
 def build_adopted_module(graph_def, spec: BackboneSpec, outputs: ModelOutputs):
     """A ``tf.Module`` whose ``serve`` is a whole frozen classifier, normalisation in front.
 
@@ -80,6 +103,7 @@ def build_adopted_module(graph_def, spec: BackboneSpec, outputs: ModelOutputs):
     # a backbone (graphfix.feature_subgraph). Plain Python on protos: autograph leaves it alone.
     trimmed, _ = tf.autograph.experimental.do_not_convert(feature_subgraph)(
         graph_def, spec.input_tensor, outputs.probabilities)
+    trimmed = tf.autograph.experimental.do_not_convert(defaults_as_identities)(trimmed)
 
     class AdoptedClassifier(tf.Module):
         def __init__(self):

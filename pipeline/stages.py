@@ -23,7 +23,7 @@ from typing import Callable
 
 import numpy as np
 
-from pipeline.config import DEFAULT_GATES, RunConfig
+from pipeline.config import ADOPTED_SAVEDMODEL_GATE, DEFAULT_GATES, RunConfig
 from pipeline.console import library_output, log
 from pipeline.dataset import Dataset, build_dataset
 from pipeline.errors import PipelineError, VerificationFailed, disk_error
@@ -316,11 +316,25 @@ def _tfjs_run(ctx: Context) -> tuple[dict[str, Path], dict]:
 
 # --- verify ------------------------------------------------------------------------------------
 
+REFERENCE_GRAPH = "frozen-graph"  # the row name of an adopted graph, the reference of its run's verify
+
+
+def _verify_gates(ctx: Context) -> dict[str, float]:
+    """The user's gate overrides; an adopted graph's SavedModel, a candidate then, gets its own."""
+    gates = dict(ctx.cfg.gates)
+    if ctx.cfg.adopt is not None:
+        gates.setdefault("savedmodel", ADOPTED_SAVEDMODEL_GATE)
+    return gates
+
+
 def _verify_fingerprint(ctx: Context) -> dict:
     c = ctx.cfg
-    return {"upstream": _upstream(ctx, "retrain", "export", "quantize", "tfjs"),
-            "runtimes": list(c.runtimes), "gates": {k: c.gate(k) for k in DEFAULT_GATES} | c.gates,
-            "stress": c.stress, "app_preprocessing": c.app_preprocessing.to_dict(), "latency_runs": c.latency_runs}
+    fp = {"upstream": _upstream(ctx, "retrain", "export", "quantize", "tfjs"),
+          "runtimes": list(c.runtimes), "gates": {k: c.gate(k) for k in DEFAULT_GATES} | _verify_gates(ctx),
+          "stress": c.stress, "app_preprocessing": c.app_preprocessing.to_dict(), "latency_runs": c.latency_runs}
+    if ctx.model() is not None:
+        fp["reference"] = {"fetch": _upstream(ctx, "fetch"), "model": ctx.model().to_dict()}
+    return fp
 
 
 def _artifacts(ctx: Context) -> list:
@@ -336,27 +350,42 @@ def _artifacts(ctx: Context) -> list:
 def _verify_run(ctx: Context) -> tuple[dict[str, Path], dict]:
     import tempfile
 
-    from pipeline.runners.base import RunSettings
+    from pipeline.runners.base import RunSettings, Tensors
     from pipeline.verify import Artifact, VerifySettings, load_holdout, verify
 
-    c, ds = ctx.cfg, ctx.dataset()
+    c, ds, spec, model = ctx.cfg, ctx.dataset(), ctx.spec(), ctx.model()
     sm = ctx.savedmodel()
-    reference = Artifact("savedmodel", sm, sum(p.stat().st_size for p in sm.rglob("*") if p.is_file()),
-                         ArtifactKind.SAVEDMODEL)
-    settings = VerifySettings(classes=tuple(ctx.labels()), contract=ctx.spec().preprocessing, runtimes=c.runtimes,
-                              gates=c.gates, app=c.app_preprocessing, stress=c.stress, timeout_s=c.runtime_timeout_s,
-                              run=RunSettings(latency_runs=c.latency_runs))
+    savedmodel = Artifact("savedmodel", sm, sum(p.stat().st_size for p in sm.rglob("*") if p.is_file()),
+                          ArtifactKind.SAVEDMODEL)
+    retrain_metrics = read_json(ctx.run.stage("retrain") / "metrics.json", default={}) or {}
+    unlabelled = (retrain_metrics.get("adopted") or {}).get("unlabelled_reason")
+    if model is None:
+        reference, candidates, feeds = savedmodel, _artifacts(ctx), {}
+    else:
+        # An adopted graph is its own reference, run in TensorFlow as it is (fed its normalised
+        # pixels), so the export that wraps it is checked too: the SavedModel is a candidate.
+        graph = ctx.graph_path()
+        reference = Artifact(REFERENCE_GRAPH, graph, graph.stat().st_size, ArtifactKind.GRAPH,
+                             tensors=Tensors(input=spec.input_tensor, output=model.probabilities), feed="graph")
+        candidates, feeds = [savedmodel, *_artifacts(ctx)], {"graph": spec.preprocessing}
+    settings = VerifySettings(classes=tuple(ctx.labels()), contract=spec.preprocessing, runtimes=c.runtimes,
+                              gates=_verify_gates(ctx), app=c.app_preprocessing, stress=c.stress,
+                              timeout_s=c.runtime_timeout_s, run=RunSettings(latency_runs=c.latency_runs),
+                              unlabelled_reason=unlabelled)
+    if unlabelled and c.stress:
+        log.info("verify: --stress skipped: it measures accuracy, and these test images have no labels")
     # The prepared test images live in a temporary folder for the length of the stage.
     with tempfile.TemporaryDirectory(prefix="edgepipe-holdout-") as tmp:
-        holdout = load_holdout(ds.split("test"), settings.contract, Path(tmp), settings.app)
-        report = verify(reference, _artifacts(ctx), holdout, settings)
+        holdout = load_holdout(ds.split("test"), settings.contract, Path(tmp), settings.app, feeds=feeds,
+                               labelled=unlabelled is None)
+        report = verify(reference, candidates, holdout, settings)
     # Images dropped by retrain (train, validation and test alike) belong in the report as well.
-    retrain_metrics = read_json(ctx.run.stage("retrain") / "metrics.json", default={}) or {}
-    outputs = report.save(ctx.run.root, ctx.spec().name,
+    outputs = report.save(ctx.run.root, spec.name,
                           [{"path": p, "reason": r} for p, r in retrain_metrics.get("skipped", {}).items()],
                           retrain_metrics.get("warnings", []))
     return outputs, {"passed": report.passed, "failed": report.failed,
-                     "app_differences": c.app_preprocessing.differences()}
+                     "app_differences": c.app_preprocessing.differences(),
+                     "reference": reference.name, "labelled": unlabelled is None}
 
 
 @dataclass(frozen=True)
