@@ -34,6 +34,10 @@ FLAGS = {"size": "--size", "mean": "--mean", "std": "--std", "channel_order": "-
 # Settings a model that carries none gets without a flag: how nearly every app prepares images.
 DEFAULTS = {"channel_order": ChannelOrder.RGB.value, "resize": ResizeMethod.BILINEAR.value}
 CHECK_RUNTIMES = (Runtime.TFLITE_RUNTIME, Runtime.LITERT, Runtime.TFJS_WASM)
+TENSORFLOW_KINDS = (ArtifactKind.SAVEDMODEL, ArtifactKind.KERAS, ArtifactKind.GRAPH)
+# A TensorFlow candidate (a Keras file re-saved as a SavedModel, say) runs the same float kernels
+# as its reference, so it gets float32's gate rather than a gate of its own.
+TENSORFLOW_GATE_KEY = "tflite-float32"
 
 
 @dataclass(frozen=True)
@@ -151,13 +155,20 @@ class Checked:
     labels_source: str
     warnings: list[str] = field(default_factory=list)
 
+    @property
+    def gate_key(self) -> str:
+        """The ``DEFAULT_GATES`` entry this model's rows are gated by."""
+        if self.role == "reference":
+            return "reference"
+        return TENSORFLOW_GATE_KEY if self.card.kind in TENSORFLOW_KINDS else self.card.gate_key
+
     def to_dict(self, runtimes: Sequence[str] = ()) -> dict:
         values = {"size": self.prep.size, "mean": self.prep.mean, "std": self.prep.std,
                   "channel_order": str(self.prep.channel_order), "resize": str(self.prep.resize_method)}
         inp = self.card.input
         return {
             "name": self.name, "role": self.role, "path": str(self.card.path), "format": self.card.format,
-            "kind": self.card.gate_key, "runtimes": list(runtimes),
+            "kind": self.gate_key, "runtimes": list(runtimes),
             "input": {"shape": None if inp.shape is None else list(inp.shape), "dtype": inp.dtype,
                       "quantization": None if inp.quantization is None else list(inp.quantization)},
             "output": {"name": self.card.output, "classes": self.card.classes},
@@ -367,7 +378,7 @@ def _artifact(model: Checked):
     if model.card.kind is ArtifactKind.TFLITE and model.role == "candidate":
         feed[Feed.CONTRACT] = _feed_key(_pixels(model.prep))
     tensors = Tensors(model.card.input.name if model.card.kind is ArtifactKind.GRAPH else None, model.card.output)
-    return Artifact(model.name, path, size, model.card.kind, tensors, feed, model.card.gate_key)
+    return Artifact(model.name, path, size, model.card.kind, tensors, feed, model.gate_key)
 
 
 def check(settings: CheckSettings) -> CheckResult:
@@ -441,3 +452,39 @@ def check(settings: CheckSettings) -> CheckResult:
 
 def _first_row(report, name: str):
     return next((r for r in report.results[1:] if r.artifact == name and r.output_kind), None)
+
+
+def parse_runtimes(names: Sequence[str], allow_tensorflow: bool = False) -> tuple[Runtime, ...]:
+    """``--runtime`` values → runtimes (default :data:`CHECK_RUNTIMES`).
+
+    Raises:
+        ConfigError: an unknown name (the known ones listed).
+    """
+    known = [rt for rt in Runtime if allow_tensorflow or rt is not Runtime.TENSORFLOW]
+    bad = [n for n in names if n not in {str(rt) for rt in known}]
+    if bad:
+        raise ConfigError(f"--runtime {', '.join(bad)}: unknown; choose from {', '.join(known)}")
+    return tuple(Runtime(n) for n in names) or CHECK_RUNTIMES
+
+
+def parse_check_gates(items: Sequence[str], candidates: Sequence[Path]) -> dict[str, float]:
+    """``--gate NAME=VALUE`` for a candidate (its row name) or a kind (``tflite-int8``).
+
+    Raises:
+        ConfigError: a malformed item, an unknown name or a value outside 0..1.
+    """
+    from pipeline.config import DEFAULT_GATES
+
+    names = set(_names(candidates)) | {Path(c).name for c in candidates}
+    gates: dict[str, float] = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        try:
+            number = float(value)
+        except ValueError:
+            number = -1.0
+        if not sep or (name not in DEFAULT_GATES and name not in names) or not 0.0 <= number <= 1.0:
+            raise ConfigError(f"--gate {item!r}: expected NAME=VALUE with VALUE in 0..1 and NAME a candidate "
+                              f"({', '.join(sorted(names))}) or a kind ({', '.join(DEFAULT_GATES)})")
+        gates[name] = number
+    return gates

@@ -226,6 +226,122 @@ def inspect_command(
         _fail(err)
 
 
+# --- check and classify: any model, not only a run's -------------------------------------------
+
+MODELS = "Models"
+PREPROCESSING = "Preprocessing (for models that carry none)"
+Size = _opt(Optional[int], "Input height = width in pixels.", PREPROCESSING, "--size")
+Mean = _opt(Optional[float], "Subtracted from 0..255 pixels.", PREPROCESSING, "--mean")
+Std = _opt(Optional[float], "Divides after the mean.", PREPROCESSING, "--std")
+ChannelOrderOpt = _opt(Optional[str], "RGB or BGR.", PREPROCESSING, "--channel-order")
+ValueRangeOpt = _opt(Optional[str], "What the input takes: 0-255, 0-1 or -1-1 (a shorthand for --mean/--std).",
+                     PREPROCESSING, "--value-range")
+ResizeOpt = _opt(Optional[str], "Resize method: bilinear (default), nearest, bicubic, area, lanczos3.", PREPROCESSING,
+                 "--resize")
+Labels = _opt(Optional[Path], "Class names, one a line, for models that carry none.", MODELS, "--labels")
+OutputName = _opt(Optional[str], "The output to compare, for models with several.", MODELS, "--output")
+InputTensor = _opt(Optional[str], "A frozen graph's input tensor (default: its only float placeholder).", MODELS,
+                   "--input-tensor")
+
+
+def _flags(size, mean, std, channel_order, value_range, resize):
+    from pipeline.check import PrepFlags
+
+    return PrepFlags(size=size, mean=mean, std=std, channel_order=channel_order, value_range=value_range, resize=resize)
+
+
+@app.command("check")
+def check_command(
+    reference: Annotated[Path, typer.Option("--reference", help="The original: SavedModel folder, .keras/.h5, frozen "
+                                            ".pb or float .tflite.", rich_help_panel=MODELS, show_default=False)],
+    candidate: Annotated[list[Path], typer.Option("--candidate", help="A conversion (repeat): .tflite, TF.js folder "
+                                                  "(graph or layers model), SavedModel or Keras.", rich_help_panel=MODELS,
+                                                  show_default=False)],
+    images: Annotated[Path, typer.Option("--images", help="DIR/<class>/*.jpg (accuracy too) or a flat folder of "
+                                         "images (agreement only).", rich_help_panel=DATA, show_default=False)],
+    out: Annotated[Path, typer.Option("--out", help="Where report.json/md/html go.", rich_help_panel=OUTPUT)] = Path("check"),
+    input_tensor: InputTensor = None,
+    output_tensor: _opt(Optional[str], "A frozen graph reference's output tensor (default: its last softmax).", MODELS,
+                        "--output-tensor") = None,
+    output: OutputName = None, labels: Labels = None,
+    no_labels: _opt(bool, "Agreement and drift only, even on a labelled folder.", MODELS, "--no-labels") = False,
+    size: Size = None, mean: Mean = None, std: Std = None, channel_order: ChannelOrderOpt = None,
+    value_range: ValueRangeOpt = None, resize: ResizeOpt = None,
+    runtime: _opt(Optional[list[str]], "Runtimes for TFLite and TF.js candidates (repeat): tflite-runtime, ai-edge-litert, "
+                  "tfjs-wasm (the default), mediapipe-tasks.", VERIFICATION, "--runtime") = None,
+    gate: _opt(Optional[list[str]], "Minimum top-1 agreement, CANDIDATE=VALUE or KIND=VALUE (tflite-int8=0.95; repeat).",
+               VERIFICATION, "--gate") = None,
+    latency_runs: _opt(int, "Single-image calls timed per candidate and runtime (0 = none).", VERIFICATION,
+                       "--latency-runs") = 30,
+    runtime_timeout: _opt(float, "Seconds one runtime may take on one model.", VERIFICATION, "--runtime-timeout") = 600.0,
+    verbose: Verbose = False,
+) -> None:
+    """Check conversions made by any tool against their original, in the runtimes they deploy to."""
+    from pipeline.check import CheckSettings, check, parse_check_gates, parse_runtimes
+    from pipeline.console import library_output
+    from pipeline.errors import VerificationFailed
+
+    try:
+        settings = CheckSettings(
+            reference=reference, candidates=tuple(candidate), images=images, out=out,
+            flags=_flags(size, mean, std, channel_order, value_range, resize), labels=labels, no_labels=no_labels,
+            input_tensor=input_tensor, output_tensor=output_tensor, output=output,
+            runtimes=parse_runtimes(runtime or ()), gates=parse_check_gates(gate or (), candidate),
+            latency_runs=latency_runs, timeout_s=runtime_timeout)
+        out.mkdir(parents=True, exist_ok=True)
+        with library_output(out / "logs" / "check.log", verbose):
+            result = check(settings)
+        typer.echo(result.files["report_md"].read_text(encoding="utf-8"))
+        if not result.passed:
+            raise VerificationFailed(f"check failed for {', '.join(result.report.failed)}; see {result.files['report_md']}")
+    except PipelineError as err:
+        _fail(err)
+
+
+@app.command("classify")
+def classify_command(
+    model: Annotated[Path, typer.Argument(help="Any model check takes.", show_default=False)],
+    inputs: Annotated[list[Path], typer.Argument(help="Images or folders of images.", show_default=False)],
+    top_k: Annotated[int, typer.Option("--top-k", help="Labels shown per image.")] = 5,
+    runtime: Annotated[Optional[str], typer.Option("--runtime", help="Where to run it (default: ai-edge-litert for "
+                                                   "TFLite, tfjs-wasm for TF.js, tensorflow otherwise).")] = None,
+    json_lines: Annotated[bool, typer.Option("--json", help="One JSON object a line per image (the summary on stderr).")] = False,
+    labels: Labels = None, output: OutputName = None, input_tensor: InputTensor = None,
+    size: Size = None, mean: Mean = None, std: Std = None, channel_order: ChannelOrderOpt = None,
+    value_range: ValueRangeOpt = None, resize: ResizeOpt = None,
+    quiet: Quiet = False, verbose: Verbose = False,
+) -> None:
+    """Print the top labels of each image with any model (poets' label_image.py, for every artifact)."""
+    import json
+
+    from pipeline.check import parse_runtimes
+    from pipeline.classify import Classifier, ClassifySettings, image_paths
+    from pipeline.console import library_output
+    from pipeline.runners.base import RuntimeFailed
+
+    try:
+        rt = parse_runtimes([runtime], allow_tensorflow=True)[0] if runtime else None
+        settings = ClassifySettings(model=model, inputs=tuple(inputs), top_k=top_k, runtime=rt,
+                                    flags=_flags(size, mean, std, channel_order, value_range, resize), labels=labels,
+                                    output=output, input_tensor=input_tensor)
+        paths = image_paths(inputs)
+        with library_output(None, verbose), Classifier(settings) as classifier:
+            for w in classifier.warnings:
+                typer.echo(f"warning: {w}", err=True)
+            try:
+                for answer in classifier.classify(paths, progress=not quiet and len(paths) > 1):
+                    typer.echo(json.dumps(answer.to_dict()) if json_lines else answer.text())
+            except RuntimeFailed as err:
+                raise PipelineError(f"{model}: {err}") from None
+            latency = classifier.mean_latency_ms
+        summary = (f"{len(paths)} image(s), {classifier.card.format} in {classifier.runtime}; mean latency "
+                   + (f"{latency:.2f} ms/image ({len(classifier.latencies)} single-image calls, 1 thread)"
+                      if latency is not None else "not timed"))
+        typer.echo(summary, err=json_lines)
+    except PipelineError as err:
+        _fail(err)
+
+
 def main() -> None:
     app()
 

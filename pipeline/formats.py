@@ -69,7 +69,7 @@ class ModelCard:
     input: InputInfo
     outputs: dict[str, tuple[Any, int | None]]
     labels: tuple[str, ...] | None = None
-    labels_source: str = "none"
+    labels_source: str = "not carried"
     carried: dict[str, Carried] = field(default_factory=dict)
     gate_key: str = "savedmodel"
     output: str | None = None
@@ -335,7 +335,7 @@ def _tflite(path: Path, kind, fmt, input_name, output_name) -> ModelCard:
     dtype = types.get(t.Type(), str(t.Type()))
     info = InputInfo(t.Name().decode(), tuple(int(d) for d in t.ShapeAsNumpy()), dtype, quant)
     carried: dict[str, Carried] = {}
-    labels, labels_source = None, "none"
+    labels, labels_source = None, "not carried"
     try:
         meta = read_metadata(path)
     except ConversionError:
@@ -379,7 +379,7 @@ def _metadata_labels(meta: dict) -> tuple[list[str] | None, str]:
             if f.get("type") == "TENSOR_AXIS_LABELS" and f.get("name") in meta["files"]:
                 labels = [line.strip() for line in meta["files"][f["name"]].splitlines() if line.strip()]
                 return labels, f"TFLite metadata ({f['name']})"
-    return None, "none"
+    return None, "not carried"
 
 
 def _tflite_gate(tensors, types: dict, in_dtype: str, out_types: set, model) -> str:
@@ -411,7 +411,7 @@ def _tfjs(path: Path, kind, fmt, input_name, output_name) -> ModelCard:
     spec = json.loads((folder / "model.json").read_text(encoding="utf-8"))
     meta = spec.get("userDefinedMetadata") or {}
     carried: dict[str, Carried] = {}
-    labels, labels_source = None, "none"
+    labels, labels_source = None, "not carried"
     if isinstance(meta.get("edgepipe"), dict):
         mine = meta["edgepipe"]
         if mine.get("preprocessing"):

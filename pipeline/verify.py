@@ -515,8 +515,8 @@ def verify(reference: Artifact, artifacts: Sequence[Artifact], holdout: Holdout,
                 row = evaluate(art, info.runtime.value, pred, ref, y, n_cls, settings.gate(art.name, art.gate_key), err)
                 results.append(row)
                 status = "ok" if row.passed else "FAILED"
-                detail = row.error or (f"agreement {row.top1_agreement:.4f}, acc {row.accuracy:.4f}, "
-                                       f"{_latency_text(row)}")
+                acc = "" if row.accuracy is None else f"acc {row.accuracy:.4f}, "
+                detail = row.error or f"agreement {row.top1_agreement:.4f}, {acc}{_latency_text(row)}"
                 log.info(f"verify: {art.name:15s} {info.runtime.value:15s} {status}: {detail}")
     finally:
         for runner in [ref_runner, *runners.values()]:

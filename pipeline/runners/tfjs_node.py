@@ -18,9 +18,7 @@ from typing import Sequence
 
 import numpy as np
 
-from pipeline.runners.base import (
-    Prediction, RunSettings, RuntimeFailed, Tensors, as_feed, describe_exit,
-)
+from pipeline.runners.base import Prediction, RunSettings, RuntimeFailed, Tensors, as_feed, describe_exit
 from pipeline.runners.feed import FeedFile
 from pipeline.types import Runtime
 
