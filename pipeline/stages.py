@@ -117,12 +117,13 @@ def _fetch_fingerprint(ctx: Context) -> dict:
 def _fetch_adopted(ctx: Context) -> tuple[dict[str, Path], dict]:
     """A graph with its head: checked as a local graph, its input and output found."""
     from pipeline.fetch import fetch
-    from pipeline.graph import adopted_outputs, load_graph_def
+    from pipeline.graph import adopted_outputs, load_graph_def, tensor_shapes
 
     spec = ctx.cfg.backbone_spec()
     got = fetch(spec)
-    outputs, fixes = adopted_outputs(load_graph_def(got.graph_path, fix=False), spec.input_tensor,
-                                     ctx.cfg.adopt.output_tensor)
+    graph_def = load_graph_def(got.graph_path, fix=False)
+    outputs, fixes = adopted_outputs(graph_def, spec.input_tensor, ctx.cfg.adopt.output_tensor)
+    shape = tensor_shapes(load_graph_def(got.graph_path), [spec.input_tensor]).get(spec.input_tensor)
     for fix in fixes:
         log.info(f"note: graph rewritten: {fix.note()}")
     kind = "a Softmax" if outputs.softmax else "not a Softmax: its values are taken as probabilities as they are"
@@ -130,6 +131,7 @@ def _fetch_adopted(ctx: Context) -> tuple[dict[str, Path], dict]:
              f"{'logits ' + outputs.logits if outputs.logits else 'no logits'})")
     return {"graph": Path(got.graph_path)}, {
         "spec": spec.to_dict(), "source": got.source, "checksum": got.checksum, "model": outputs.to_dict(),
+        "input": {"name": spec.input_tensor, "shape": None if shape is None else list(shape)},
         "recognised_as": ctx.cfg.graph.recognised_as, "graph_fixes": [fix.to_dict() for fix in fixes]}
 
 
@@ -347,6 +349,29 @@ def _artifacts(ctx: Context) -> list:
                    for name, path in ctx.outputs("tfjs").items()]
 
 
+def _graph_card(ctx: Context, reference, retrain_metrics: dict) -> dict:
+    """The adopted graph as the report's models section describes a model (as ``edgepipe check``
+    does): what it takes and gives, and where its preprocessing came from."""
+    spec, model, info = ctx.spec(), ctx.model(), ctx.stage_info("fetch")["info"]
+    recognised = (ctx.cfg.graph.recognised_as if ctx.cfg.graph is not None else None) or info.get("recognised_as")
+    source = f"catalog {recognised}" if recognised else "options"
+    prep = spec.preprocessing
+    values = {"size": prep.size, "mean": prep.mean, "std": prep.std, "channel_order": str(prep.channel_order),
+              "resize": str(prep.resize_method)}
+    adopted = retrain_metrics.get("adopted") or {}
+    return {
+        "name": reference.name, "role": "reference", "path": str(reference.path), "format": "frozen GraphDef",
+        "kind": None, "runtimes": ["tensorflow"],
+        "input": {"shape": (info.get("input") or {}).get("shape"), "dtype": "float32", "quantization": None},
+        "output": {"name": model.probabilities, "classes": model.classes,
+                   "kind": "probabilities" if model.softmax else None},
+        "labels": {"count": model.classes, "source": adopted.get("labels_source")},
+        "preprocessing": {k: {"value": v, "source": source if k in ("size", "mean", "std") else "contract"}
+                          for k, v in values.items()},
+        "warnings": [],
+    }
+
+
 def _verify_run(ctx: Context) -> tuple[dict[str, Path], dict]:
     import tempfile
 
@@ -380,9 +405,11 @@ def _verify_run(ctx: Context) -> tuple[dict[str, Path], dict]:
                                labelled=unlabelled is None)
         report = verify(reference, candidates, holdout, settings)
     # Images dropped by retrain (train, validation and test alike) belong in the report as well.
+    extra = None if model is None else {"models": [_graph_card(ctx, reference, retrain_metrics)],
+                                        "reference": reference.name}
     outputs = report.save(ctx.run.root, spec.name,
                           [{"path": p, "reason": r} for p, r in retrain_metrics.get("skipped", {}).items()],
-                          retrain_metrics.get("warnings", []))
+                          retrain_metrics.get("warnings", []), extra)
     return outputs, {"passed": report.passed, "failed": report.failed,
                      "app_differences": c.app_preprocessing.differences(),
                      "reference": reference.name, "labelled": unlabelled is None}
