@@ -693,7 +693,7 @@ class RunConfig:
         d = dataclasses.asdict(self)
         d["quant_modes"] = [m.value for m in self.quant_modes]
         d["tfjs_modes"] = [m.value for m in self.tfjs_modes]
-        return {k: (str(v) if isinstance(v, Path) else v) for k, v in d.items()}
+        return _paths_as_text(d)
 
     @classmethod
     def from_dict(cls, d: dict) -> "RunConfig":
@@ -713,6 +713,16 @@ class RunConfig:
         d["runtimes"] = tuple(d.get("runtimes", DEFAULT_RUNTIMES))
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in known})
+
+
+def _paths_as_text(value):
+    """``value`` with every Path (nested ones too: the graph's, the labels') as a string, so the
+    manifest's configuration is the same in memory as in its JSON."""
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _paths_as_text(v) for k, v in value.items()}
+    return value
 
 
 _TRAIN_KEYS = tuple(f.name for f in dataclasses.fields(TrainConfig))

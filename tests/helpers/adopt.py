@@ -20,7 +20,8 @@ POETS_LOGITS = "final_training_ops/Wx_plus_b/add:0"
 
 
 def build_tiny_model_graph(path: Path, size: int = TINY_SIZE, channels: int = 16, *, classes: int = 3,
-                           softmax: bool = True, extra_output: bool = False, seed: int = 0) -> Path:
+                           order: tuple[str, ...] = TINY_LABELS, softmax: bool | str = True,
+                           extra_output: bool = False, seed: int = 0) -> Path:
     """Writes a frozen whole classifier: ``input:0`` ``[1,size,size,3]`` (fixed batch of 1) →
     mean colour features → pooled ``[N,1,1,channels]`` at the MobileNet v1 bottleneck name →
     poets' head → ``final_result:0`` ``[N,classes]``.
@@ -28,9 +29,12 @@ def build_tiny_model_graph(path: Path, size: int = TINY_SIZE, channels: int = 16
     Args:
         channels: the pooled feature's size (256 with ``size`` 128 makes it look like the catalog's
             mobilenet_v1_0.25_128 by names and shapes).
-        classes: outputs; the first three score the tiny world's colours (label order), any
-            more score nothing in particular.
-        softmax: end in a Softmax (``final_result``); False ends in the head's logits (an Add).
+        classes: outputs; the first three score the tiny world's colours, any more score nothing
+            in particular.
+        order: the classes of the first three outputs (:data:`TINY_LABELS` names), so the graph's
+            output order can differ from the folders' label order.
+        softmax: end in a Softmax (``final_result``); ``"manual"``: the same probabilities as
+            exp / sum (so no logits can be told); False: end in the head's logits (an Add).
         extra_output: also leave a second terminal ``[N,classes]`` tensor (``aux_result``), so the
             output is ambiguous unless one is a Softmax.
     """
@@ -49,7 +53,8 @@ def build_tiny_model_graph(path: Path, size: int = TINY_SIZE, channels: int = 16
         flat = tf.reshape(pool, [-1, channels], name="MobilenetV1/Predictions/Reshape")
         feed = tf.compat.v1.placeholder_with_default(flat, [None, channels], name="input_1/BottleneckInputPlaceholder")
         # Score each class by closeness to its colour: -|feature - centre|^2 up to a per-row constant.
-        centres = np.array([COLOURS[name] for name in ("Blue sky", "green_leaf", "Red")], np.float32)
+        folder = {"blue sky": "Blue sky", "green leaf": "green_leaf", "red": "Red"}
+        centres = np.array([COLOURS[folder[name]] for name in order], np.float32)
         centres = (centres - 127.5) / 127.5
         w = np.zeros((channels, classes), np.float32)
         b = np.zeros(classes, np.float32)
@@ -59,7 +64,10 @@ def build_tiny_model_graph(path: Path, size: int = TINY_SIZE, channels: int = 16
             b[3:] = -50.0
         with tf.name_scope("final_training_ops"):
             logits = tf.add(tf.matmul(feed, tf.constant(w)), tf.constant(b), name="Wx_plus_b/add")
-        if softmax:
+        if softmax == "manual":
+            e = tf.exp(logits - tf.reduce_max(logits, axis=1, keepdims=True))
+            tf.math.divide(e, tf.reduce_sum(e, axis=1, keepdims=True), name="final_result")
+        elif softmax:
             tf.nn.softmax(logits, name="final_result")
         if extra_output:
             tf.identity(tf.matmul(feed, tf.constant(w * 2.0)), name="aux_result")
