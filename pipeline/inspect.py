@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pipeline.catalog import recognise
 from pipeline.graph import (
     PLACEHOLDER_OPS,
     TensorInfo,
@@ -41,6 +42,7 @@ class GraphSummary:
     candidates: list[TensorInfo]
     fixes: list[Fix] = field(default_factory=list)
     outputs: list[TensorInfo] = field(default_factory=list)
+    recognised: list[str] = field(default_factory=list)  # catalog rows it matches by its tensors
 
 
 def inspect_graph(path: Path) -> GraphSummary:
@@ -59,8 +61,9 @@ def inspect_graph(path: Path) -> GraphSummary:
         if info.dtype == "float32" and info.shape is not None and len(info.shape) == 4
         and info.shape[3] == 3 and None not in info.shape[1:3]
     ]
+    recognised = [spec.name for spec, _ in recognise(graph_def)]
     return GraphSummary(Path(path), len(graph_def.node), graph_def.versions.producer, placeholders,
-                        images, bottleneck_candidates(graph_def), fixes, output_candidates(graph_def))
+                        images, bottleneck_candidates(graph_def), fixes, output_candidates(graph_def), recognised)
 
 
 def describe(summary: GraphSummary) -> str:
@@ -90,5 +93,11 @@ def describe(summary: GraphSummary) -> str:
     if feed is not None and best is not None and feed.shape[1] and feed.shape[1] == feed.shape[2]:
         lines += ["", f"try: --graph {summary.path} --input-tensor {feed.name} "
                       f"--bottleneck-tensor {best.name} --input-size {feed.shape[1]}"]
+    if len(summary.recognised) == 1:
+        lines += [f"recognised as catalog backbone {summary.recognised[0]} by its tensor names and shapes, so "
+                  f"--graph {summary.path} alone will do (or --model-graph to adopt it whole with its head)"]
+    elif summary.recognised:
+        lines += [f"matches catalog backbones {', '.join(summary.recognised)} by its tensors; add --input-size "
+                  "(or the tensors) to choose"]
     return "\n".join(lines)
 

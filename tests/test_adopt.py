@@ -56,6 +56,17 @@ def test_a_wrong_output_tensor_names_the_close_ones_and_the_outputs(tiny_model_g
         model_outputs(gd, "input:0")
 
 
+def test_inspect_lists_the_outputs_and_says_when_the_catalog_knows_the_graph(tiny_model_graph, v1_lookalike):
+    from pipeline.inspect import describe, inspect_graph
+
+    text = describe(inspect_graph(tiny_model_graph))
+    section = text.split("outputs (terminal float [N,C] tensors, Softmax first; --model-graph adopts one):\n")[1]
+    assert section.splitlines()[0].split() == [POETS_OUTPUT, "Softmax", "[?,", "3]", "3", "classes"]
+    assert "recognised as" not in text
+    assert (f"recognised as catalog backbone mobilenet_v1_0.25_128 by its tensor names and shapes, so --graph "
+            f"{v1_lookalike} alone will do") in describe(inspect_graph(v1_lookalike))
+
+
 # --- recognising a catalog architecture by its tensors -------------------------------------------
 
 V1 = "MobilenetV1/Logits/AvgPool_1a/AvgPool:0"
