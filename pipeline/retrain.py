@@ -396,8 +396,14 @@ class AdoptResult:
     def save(self, folder: Path) -> dict[str, Path]:
         """Writes split.json, labels.txt (the graph's labels) and metrics.json (an empty history);
         returns the files later stages read, by name."""
+        import shutil
+
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
+        # A head trained here before (the run directory held a retrained run) is not this model's.
+        for stale in ("head.npz", "training.png", "confusion_matrix.png"):
+            (folder / stale).unlink(missing_ok=True)
+        shutil.rmtree(folder / "checkpoints", ignore_errors=True)
         atomic_write_json(folder / "split.json", self.dataset.to_dict())
         atomic_write_text(folder / "labels.txt", "\n".join(self.labels) + "\n")
         atomic_write_json(folder / "metrics.json", {

@@ -395,3 +395,25 @@ def test_the_published_poets_graph_is_adopted_whole_from_the_command_line(tmp_pa
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["config"]["graph"]["recognised_as"] == "mobilenet_v1_1.0_224"
     assert manifest["stages"]["fetch"]["info"]["model"]["logits"] == POETS_LOGITS
+
+
+@pytest.mark.chain
+def test_a_run_directory_switches_between_a_retrained_head_and_an_adopted_graph(
+        tiny_graph, tiny_model_graph, tiny_images, tiny_holdout, tmp_path):
+    import tensorflow as tf
+
+    from tests.helpers.chain import run_chain
+    from tests.helpers.world import tiny_graph_options
+
+    out, common = tmp_path / "run", {"images": tiny_images, "test_images": tiny_holdout, "cache_dir": tmp_path / "c"}
+    run_chain(out, until="export", epochs=5, **tiny_graph_options(tiny_graph), **common)
+    assert (out / "retrain" / "head.npz").is_file()
+    manifest = run_chain(out, until="export", model_graph=tiny_model_graph, input_tensor="input:0", input_size=32,
+                         **common)
+    assert manifest["stages"]["fetch"]["info"]["model"]["probabilities"] == POETS_OUTPUT
+    assert not (out / "retrain" / "head.npz").exists() and not (out / "retrain" / "training.png").exists()
+    signature = tf.saved_model.load(str(out / "export" / "savedmodel")).signatures["serving_default"]
+    assert set(signature.structured_outputs) == {"probabilities", "logits"}
+    # And back: --graph with its tensors trains a head again (the saved adoption is dropped).
+    manifest = run_chain(out, until="retrain", epochs=5, **tiny_graph_options(tiny_graph), **common)
+    assert manifest["config"]["adopt"] is None and (out / "retrain" / "head.npz").is_file()
