@@ -308,7 +308,7 @@ def classify_command(
 
     from pipeline.check import parse_runtimes
     from pipeline.classify import Classifier, ClassifySettings, image_paths
-    from pipeline.console import library_output
+    from pipeline.console import library_output, log, results
     from pipeline.runners.base import RuntimeFailed
 
     try:
@@ -319,10 +319,10 @@ def classify_command(
         paths = image_paths(inputs)
         with library_output(None, verbose), Classifier(settings) as classifier:
             for w in classifier.warnings:
-                typer.echo(f"warning: {w}", err=True)
+                log.warning(f"warning: {w}")
             try:
                 for answer in classifier.classify(paths, progress=not quiet and len(paths) > 1):
-                    typer.echo(json.dumps(answer.to_dict()) if json_lines else answer.text())
+                    results().write((json.dumps(answer.to_dict()) if json_lines else answer.text()) + "\n")
             except RuntimeFailed as err:
                 raise PipelineError(f"{model}: {err}") from None
             latency = classifier.mean_latency_ms
