@@ -114,8 +114,7 @@ class Classifier:
         from pipeline.runners.base import RunSettings, Tensors
 
         tensors = Tensors(self.card.input.name if self.card.kind is ArtifactKind.GRAPH else None, self.card.output)
-        kwargs = {} if tensors == Tensors() else {"tensors": tensors}
-        return self.runner.predict(self.card.path, feed, settings=RunSettings(latency_runs=latency_runs), **kwargs)
+        return self.runner.predict(self.card.path, feed, settings=RunSettings(latency_runs=latency_runs), tensors=tensors)
 
     def classify(self, paths: Sequence[str], progress: bool = False) -> Iterator[Classification]:
         """Each image's top-k, in order; an unreadable image is an answer with its error.

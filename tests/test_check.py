@@ -60,6 +60,8 @@ def colour(tmp_path_factory, tiny_holdout) -> dict[str, Path]:
     out["swapped"] = tflite_from_keras(channels_swapped(model), root / "colour_bgr.tflite")
     out["teachable"] = write_layers_model(model, root / "tm", COLOUR_LABELS, TINY_SIZE)
     out["graph"] = write_graph_model(model, root / "tfjs_graph")
+    model.export(str(root / "savedmodel"), verbose=False)
+    out["savedmodel"] = root / "savedmodel"
     return out
 
 
@@ -137,15 +139,20 @@ def test_each_source_of_preprocessing_is_named(colour):
 
 @pytest.mark.slow
 def test_honest_conversions_pass_with_accuracy_and_sources(colour, tiny_holdout, tmp_path):
-    candidates = [colour[k] for k in ("float32", "int8", "uint8", "model_maker", "teachable", "graph")]
+    candidates = [colour[k] for k in ("float32", "int8", "uint8", "model_maker", "teachable", "graph", "savedmodel")]
+    runtimes = ("tflite-runtime", "ai-edge-litert", "tfjs-wasm", "mediapipe-tasks")
     result = check(CheckSettings(colour["reference"], tuple(candidates), tiny_holdout, tmp_path, SIGNED,
-                                 latency_runs=2))
+                                 latency_runs=2, runtimes=runtimes))
     report = json.loads((tmp_path / "report.json").read_text())
     assert result.passed and report["passed"] and report["labelled"]
     rows = {(r["artifact"], r["runtime"]): r for r in report["results"]}
-    for name in ("colour_float32.tflite", "colour_int8.tflite", "colour_uint8.tflite", "colour_mm.tflite"):
-        assert {rt for a, rt in rows if a == name} == {"tflite-runtime", "ai-edge-litert"}
+    for name in ("colour_float32.tflite", "colour_int8.tflite", "colour_uint8.tflite"):
+        assert {rt for a, rt in rows if a == name} == {"tflite-runtime", "ai-edge-litert"}  # no metadata: no MediaPipe
+    # MediaPipe reads the Model Maker file's labels and normalisation itself, from raw pixels.
+    assert {rt for a, rt in rows if a == "colour_mm.tflite"} == {"tflite-runtime", "ai-edge-litert", "mediapipe-tasks"}
+    assert rows["colour_mm.tflite", "mediapipe-tasks"]["top1_agreement"] == 1.0
     assert {rt for a, rt in rows if a in ("tm", "tfjs_graph")} == {"tfjs-wasm"}
+    assert rows["savedmodel", "tensorflow"]["max_abs_diff"] < 1e-5 and rows["savedmodel", "tensorflow"]["gate"] == 0.99
     assert rows["colour.keras", "tensorflow"]["accuracy"] >= 0.9
     assert rows["colour_float32.tflite", "ai-edge-litert"]["max_abs_diff"] < 1e-4
     assert rows["tm", "tfjs-wasm"]["max_abs_diff"] < 1e-4
