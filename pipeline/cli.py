@@ -285,7 +285,7 @@ def check_command(
             result = check(settings)
         typer.echo(result.files["report_md"].read_text(encoding="utf-8"))
         if not result.passed:
-            raise VerificationFailed(f"check failed for {', '.join(result.report.failed)}; see {result.files['report_md']}")
+            raise VerificationFailed(f"check failed for {result.failures()}; see {result.files['report_md']}")
     except PipelineError as err:
         _fail(err)
 

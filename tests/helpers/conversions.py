@@ -118,3 +118,18 @@ def poets_tflite(path: Path, mode: str, calibration_images: Sequence[Path] = ())
     _set_mode(converter, mode, x)
     Path(path).write_bytes(converter.convert())
     return Path(path)
+
+
+def poets_savedmodel(folder: Path) -> Path:
+    """The poets graph as a TF1 SavedModel (``simple_save`` of the imported graph, ``input`` →
+    ``final_result``), the way a 2018 user handed it to ``tensorflowjs_converter``."""
+    import tensorflow as tf
+
+    from pipeline.graph import load_graph_def
+
+    graph = tf.Graph()
+    with graph.as_default(), tf.compat.v1.Session(graph=graph) as sess:
+        tf.graph_util.import_graph_def(load_graph_def(POETS_GRAPH), name="")
+        tf.compat.v1.saved_model.simple_save(sess, str(folder), inputs={"input": graph.get_tensor_by_name("input:0")},
+                                             outputs={"final_result": graph.get_tensor_by_name("final_result:0")})
+    return Path(folder)
