@@ -283,3 +283,26 @@ def test_poets_graph_against_its_plain_conversions(tmp_path):
     ref = report["models"][0]
     assert ref["preprocessing"]["mean"] == {"value": 127.5, "source": "catalog: mobilenet_v1_1.0_224"}
     assert np.isclose(ref["preprocessing"]["std"]["value"], 127.5) and (SHARED / "images").is_dir()
+
+
+@pytest.mark.slow
+def test_a_float_tflite_reference_a_keras_h5_candidate_and_output_by_name(colour, tiny_holdout, tmp_path):
+    import keras
+
+    from tests.helpers.tfjs_models import keras_two_outputs
+
+    model = keras.models.load_model(colour["reference"])
+    model.save(tmp_path / "colour.h5")
+    two = tmp_path / "two"
+    keras_two_outputs(model).export(str(two), verbose=False)
+    result = check(CheckSettings(colour["float32"], (tmp_path / "colour.h5", colour["int8"]), tiny_holdout,
+                                 tmp_path / "out", SIGNED, latency_runs=0, runtimes=("ai-edge-litert",)))
+    rows = {(r.artifact, r.runtime): r for r in result.report.results}
+    assert result.passed and rows["colour_float32.tflite", "ai-edge-litert"].top1_agreement == 1.0
+    assert rows["colour.h5", "tensorflow"].max_abs_diff < 1e-4
+    assert result.report.holdout.labels is None  # the float TFLite file carries no labels
+    with pytest.raises(ConfigError, match=r"two: has 2 outputs \(.*scores.*\); choose one with --output NAME"):
+        check(CheckSettings(colour["reference"], (two,), tiny_holdout, tmp_path / "out2", SIGNED))
+    picked = check(CheckSettings(colour["reference"], (two,), tiny_holdout, tmp_path / "out3", SIGNED,
+                                 output="scores", latency_runs=0))
+    assert picked.passed and picked.report.results[1].max_abs_diff < 1e-5
