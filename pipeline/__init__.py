@@ -7,6 +7,8 @@ The Python API, what the ``edgepipe`` command does::
     pipeline.run(cfg)                                   # fetch → retrain → ... → verify
     cfg = pipeline.resume("runs/flowers", quant_modes=["int8"], epochs=300)
     pipeline.run(cfg, until="quantize")                 # only what the change touches re-runs
+    pipeline.check(pipeline.CheckSettings(reference="model.keras", candidates=("model.tflite",),
+                                          images="photos/test", out="check"))  # anyone's conversion
 
 Importing this package imports neither TensorFlow nor scikit-learn; the stages import them.
 """
@@ -19,6 +21,7 @@ from pipeline.version import __version__
 __all__ = [
     "__version__", "run", "resume", "load_config", "validate", "RunConfig", "TrainConfig", "AugmentConfig",
     "AppPreprocessing", "CustomGraph", "PipelineError", "ConfigError", "VerificationFailed", "STAGE_NAMES",
+    "check", "CheckSettings", "PrepFlags", "Classifier", "ClassifySettings",
 ]
 
 if TYPE_CHECKING:
@@ -39,6 +42,8 @@ _LAZY = {
                                             "CustomGraph", "resume", "load_config", "validate")},
     **{name: "pipeline.errors" for name in ("PipelineError", "ConfigError", "VerificationFailed")},
     "STAGE_NAMES": "pipeline.stages",
+    **{name: "pipeline.check" for name in ("check", "CheckSettings", "PrepFlags")},
+    **{name: "pipeline.classify" for name in ("Classifier", "ClassifySettings")},
 }
 
 

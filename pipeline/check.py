@@ -295,6 +295,16 @@ class CheckResult:
     def passed(self) -> bool:
         return self.report.passed
 
+    def failures(self) -> str:
+        """The failed rows and by how much, for one line: ``a.tflite/ai-edge-litert (agreement
+        0.2500 < gate 0.99)``, or the runtime's reason when it produced nothing."""
+        out = []
+        for r in self.report.results:
+            if not r.passed:
+                why = "failed to run" if r.error else f"agreement {r.top1_agreement:.4f} < gate {r.gate:.2f}"
+                out.append(f"{r.artifact}/{r.runtime} ({why})")
+        return ", ".join(out)
+
 
 def _names(paths: Sequence[Path]) -> list[str]:
     """Row names: the file or folder name, with its parent's when two would be the same."""

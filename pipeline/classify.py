@@ -114,23 +114,21 @@ class Classifier:
         from pipeline.runners.base import RunSettings, Tensors
 
         tensors = Tensors(self.card.input.name if self.card.kind is ArtifactKind.GRAPH else None, self.card.output)
-        kwargs = {} if tensors == Tensors() else {"tensors": tensors}
-        return self.runner.predict(self.card.path, feed, settings=RunSettings(latency_runs=latency_runs), **kwargs)
+        return self.runner.predict(self.card.path, feed, settings=RunSettings(latency_runs=latency_runs), tensors=tensors)
 
-    def classify(self, paths: Sequence[str], progress: bool = False) -> Iterator[Classification]:
-        """Each image's top-k, in order; an unreadable image is an answer with its error.
+    def classify(self, paths: Sequence[str]) -> Iterator[Classification]:
+        """Each image's top-k, in order, a chunk of :data:`CHUNK` images at a time; an unreadable
+        image is an answer with its error.
 
         Raises:
             RuntimeFailed: the runtime refused the model.
         """
-        from pipeline.console import progress as bar
         from pipeline.images import ImageError, decode_rgb, read_image_file
         from pipeline.runners.feed import FeedFile
         from pipeline.verify import as_probabilities, prepare_model_input
 
         k = min(self.settings.top_k, self.card.classes or self.settings.top_k)
-        shown = bar(total=len(paths), unit="img", desc="classify", disable=not progress)
-        with tempfile.TemporaryDirectory(prefix="edgepipe-classify-") as tmp, shown:
+        with tempfile.TemporaryDirectory(prefix="edgepipe-classify-") as tmp:
             for start in range(0, len(paths), CHUNK):
                 rgbs, ok, answers = [], [], {}
                 for p in paths[start:start + CHUNK]:
@@ -150,7 +148,6 @@ class Classifier:
                         self.latencies = self._predict(one, self.settings.latency_runs).latencies_ms
                 for p in paths[start:start + CHUNK]:
                     yield answers[p]
-                shown.update(len(paths[start:start + CHUNK]))
 
     def _label(self, i: int) -> str:
         return self.labels[i] if self.labels is not None and i < len(self.labels) else str(i)

@@ -293,7 +293,7 @@ def check_command(
             result = check(settings)
         typer.echo(result.files["report_md"].read_text(encoding="utf-8"))
         if not result.passed:
-            raise VerificationFailed(f"check failed for {', '.join(result.report.failed)}; see {result.files['report_md']}")
+            raise VerificationFailed(f"check failed for {result.failures()}; see {result.files['report_md']}")
     except PipelineError as err:
         _fail(err)
 
@@ -316,7 +316,7 @@ def classify_command(
 
     from pipeline.check import parse_runtimes
     from pipeline.classify import Classifier, ClassifySettings, image_paths
-    from pipeline.console import library_output
+    from pipeline.console import library_output, log, progress, results
     from pipeline.runners.base import RuntimeFailed
 
     try:
@@ -327,15 +327,19 @@ def classify_command(
         paths = image_paths(inputs)
         with library_output(None, verbose), Classifier(settings) as classifier:
             for w in classifier.warnings:
-                typer.echo(f"warning: {w}", err=True)
+                log.warning(f"warning: {w}")
+            shown = progress(total=len(paths), unit="img", desc="classify", disable=quiet or len(paths) == 1)
             try:
-                for answer in classifier.classify(paths, progress=not quiet and len(paths) > 1):
-                    typer.echo(json.dumps(answer.to_dict()) if json_lines else answer.text())
+                with shown:
+                    for answer in classifier.classify(paths):
+                        # Through the bar, which clears itself from the terminal first.
+                        shown.write(json.dumps(answer.to_dict()) if json_lines else answer.text(), file=results())
+                        shown.update()
             except RuntimeFailed as err:
                 raise PipelineError(f"{model}: {err}") from None
             latency = classifier.mean_latency_ms
         summary = (f"{len(paths)} image(s), {classifier.card.format} in {classifier.runtime}; mean latency "
-                   + (f"{latency:.2f} ms/image ({len(classifier.latencies)} single-image calls, 1 thread)"
+                   + (f"{latency:.2f} ms/image ({len(classifier.latencies)} single-image calls)"
                       if latency is not None else "not timed"))
         typer.echo(summary, err=json_lines)
     except PipelineError as err:

@@ -21,11 +21,18 @@ LOGGER_NAME = "edgepipe"
 log = logging.getLogger(LOGGER_NAME)
 
 _console: TextIO | None = None  # the real console while library output is diverted
+_results: TextIO | None = None  # the real standard output while library output is diverted
 
 
 def console() -> TextIO:
     """Where edgepipe's own lines and progress bars go now."""
     return _console or sys.stderr
+
+
+def results() -> TextIO:
+    """Where a command's results go now (``edgepipe classify`` prints its answers as they come):
+    standard output as it was before library output was diverted."""
+    return _results or sys.stdout
 
 
 class _ConsoleHandler(logging.Handler):
@@ -106,7 +113,7 @@ def library_output(log_path: Path | None, verbose: bool = False) -> Iterator[Non
             cannot be written (full or read-only disk) is skipped, never an error.
         verbose: also show the diverted output on the console, as it arrives.
     """
-    global _console
+    global _console, _results
     if _console is not None:  # already diverted by an outer block
         yield
         return
@@ -121,6 +128,11 @@ def library_output(log_path: Path | None, verbose: bool = False) -> Iterator[Non
                                    errors="backslashreplace", closefd=True)
     else:
         console_stream = sys.stderr
+    if _fileno(sys.stdout) == 1:
+        results_stream = os.fdopen(os.dup(saved_out), "w", buffering=1, encoding="utf-8",
+                                   errors="backslashreplace", closefd=True)
+    else:
+        results_stream = sys.stdout
     log_file = None
     if log_path is not None:
         try:
@@ -136,7 +148,7 @@ def library_output(log_path: Path | None, verbose: bool = False) -> Iterator[Non
     os.dup2(write_fd, 1)
     os.dup2(write_fd, 2)
     os.close(write_fd)
-    _console = console_stream
+    _console, _results = console_stream, results_stream
     try:
         yield
     finally:
@@ -147,9 +159,12 @@ def library_output(log_path: Path | None, verbose: bool = False) -> Iterator[Non
         os.dup2(saved_err, 2)
         os.close(saved_out)
         os.close(saved_err)
-        _console = None
+        _console = _results = None
         # EOF comes once no child process holds the pipe either; one that lingers is not waited for.
         pump.join(timeout=5)
         if console_stream is not sys.stderr:
             with contextlib.suppress(OSError):
                 console_stream.close()
+        if results_stream is not sys.stdout:
+            with contextlib.suppress(OSError):
+                results_stream.close()

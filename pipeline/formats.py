@@ -204,6 +204,10 @@ def read_labels(path: Path) -> list[str]:
         raise _bad(Path(path), f"cannot read labels ({err})") from None
     if not labels:
         raise _bad(Path(path), "holds no labels; one class name a line")
+    # TF-slim's labels.txt numbers its lines ("0:background"); the numbers are not part of the names.
+    numbered = [line.partition(":") for line in labels]
+    if all(head.isdigit() and int(head) == k for k, (head, _, _) in enumerate(numbered)):
+        labels = [name.strip() for _, _, name in numbered]
     return labels
 
 

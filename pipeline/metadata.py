@@ -101,16 +101,19 @@ def _stats(meta_fb, low: list[float], high: list[float]):
     return s
 
 
-def _input_metadata(meta_fb, preprocessing: dict):
+def _input_metadata(meta_fb, preprocessing: dict, normalization: tuple[float, float] | None = None):
     t = meta_fb.TensorMetadataT()
     t.name = INPUT_NAME
     size = preprocessing.get("size")
-    t.description = (
-        f"RGB image, float32 values 0..255, resized to {size}x{size} "
-        f"({preprocessing.get('resize_method', 'bilinear')}, no antialias, no crop); the model "
-        f"applies (x - {preprocessing.get('mean')}) / {preprocessing.get('std')} itself. "
-        f"Contract: {PREPROCESSING_FILE}."
-    )
+    if normalization is not None:
+        t.description = f"RGB image, {size}x{size}; the app applies (x - {normalization[0]}) / {normalization[1]}."
+    else:
+        t.description = (
+            f"RGB image, float32 values 0..255, resized to {size}x{size} "
+            f"({preprocessing.get('resize_method', 'bilinear')}, no antialias, no crop); the model "
+            f"applies (x - {preprocessing.get('mean')}) / {preprocessing.get('std')} itself. "
+            f"Contract: {PREPROCESSING_FILE}."
+        )
     t.content = meta_fb.ContentT()
     t.content.contentPropertiesType = meta_fb.ContentProperties.ImageProperties
     t.content.contentProperties = meta_fb.ImagePropertiesT()
@@ -118,11 +121,13 @@ def _input_metadata(meta_fb, preprocessing: dict):
     norm = meta_fb.ProcessUnitT()
     norm.optionsType = meta_fb.ProcessUnitOptions.NormalizationOptions
     norm.options = meta_fb.NormalizationOptionsT()
-    # Identity: the pixels go in as 0..255 (see the module docstring).
-    norm.options.mean = [0.0, 0.0, 0.0]
-    norm.options.std = [1.0, 1.0, 1.0]
+    # edgepipe's own: identity, the pixels go in as 0..255 (see the module docstring).
+    mean, std = normalization or (0.0, 1.0)
+    norm.options.mean = [float(mean)] * 3
+    norm.options.std = [float(std)] * 3
     t.processUnits = [norm]
-    t.stats = _stats(meta_fb, [0.0, 0.0, 0.0], [255.0, 255.0, 255.0])
+    low, high = (0.0 - mean) / std, (255.0 - mean) / std
+    t.stats = _stats(meta_fb, [low] * 3, [high] * 3)
     return t
 
 
@@ -185,7 +190,7 @@ def _pack_aligned(model_fb, model) -> bytes:
 
 
 def with_metadata(tflite_bytes: bytes, labels: list[str], preprocessing: dict, name: str,
-                  description: str) -> bytes:
+                  description: str, normalization: tuple[float, float] | None = None) -> bytes:
     """The model with TFLite metadata and ``labels.txt`` + ``preprocessing.json`` packed in.
 
     Input tensor: ImageProperties (RGB), NormalizationOptions mean 0 / std 1 (the model
@@ -200,6 +205,9 @@ def with_metadata(tflite_bytes: bytes, labels: list[str], preprocessing: dict, n
         preprocessing: the contract, stored verbatim as ``preprocessing.json`` (JSON-serialisable);
             see :func:`preprocessing_contract`.
         name, description: the model's name and description in the metadata.
+        normalization: ``(mean, std)`` an app applies, for a model that does not normalise
+            itself; the metadata then says so and carries no ``preprocessing.json``, the layout
+            Model Maker writes (edgepipe's own models leave this None).
 
     Returns:
         The new .tflite bytes (flatbuffer followed by a zip of the associated files).
@@ -235,7 +243,7 @@ def with_metadata(tflite_bytes: bytes, labels: list[str], preprocessing: dict, n
 
     subgraph = meta_fb.SubGraphMetadataT()
     subgraph.name = "image_classifier"
-    subgraph.inputTensorMetadata = [_input_metadata(meta_fb, preprocessing)]
+    subgraph.inputTensorMetadata = [_input_metadata(meta_fb, preprocessing, normalization)]
     subgraph.outputTensorMetadata = [_output_metadata(meta_fb, n, len(labels)) for n in outputs]
     meta = meta_fb.ModelMetadataT()
     meta.name = name
@@ -243,7 +251,7 @@ def with_metadata(tflite_bytes: bytes, labels: list[str], preprocessing: dict, n
     meta.author = "edgepipe"
     meta.minParserVersion = MIN_PARSER_VERSION
     meta.subgraphMetadata = [subgraph]
-    meta.associatedFiles = [_associated_file(
+    meta.associatedFiles = [] if normalization is not None else [_associated_file(
         meta_fb, PREPROCESSING_FILE, "The preprocessing contract (JSON): size, resize, range, normalisation.",
         meta_fb.AssociatedFileType.DESCRIPTIONS)]
     builder = flatbuffers.Builder(0)
@@ -268,10 +276,9 @@ def with_metadata(tflite_bytes: bytes, labels: list[str], preprocessing: dict, n
         model.metadata.append(entry)
     packed = _pack_aligned(model_fb, model)
 
-    files = {
-        LABELS_FILE: ("\n".join(labels) + "\n").encode("utf-8"),
-        PREPROCESSING_FILE: (json.dumps(preprocessing, indent=2, sort_keys=True) + "\n").encode("utf-8"),
-    }
+    files = {LABELS_FILE: ("\n".join(labels) + "\n").encode("utf-8")}
+    if normalization is None:
+        files[PREPROCESSING_FILE] = (json.dumps(preprocessing, indent=2, sort_keys=True) + "\n").encode("utf-8")
     out = io.BytesIO()
     out.write(packed)
     # Appending to a non-zip stream writes a zip whose offsets count from the file's start, the

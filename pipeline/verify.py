@@ -236,7 +236,7 @@ class VerifySettings:
         for name in (artifact, key):
             if name is not None and name in self.gates:
                 return self.gates[name]
-        return DEFAULT_GATES.get(artifact, DEFAULT_GATES.get(key, 1.0))
+        return DEFAULT_GATES.get(artifact if key is None else key, 1.0)
 
 
 @dataclass
@@ -400,13 +400,9 @@ def run_one(runner, artifact: Artifact, images: FeedFile, settings: VerifySettin
     """(prediction, error) for one pair; runtime failures become an error string."""
     try:
         return runner.predict(artifact.path, images, timeout_s=settings.timeout_s, settings=run,
-                              **_tensors(artifact)), None
+                              tensors=artifact.tensors), None
     except RuntimeFailed as err:
         return None, str(err)
-
-
-def _tensors(artifact: Artifact) -> dict:
-    return {} if artifact.tensors == Tensors() else {"tensors": artifact.tensors}
 
 
 def feed_of(holdout: Holdout, artifact: Artifact, feed: Feed) -> FeedFile:
@@ -455,7 +451,7 @@ def verify(reference: Artifact, artifacts: Sequence[Artifact], holdout: Holdout,
     ref_feed = feed_of(holdout, reference, ref_info.feed)
     try:
         ref_pred = ref_runner.predict(reference.path, ref_feed, timeout_s=settings.timeout_s,
-                                      settings=dataclasses.replace(run, latency_runs=0), **_tensors(reference))
+                                      settings=dataclasses.replace(run, latency_runs=0), tensors=reference.tensors)
         ref, ref_kind = model_probabilities(reference, ref_pred.probabilities)
     except BaseException:
         ref_runner.close()
@@ -531,7 +527,7 @@ def _latencies(runner, artifact: Artifact, one: FeedFile, settings: VerifySettin
         return ()
     try:
         return runner.predict(artifact.path, one, timeout_s=settings.timeout_s, settings=timing,
-                              **_tensors(artifact)).latencies_ms
+                              tensors=artifact.tensors).latencies_ms
     except RuntimeFailed as err:
         log.info(f"verify: {artifact.name} {runner.name}: latency not measured: {err}")
         return ()

@@ -95,8 +95,9 @@ class Runner(Protocol):
     name: str
 
     def predict(self, artifact: Path, images: np.ndarray | FeedFile, timeout_s: float = 600.0,
-                settings: RunSettings = RunSettings()) -> Prediction:
-        """Probabilities ``[N, classes]`` (batched) and the timed single-image latencies.
+                settings: RunSettings = RunSettings(), tensors: "Tensors" = ...) -> Prediction:
+        """The chosen output ``[N, classes]`` (batched) and the timed single-image latencies;
+        ``tensors`` says which input and output (:class:`Tensors`; default: the runner's choice).
 
         Raises:
             RuntimeFailed: the runtime crashed, hung or refused the artifact.

@@ -22,7 +22,7 @@ from typing import Sequence
 
 import numpy as np
 
-from pipeline.runners.base import Prediction, RunSettings, Worker, as_feed
+from pipeline.runners.base import Prediction, RunSettings, Tensors, Worker, as_feed
 from pipeline.runners.feed import FeedFile
 from pipeline.types import Runtime
 
@@ -41,7 +41,10 @@ def unsupported_input(model: Path) -> str | None:
     from mediapipe.tasks.metadata import schema_py_generated as model_fb
 
     data = Path(model).read_bytes()
-    graph = model_fb.Model.GetRootAsModel(data, 0).Subgraphs(0)
+    root = model_fb.Model.GetRootAsModel(data, 0)
+    if not any(root.Metadata(i).Name() == b"TFLITE_METADATA" for i in range(root.MetadataLength())):
+        return "no TFLite metadata; MediaPipe's ImageClassifier needs it (labels, normalisation)"
+    graph = root.Subgraphs(0)
     kind = graph.Tensors(graph.Inputs(0)).Type()
     names = {v: k for k, v in vars(model_fb.TensorType).items() if not k.startswith("_")}
     if kind in (model_fb.TensorType.FLOAT32, model_fb.TensorType.UINT8):
@@ -73,8 +76,10 @@ class MediapipeRunner:
         return unsupported_input(artifact)
 
     def predict(self, artifact: Path, images: np.ndarray | FeedFile, timeout_s: float = 600.0,
-                settings: RunSettings = RunSettings()) -> Prediction:
+                settings: RunSettings = RunSettings(), tensors: Tensors = Tensors()) -> Prediction:
         """Runs ``artifact`` on ``images`` (float32 RGB ``[N, H, W, 3]`` 0..255, at the model's size).
+        MediaPipe chooses the input itself; ``tensors.output`` names the head (see
+        :func:`scores_in_label_order`).
 
         Returns:
             The ``probabilities`` head, float32 ``[N, len(labels)]`` in label order, and the timed
@@ -88,7 +93,8 @@ class MediapipeRunner:
         with as_feed(images) as feed, tempfile.TemporaryDirectory(prefix="edgepipe-mediapipe-") as tmp:
             out = Path(tmp) / "out.npy"
             answer = self.worker.run({"model": str(artifact), "feed": feed.to_dict(), "labels": self.labels,
-                                      "out": str(out), **settings.to_dict()}, timeout_s, artifact.name)
+                                      "out": str(out), "head": tensors.output, **settings.to_dict()}, timeout_s,
+                                     artifact.name)
             return Prediction(np.load(out).astype(np.float32), tuple(answer["latencies_ms"]))
 
     def close(self) -> None:
@@ -103,19 +109,22 @@ class _Mismatch(Exception):
     """MediaPipe's view of the model does not match our labels (printed as the failure reason)."""
 
 
-def scores_in_label_order(result, labels: list[str]) -> np.ndarray:
-    """The ``probabilities`` head of one ``ImageClassifierResult`` as a vector in ``labels`` order.
+def scores_in_label_order(result, labels: list[str], head: str | None = None) -> np.ndarray:
+    """One head of an ``ImageClassifierResult`` as a vector in ``labels`` order: ``head``, else
+    ``probabilities``, else the only head (a file from another tool names its head as it likes).
 
     Raises:
         _Mismatch: no such head, a category name not in ``labels`` or at another index than ours,
             or fewer categories than labels.
     """
     heads = {c.head_name: c for c in result.classifications}
-    if HEAD_NAME not in heads:
-        raise _Mismatch(f"no classification head named {HEAD_NAME!r}; MediaPipe reported {sorted(map(str, heads))}")
+    wanted = head if head in heads else HEAD_NAME if HEAD_NAME in heads or len(heads) != 1 else next(iter(heads))
+    if wanted not in heads:
+        raise _Mismatch(f"no classification head named {wanted!r}; MediaPipe reported {sorted(map(str, heads))}")
+    head = wanted
     position = {name: i for i, name in enumerate(labels)}
     scores = np.full(len(labels), np.nan, np.float32)
-    for cat in heads[HEAD_NAME].categories:
+    for cat in heads[head].categories:
         if cat.category_name not in position:
             raise _Mismatch(f"category {cat.category_name!r} (index {cat.index}) is not one of our labels")
         if position[cat.category_name] != cat.index:
@@ -147,7 +156,8 @@ def _run_job(job: dict) -> dict:
     rows = []
     with ImageClassifier.create_from_options(options) as classifier:
         for _, images in feed.batches(int(job["batch"])):
-            rows.extend(scores_in_label_order(classifier.classify(as_mp(img)), labels) for img in images)
+            rows.extend(scores_in_label_order(classifier.classify(as_mp(img)), labels, job.get("head"))
+                        for img in images)
         first = as_mp(feed.read(0, 1)[0])
         latencies = timed_calls(lambda: classifier.classify(first), int(job["latency_runs"]))
     np.save(job["out"], np.stack(rows).astype(np.float32))
