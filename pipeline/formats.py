@@ -285,7 +285,7 @@ def _frozen_graph(path: Path, kind, fmt, input_name, output_name) -> ModelCard:
         raise ConfigError(str(err)) from None
     shape = tuple(inp.shape.as_list()) if inp.shape.rank is not None else None
     carried: dict[str, Carried] = {}
-    backbone = _known_backbone(graph_def)
+    backbone = _known_backbone(graph_def, inp.name)
     if backbone is not None:
         source = f"catalog: {backbone.name}"
         carried = {"size": Carried(backbone.preprocessing.size, source),
@@ -297,13 +297,17 @@ def _frozen_graph(path: Path, kind, fmt, input_name, output_name) -> ModelCard:
                      carried=carried, gate_key="savedmodel")
 
 
-def _known_backbone(graph_def):
-    """The catalog row this frozen graph is, recognised by its tensor names and shapes, or None."""
+def _known_backbone(graph_def, input_tensor: str | None = None):
+    """The catalog row this frozen graph is, recognised by its tensor names and shapes
+    (:func:`pipeline.catalog.recognise`), or None when no row or rows that disagree match."""
+    from pipeline.catalog import recognise
+    from pipeline.errors import GraphError
+
     try:
-        from pipeline.catalog import recognise
-    except ImportError:
+        rows = [spec for spec, _ in recognise(graph_def, input_tensor=input_tensor)]
+    except GraphError:
         return None
-    return recognise(graph_def)
+    return rows[0] if rows and all(r.preprocessing == rows[0].preprocessing for r in rows) else None
 
 
 # --- TFLite --------------------------------------------------------------------------------------

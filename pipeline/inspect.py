@@ -18,7 +18,6 @@ from pipeline.graph import (
     PLACEHOLDER_OPS,
     TensorInfo,
     best_bottleneck,
-    best_output,
     bottleneck_candidates,
     imported_graph,
     load_graph_def,

@@ -118,12 +118,14 @@ def _frozen_graph(path: Path, tensors: Tensors) -> Callable[[np.ndarray], np.nda
 def graph_io(graph_def, tensors, path: Path):
     """The input placeholder and the output tensor of a frozen classifier graph, as ``edgepipe
     inspect`` finds them: the float image placeholder, and the graph's last float ``[N, C]``
-    tensor (a Softmax first, as poets' ``final_result``), unless named.
+    tensor (:func:`pipeline.graph.model_outputs`: a Softmax first, as poets' ``final_result``),
+    unless named.
 
     Raises:
         RuntimeFailed: a named tensor is not in the graph, or several candidates and none named.
     """
-    from pipeline.graph import PLACEHOLDER_OPS, closest_names, imported_graph
+    from pipeline.errors import GraphError
+    from pipeline.graph import PLACEHOLDER_OPS, closest_names, imported_graph, model_outputs
 
     graph = imported_graph(graph_def)
 
@@ -145,15 +147,11 @@ def graph_io(graph_def, tensors, path: Path):
         inp = feeds[0]
     if tensors.output:
         return inp, named(tensors.output, "--output")
-    consumed = {t.name for op in graph.get_operations() for t in op.inputs}
-    ends = [t for op in graph.get_operations() if op.type not in ("Const", "NoOp", *PLACEHOLDER_OPS)
-            for t in op.outputs if t.name not in consumed and t.dtype.name == "float32" and t.shape.rank == 2]
-    softmax = [t for t in ends if t.op.type == "Softmax"]
-    choice = softmax if len(softmax) == 1 else ends
-    if len(choice) != 1:
-        raise RuntimeFailed(f"{path}: {len(ends)} possible outputs ({', '.join(t.name for t in ends) or 'none'}); name one "
-                         "with --output")
-    return inp, choice[0]
+    try:
+        found = model_outputs(graph_def, None, flag=str(path))
+    except GraphError as err:
+        raise RuntimeFailed(str(err).replace("--output-tensor", "--output-tensor (or --output)")) from None
+    return inp, graph.get_tensor_by_name(found.probabilities)
 
 
 class TensorFlowRunner:
