@@ -40,6 +40,20 @@ TENSORFLOW_KINDS = (ArtifactKind.SAVEDMODEL, ArtifactKind.KERAS, ArtifactKind.GR
 TENSORFLOW_GATE_KEY = "tflite-float32"
 
 
+class MissingPreprocessing(ConfigError):
+    """A model carries no normalisation (or size) and no flag gives it."""
+
+    def __init__(self, path: Path, missing: list[str]):
+        self.path, self.missing = Path(path), missing
+        super().__init__(f"{path}: the model carries no {' or '.join(missing)} for its input; give {flags_for(missing)}")
+
+
+def flags_for(missing: Sequence[str]) -> str:
+    hint = {"size": "--size PIXELS", "mean": "--mean M --std S (or --value-range 0-255|0-1|-1-1)",
+            "std": "--mean M --std S (or --value-range 0-255|0-1|-1-1)"}
+    return " and ".join(dict.fromkeys(hint[k] for k in missing))
+
+
 @dataclass(frozen=True)
 class PrepFlags:
     """Preprocessing from the command line, for every model that carries none (None: not given).
@@ -206,10 +220,7 @@ def resolve_preprocessing(card: ModelCard, flags: PrepFlags, name: str) -> tuple
             values[key], sources[key] = DEFAULTS[key], "default (the model carries none)"
     missing = [key for key in ("size", "mean", "std") if key not in values]
     if missing:
-        hint = {"size": "--size PIXELS", "mean": "--mean M --std S (or --value-range 0-255|0-1|-1-1)",
-                "std": "--mean M --std S (or --value-range 0-255|0-1|-1-1)"}
-        flags_text = " and ".join(dict.fromkeys(hint[k] for k in missing))
-        raise ConfigError(f"{card.path}: the model carries no {' or '.join(missing)} for its input; give {flags_text}")
+        raise MissingPreprocessing(card.path, missing)
     if isinstance(values["mean"], list) or isinstance(values["std"], list):
         raise ConfigError(f"{card.path}: per-channel normalisation {values['mean']} / {values['std']} is not "
                           "supported yet; convert with one mean and std for all channels")
@@ -324,11 +335,15 @@ def open_models(settings: CheckSettings) -> tuple[Checked, list[Checked]]:
     names = _names(paths)
     user_labels = read_labels(settings.labels) if settings.labels else None
     models: list[Checked] = []
+    unnormalised: list[MissingPreprocessing] = []
     for k, (path, name) in enumerate(zip(paths, names)):
         try:
             card = read_card(path, settings.input_tensor if k == 0 else None,
                              settings.output_tensor if k == 0 and settings.output_tensor else settings.output)
             prep, sources, warnings = resolve_preprocessing(card, settings.flags, name)
+        except MissingPreprocessing as err:
+            unnormalised.append(err)
+            continue
         except ConfigError as err:
             problems.append(str(err))
             continue
@@ -345,6 +360,8 @@ def open_models(settings: CheckSettings) -> tuple[Checked, list[Checked]]:
             continue
         models.append(Checked(name, "reference" if k == 0 else "candidate", card, prep, sources, labels, source,
                               warnings))
+    if unnormalised:
+        problems.append(_missing_text(unnormalised, models[0] if models and models[0].role == "reference" else None))
     if problems:
         raise ConfigError("; ".join(problems))
     reference, candidates = models[0], models[1:]
@@ -353,6 +370,20 @@ def open_models(settings: CheckSettings) -> tuple[Checked, list[Checked]]:
     if problems:
         raise ConfigError("; ".join(problems))
     return reference, candidates
+
+
+def _missing_text(errors: list[MissingPreprocessing], reference: Checked | None) -> str:
+    """One sentence for every model that lacks the same settings, with the reference's values as
+    the likely answer (a plain conversion keeps its original's input)."""
+    missing = list(dict.fromkeys(k for e in errors for k in e.missing))
+    names = ", ".join(e.path.name for e in errors)
+    verb = "carries" if len(errors) == 1 else "carry"
+    text = f"{names} {verb} no {' or '.join(missing)} for {'its' if len(errors) == 1 else 'their'} input; give {flags_for(missing)}"
+    if reference is not None:
+        p, src = reference.prep, reference.sources
+        text += (f" (the reference takes size {p.size}, mean {p.mean:g}, std {p.std:g}, from {src['mean']}: "
+                 f"--mean {p.mean:g} --std {p.std:g} if the conversion kept its input)")
+    return text
 
 
 def _class_problems(reference: Checked, candidate: Checked) -> list[str]:
