@@ -393,18 +393,14 @@ def _verify_run(ctx: Context) -> tuple[dict[str, Path], dict]:
         reference = Artifact(REFERENCE_GRAPH, graph, graph.stat().st_size, ArtifactKind.GRAPH,
                              tensors=Tensors(input=spec.input_tensor, output=model.probabilities), feed="graph")
         candidates, feeds = [savedmodel, *_artifacts(ctx)], {"graph": spec.preprocessing}
-    stress = c.stress and model is None
+    stress = c.stress and not unlabelled
     if c.stress and unlabelled:
         log.info("verify: --stress skipped: it measures accuracy, and these test images have no labels")
-    elif c.stress and model is not None:
-        # verify runs the mistakes through the reference as 0..255 pixels; the frozen graph takes
-        # them normalised, so its figures would be wrong. Until verify feeds them its way: none.
-        log.info("verify: --stress skipped: not yet measured on an adopted graph (its reference takes "
-                 "normalised pixels)")
     settings = VerifySettings(classes=tuple(ctx.labels()), contract=spec.preprocessing, runtimes=c.runtimes,
                               gates=_verify_gates(ctx), app=c.app_preprocessing, stress=stress,
                               timeout_s=c.runtime_timeout_s, run=RunSettings(latency_runs=c.latency_runs),
-                              unlabelled_reason=unlabelled)
+                              unlabelled_reason=unlabelled,
+                              reference_input=None if model is None else spec.preprocessing)
     # The prepared test images live in a temporary folder for the length of the stage.
     with tempfile.TemporaryDirectory(prefix="edgepipe-holdout-") as tmp:
         holdout = load_holdout(ds.split("test"), settings.contract, Path(tmp), settings.app, feeds=feeds,

@@ -218,6 +218,8 @@ class VerifySettings:
         timeout_s: wall-clock limit for one runtime on one artifact.
         run: batch size and threads of the agreement pass, single-image calls timed per row.
         unlabelled_reason: why the holdout has no true labels (the report says it).
+        reference_input: when the reference takes normalised values (an adopted frozen graph), the
+            preprocessing that makes them: ``--stress`` feeds it each mistake normalised this way.
     """
 
     classes: tuple[str, ...]
@@ -229,6 +231,7 @@ class VerifySettings:
     timeout_s: float = 600.0
     run: RunSettings = field(default_factory=RunSettings)
     unlabelled_reason: str | None = None
+    reference_input: Preprocessing | None = None
 
     def gate(self, artifact: str, key: str | None = None) -> float:
         """The gate of the row named ``artifact``: its own override, else that of its kind
@@ -543,7 +546,11 @@ def _stress(ref_runner, reference: Artifact, holdout: Holdout, settings: VerifyS
     for k in range(0, len(images), DECODE_CHUNK):  # each image decoded once for every mistake
         chunk = [images[i] for i in range(k, min(k + DECODE_CHUNK, len(images)))]
         for name, mistake in MISTAKES.items():
-            parts[name].append(ref_runner.probabilities(reference.path, prepare_batch(chunk, settings.contract, mistake)))
+            x = prepare_batch(chunk, settings.contract, mistake)
+            if settings.reference_input is not None:
+                x = (x - np.float32(settings.reference_input.mean)) / np.float32(settings.reference_input.std)
+            out = ref_runner.probabilities(reference.path, x, reference.tensors)
+            parts[name].append(model_probabilities(reference, out)[0])
     for name, mistake in MISTAKES.items():
         probs = np.concatenate(parts[name])
         agree = float((probs.argmax(1) == ref.argmax(1)).mean())

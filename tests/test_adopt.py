@@ -265,7 +265,8 @@ def labelled_run(tiny_images, tiny_holdout, tmp_path_factory):
     labels = root / "retrained_labels.txt"
     labels.write_text("\n".join(SHUFFLED) + "\n")
     manifest = run_chain(root / "run", model_graph=graph, input_tensor="input:0", input_size=32, labels=labels,
-                         images=tiny_images, test_images=tiny_holdout, cache_dir=root / "cache", **ADOPT_VARIANTS)
+                         images=tiny_images, test_images=tiny_holdout, cache_dir=root / "cache", stress=True,
+                         **ADOPT_VARIANTS)
     return root / "run", manifest, graph
 
 
@@ -286,6 +287,11 @@ def test_an_adopted_graph_is_exported_converted_and_verified_against_itself(labe
         assert r["accuracy"] == 1.0, (r["artifact"], r["runtime"])
     assert rows["savedmodel", "tensorflow"]["gate"] == 0.99
     assert "Reference: frozen-graph (frozen GraphDef) in tensorflow." in (out / "report.md").read_text()
+    # --stress feeds the graph each mistake normalised as it takes its input: swapping red and blue
+    # breaks the nearest-colour head, a nearest-neighbour resize of flat colours does not.
+    stress = {s["mistake"]: s for s in report["stress"]}
+    assert len(stress) == 8 and stress["BGR channel order"]["accuracy_drop"] >= 0.3
+    assert stress["nearest-neighbour resize"]["accuracy_drop"] <= 0.1
     fetch = manifest["stages"]["fetch"]["info"]
     assert fetch["model"] == {"probabilities": POETS_OUTPUT, "logits": POETS_LOGITS, "classes": 3,
                               "found_by": "search", "softmax": True}
