@@ -32,13 +32,13 @@ SIGNED = PrepFlags(value_range="-1-1")
 
 
 @pytest.fixture(scope="module")
-def tiny_holdout(tmp_path_factory) -> Path:
-    """The check world's test images (the module's own, in place of conftest's colour holdout)."""
+def check_holdout(tmp_path_factory) -> Path:
+    """The check world's test images."""
     return check_world(tmp_path_factory.mktemp("check-test") / "test", per_class=6, seed=1)
 
 
 @pytest.fixture(scope="module")
-def colour(tmp_path_factory, tiny_holdout) -> dict[str, Path]:
+def colour(tmp_path_factory, check_holdout) -> dict[str, Path]:
     """The colour classifier as a Keras file (labels.txt beside it) and every conversion of it."""
     root = tmp_path_factory.mktemp("colour")
     tiny_images = check_world(root / "train")
@@ -138,10 +138,10 @@ def test_each_source_of_preprocessing_is_named(colour):
 # --- check, in every runtime ----------------------------------------------------------------------
 
 @pytest.mark.slow
-def test_honest_conversions_pass_with_accuracy_and_sources(colour, tiny_holdout, tmp_path):
+def test_honest_conversions_pass_with_accuracy_and_sources(colour, check_holdout, tmp_path):
     candidates = [colour[k] for k in ("float32", "int8", "uint8", "model_maker", "teachable", "graph", "savedmodel")]
     runtimes = ("tflite-runtime", "ai-edge-litert", "tfjs-wasm", "mediapipe-tasks")
-    result = check(CheckSettings(colour["reference"], tuple(candidates), tiny_holdout, tmp_path, SIGNED,
+    result = check(CheckSettings(colour["reference"], tuple(candidates), check_holdout, tmp_path, SIGNED,
                                  latency_runs=2, runtimes=runtimes))
     report = json.loads((tmp_path / "report.json").read_text())
     assert result.passed and report["passed"] and report["labelled"]
@@ -167,10 +167,10 @@ def test_honest_conversions_pass_with_accuracy_and_sources(colour, tiny_holdout,
 
 
 @pytest.mark.slow
-def test_broken_conversions_fail_with_exit_3_and_say_which(colour, tiny_holdout, tmp_path):
+def test_broken_conversions_fail_with_exit_3_and_say_which(colour, check_holdout, tmp_path):
     done = edgepipe("check", "--reference", colour["reference"], "--candidate", colour["float32"],
                     "--candidate", colour["wrong_normalisation"], "--candidate", colour["swapped"],
-                    "--images", tiny_holdout, "--out", tmp_path, "--value-range=-1-1", "--latency-runs", "0",
+                    "--images", check_holdout, "--out", tmp_path, "--value-range=-1-1", "--latency-runs", "0",
                     "--runtime", "ai-edge-litert")
     assert done.returncode == 3, done.stderr
     report = json.loads((tmp_path / "report.json").read_text())
@@ -183,7 +183,7 @@ def test_broken_conversions_fail_with_exit_3_and_say_which(colour, tiny_holdout,
 
 
 @pytest.mark.slow
-def test_logits_get_softmax_and_a_flat_folder_gives_agreement_only(colour, tiny_holdout, tmp_path):
+def test_logits_get_softmax_and_a_flat_folder_gives_agreement_only(colour, check_holdout, tmp_path):
     import keras
 
     model = keras.models.load_model(colour["reference"])
@@ -191,7 +191,7 @@ def test_logits_get_softmax_and_a_flat_folder_gives_agreement_only(colour, tiny_
                          + model.get_layer("scores").bias)
     flat = tmp_path / "flat"
     flat.mkdir()
-    for p in sorted(tiny_holdout.rglob("*.png"))[:9]:
+    for p in sorted(check_holdout.rglob("*.png"))[:9]:
         (flat / p.name).write_bytes(p.read_bytes())
     tflite = tflite_from_keras(logits, tmp_path / "logits.tflite")
     check(CheckSettings(colour["reference"], (tflite,), flat, tmp_path / "out", SIGNED, latency_runs=0,
@@ -222,7 +222,7 @@ def odd_models(tmp_path_factory) -> dict[str, Path]:
     ("folder labels", r"class folder\(s\) black, blue, red, white match no label of the reference \(cat, dog, "
                       r"fish, owl; from --labels .*\); rename the folders, pass --labels FILE, or --no-labels"),
 ])
-def test_bad_input_names_the_file_the_value_and_the_fix(case, expected, colour, odd_models, tiny_holdout, tmp_path):
+def test_bad_input_names_the_file_the_value_and_the_fix(case, expected, colour, odd_models, check_holdout, tmp_path):
     reference, candidate, labels = colour["reference"], colour["float32"], None
     if case == "not an image":
         candidate = odd_models["vector"]
@@ -234,14 +234,14 @@ def test_bad_input_names_the_file_the_value_and_the_fix(case, expected, colour, 
         reference = tmp_path / "colour.keras"
         reference.write_bytes(colour["reference"].read_bytes())  # no labels.txt beside this copy
     with pytest.raises(ConfigError, match=expected):
-        check(CheckSettings(reference, (candidate,), tiny_holdout, tmp_path / "out", SIGNED, labels=labels))
+        check(CheckSettings(reference, (candidate,), check_holdout, tmp_path / "out", SIGNED, labels=labels))
     assert not (tmp_path / "out" / "report.json").exists()
 
 
 @pytest.mark.slow
-def test_bad_input_on_the_command_line_is_one_line_and_exit_2(colour, odd_models, tiny_holdout, tmp_path):
+def test_bad_input_on_the_command_line_is_one_line_and_exit_2(colour, odd_models, check_holdout, tmp_path):
     done = edgepipe("check", "--reference", colour["reference"], "--candidate", odd_models["text"],
-                    "--images", tiny_holdout, "--out", tmp_path / "out", "--value-range=-1-1")
+                    "--images", check_holdout, "--out", tmp_path / "out", "--value-range=-1-1")
     assert done.returncode == 2, done.stderr
     lines = done.stderr.strip().splitlines()
     assert lines == [f"error: {odd_models['text']}: not a model edgepipe reads; give a SavedModel folder, a .keras/.h5 "
@@ -251,18 +251,18 @@ def test_bad_input_on_the_command_line_is_one_line_and_exit_2(colour, odd_models
 # --- classify --------------------------------------------------------------------------------------
 
 @pytest.mark.slow
-def test_classify_prints_top_k_and_json_lines(colour, tiny_holdout):
-    images = sorted(tiny_holdout.rglob("*.png"))[::8][:3]
+def test_classify_prints_top_k_and_json_lines(colour, check_holdout):
+    images = sorted(check_holdout.rglob("*.png"))[::8][:3]
     done = edgepipe("classify", colour["model_maker"], *images, "--top-k", "2", "--json")
     assert done.returncode == 0, done.stderr
     answers = [json.loads(line) for line in done.stdout.strip().splitlines()]
     assert [a["image"] for a in answers] == [str(p) for p in images] and all(len(a["top"]) == 2 for a in answers)
     assert [a["top"][0]["label"] for a in answers] == [p.parent.name for p in images]
     assert "mean latency" in done.stderr and "tflite in ai-edge-litert" in done.stderr
-    text = edgepipe("classify", colour["reference"], tiny_holdout, "--value-range=-1-1", "--quiet")
+    text = edgepipe("classify", colour["reference"], check_holdout, "--value-range=-1-1", "--quiet")
     assert text.returncode == 0, text.stderr
     lines = text.stdout.strip().splitlines()
-    assert len(lines) == len(list(tiny_holdout.rglob("*.png"))) + 1 and lines[-1].startswith(
+    assert len(lines) == len(list(check_holdout.rglob("*.png"))) + 1 and lines[-1].startswith(
         f"{len(lines) - 1} image(s), keras in tensorflow; mean latency")
 
 
@@ -297,7 +297,7 @@ def test_poets_graph_against_its_plain_conversions(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_float_tflite_reference_a_keras_h5_candidate_and_output_by_name(colour, tiny_holdout, tmp_path):
+def test_a_float_tflite_reference_a_keras_h5_candidate_and_output_by_name(colour, check_holdout, tmp_path):
     import keras
 
     from tests.helpers.tfjs_models import keras_two_outputs
@@ -306,14 +306,36 @@ def test_a_float_tflite_reference_a_keras_h5_candidate_and_output_by_name(colour
     model.save(tmp_path / "colour.h5")
     two = tmp_path / "two"
     keras_two_outputs(model).export(str(two), verbose=False)
-    result = check(CheckSettings(colour["float32"], (tmp_path / "colour.h5", colour["int8"]), tiny_holdout,
+    result = check(CheckSettings(colour["float32"], (tmp_path / "colour.h5", colour["int8"]), check_holdout,
                                  tmp_path / "out", SIGNED, latency_runs=0, runtimes=("ai-edge-litert",)))
     rows = {(r.artifact, r.runtime): r for r in result.report.results}
     assert result.passed and rows["colour_float32.tflite", "ai-edge-litert"].top1_agreement == 1.0
     assert rows["colour.h5", "tensorflow"].max_abs_diff < 1e-4
     assert result.report.holdout.labels is None  # the float TFLite file carries no labels
     with pytest.raises(ConfigError, match=r"two: has 2 outputs \(.*scores.*\); choose one with --output NAME"):
-        check(CheckSettings(colour["reference"], (two,), tiny_holdout, tmp_path / "out2", SIGNED))
-    picked = check(CheckSettings(colour["reference"], (two,), tiny_holdout, tmp_path / "out3", SIGNED,
+        check(CheckSettings(colour["reference"], (two,), check_holdout, tmp_path / "out2", SIGNED))
+    picked = check(CheckSettings(colour["reference"], (two,), check_holdout, tmp_path / "out3", SIGNED,
                                  output="scores", latency_runs=0))
     assert picked.passed and picked.report.results[1].max_abs_diff < 1e-5
+
+
+@pytest.mark.slow
+def test_an_edgepipe_run_checks_by_the_contract_its_files_carry(session_chain, tmp_path):
+    """edgepipe's own files normalise inside: check reads that from their preprocessing.json and
+    model.json metadata (no flag), and agrees with the run's verify."""
+    from tests.helpers.world import make_image_folders
+
+    run = session_chain.out
+    holdout = make_image_folders(tmp_path / "test", per_class=4, seed=3)  # the run's own colour classes
+    result = check(CheckSettings(run / "export" / "savedmodel", (run / "quantize" / "float32.tflite",
+                                                                run / "tfjs" / "float32"), holdout, tmp_path / "out",
+                                 latency_runs=0, runtimes=("ai-edge-litert", "tfjs-wasm")))
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert result.passed and report["labelled"]
+    models = {m["name"]: m for m in report["models"]}
+    assert models["savedmodel"]["preprocessing"]["mean"] == {
+        "value": 0.0, "source": "edgepipe preprocessing.json (normalisation inside the model)"}
+    assert models["float32.tflite"]["labels"]["source"] == "TFLite metadata (labels.txt)"
+    assert models["float32"]["preprocessing"]["std"]["source"] == "edgepipe metadata in model.json (normalisation inside the model)"
+    assert models["savedmodel"]["labels"]["source"] == "labels.txt beside the model"
+    assert all(r["top1_agreement"] == 1.0 for r in report["results"])
