@@ -76,12 +76,18 @@ OPTIONS: dict[str, tuple[object, object]] = {
     "tfjs": (_opt(Optional[list[TfjsMode]], "TF.js variants (repeat; default float32, float16).", CONVERSION, "--tfjs"), None),
     "tfjs_shard_mb": (_opt(Optional[float], "TF.js weight shard size in MB (default 4).", CONVERSION), None),
     "runtime": (_opt(Optional[list[str]], "Runtimes to verify in (repeat): tflite-runtime, ai-edge-litert, tfjs-wasm "
-                                          "(the default), mediapipe-tasks.", VERIFICATION, "--runtime"), None),
+                                          "(the default), mediapipe-tasks, tflite-runtime-arm64, ai-edge-litert-arm64, "
+                                          "chromium-wasm, chromium-webgl, chromium-webgl-f16, chromium-webgpu (see "
+                                          "`edgepipe runtimes`).", VERIFICATION, "--runtime"), None),
     "gate": (_opt(Optional[list[str]], "Minimum top-1 agreement, ARTIFACT=VALUE (repeat).", VERIFICATION, "--gate"), None),
     "runtime_timeout": (_opt(Optional[float], "Seconds one runtime may take on one artifact before verify reports "
                                               "it failed.", VERIFICATION), None),
     "latency_runs": (_opt(Optional[int], "Single-image calls timed per artifact and runtime, on one thread after a "
                                          "warm-up (default 30; 0 = no latency figures).", VERIFICATION), None),
+    "arm64_cpu": (_opt(Optional[str], "The Pi CPU QEMU emulates for the -arm64 runtimes: cortex-a72 (Pi 4, default) "
+                                      "or cortex-a76 (Pi 5).", VERIFICATION), None),
+    "arm64_sample": (_opt(Optional[int], "Test images the emulated -arm64 runtimes run, a class-stratified sample "
+                                         "(default 64; 0 = all).", VERIFICATION), None),
     "stress": (_opt(Optional[bool], "Also run the reference with the usual preprocessing mistakes and report the "
                                     "damage.", VERIFICATION, "--stress/--no-stress"), None),
     "app_preprocessing": (_opt(Optional[list[str]], "How your app prepares pixels, KEY=VALUE (repeat): channel_order=BGR, "
@@ -107,7 +113,8 @@ _TRAINING = ("epochs", "steps", "learning_rate", "batch_size", "validation_batch
 _AUGMENT = ("augment_copies", "flip_left_right", "random_crop", "random_scale", "random_brightness")
 _QUANTIZE = ("quant", "calibration_images")
 _TFJS = ("tfjs", "tfjs_shard_mb")
-_VERIFY = ("runtime", "gate", "runtime_timeout", "latency_runs", "stress", "app_preprocessing")
+_VERIFY = ("runtime", "gate", "runtime_timeout", "latency_runs", "arm64_cpu", "arm64_sample", "stress",
+           "app_preprocessing")
 _COMMON = ("mirror", "cache_dir", "offline", "quiet", "verbose")
 
 # The options each command takes: its own stage's. `run` takes every stage's.
@@ -344,6 +351,41 @@ def classify_command(
         typer.echo(summary, err=json_lines)
     except PipelineError as err:
         _fail(err)
+
+
+@app.command("runtimes")
+def runtimes_command(
+    json_out: Annotated[bool, typer.Option("--json", help="One JSON object per runtime.")] = False,
+    cache_dir: CacheDir = None,
+) -> None:
+    """List every runtime verify can use: ready here or not, its version, and how to set it up."""
+    import json
+
+    from pipeline.runners import REGISTRY
+
+    for runtime, info in REGISTRY.items():
+        st = info.status(cache_dir=cache_dir)
+        if json_out:
+            typer.echo(json.dumps({"runtime": str(runtime), "accepts": sorted(info.accepts), **st.to_dict()}))
+            continue
+        state = "ready" if st.ready else "not ready"
+        line = f"{runtime:22s} {state:10s} {st.version or '-'}"
+        if not st.ready:
+            line += f"  ({st.detail}; set up with `{st.setup}`)" if st.setup else f"  ({st.detail})"
+        typer.echo(line)
+
+
+@app.command("setup-arm64")
+def setup_arm64_command(cache_dir: CacheDir = None, quiet: Quiet = False) -> None:
+    """Set up the Raspberry Pi's TFLite runtimes (Debian 12 arm64, Python 3.11, tflite-runtime 2.14.0 and
+    ai-edge-litert 2.3.0) under QEMU user-mode emulation, in the cache; idempotent. Needs root for apt-get."""
+    from pipeline.arm64 import setup_arm64
+
+    try:
+        root = setup_arm64(cache_dir=cache_dir, progress=not quiet)
+    except PipelineError as err:
+        _fail(err)
+    typer.echo(f"arm64 runtimes ready in {root}")
 
 
 def main() -> None:

@@ -45,7 +45,11 @@ DEFAULT_GATES: dict[str, float] = {
 
 # The runtimes --runtime may name (the reference's TensorFlow is always run). mediapipe-tasks (the
 # TFLite files through MediaPipe's ImageClassifier, reading their metadata) runs when asked for.
-ALL_RUNTIMES = (Runtime.TFLITE_RUNTIME, Runtime.LITERT, Runtime.TFJS_WASM, Runtime.MEDIAPIPE)
+ALL_RUNTIMES = (Runtime.TFLITE_RUNTIME, Runtime.LITERT, Runtime.TFJS_WASM, Runtime.MEDIAPIPE,
+                Runtime.TFLITE_RUNTIME_ARM64, Runtime.LITERT_ARM64, Runtime.CHROMIUM_WASM, Runtime.CHROMIUM_WEBGL,
+                Runtime.CHROMIUM_WEBGL_F16, Runtime.CHROMIUM_WEBGPU)
+# The Pi's CPUs QEMU emulates for the -arm64 runtimes: Pi 4 and Pi 5.
+ARM64_CPUS = ("cortex-a72", "cortex-a76")
 DEFAULT_RUNTIMES = (Runtime.TFLITE_RUNTIME, Runtime.LITERT, Runtime.TFJS_WASM)
 
 
@@ -499,6 +503,8 @@ class RunConfig:
     calibration_images: int = 100
     runtime_timeout_s: float = 600.0
     latency_runs: int = 30
+    arm64_cpu: str = ARM64_CPUS[0]
+    arm64_sample: int = 64
     cache_dir: Path | None = None
     mirror: str | None = None
     offline: bool = False
@@ -593,6 +599,10 @@ class RunConfig:
             problems.append(f"--calibration-images {self.calibration_images}: must be at least 1")
         if self.latency_runs < 0:
             problems.append(f"--latency-runs {self.latency_runs}: must be 0 (no latency figures) or more")
+        if self.arm64_cpu not in ARM64_CPUS:
+            problems.append(f"--arm64-cpu {self.arm64_cpu}: use {' (Pi 4) or '.join(ARM64_CPUS)} (Pi 5)")
+        if self.arm64_sample < 0:
+            problems.append(f"--arm64-sample {self.arm64_sample}: must be 0 (every test image) or more")
         if not self.runtime_timeout_s > 0:
             problems.append(f"--runtime-timeout {self.runtime_timeout_s:g}: must be a positive number of seconds")
         if self.test_images is not None and "test_pct" in given and self.test_pct != 0:

@@ -495,3 +495,33 @@ def _tfjs_io(spec: dict, fmt: str) -> tuple[tuple | None, str | None, dict]:
         # Outputs of equal shape are keyed by tensor name; the structured keys name them in order.
         outputs = {**outputs, **{k: v for k, v in zip(keys, outputs.values())}}
     return shape, (inputs[0][0] if inputs else None), outputs
+
+
+def output_lsb(path: Path, output: str | None = None) -> float | None:
+    """One step of a .tflite file's quantised output, in output units: the output tensor's scale
+    when it is an integer, else the scale of the integer tensor its final DEQUANTIZE reads (a
+    full-integer file with float I/O); None for a float model. Drift between two runtimes of the
+    same file reads as "LSBs" in this unit."""
+    from mediapipe.tasks.metadata import schema_py_generated as model_fb
+
+    data = Path(path).read_bytes()
+    model = model_fb.Model.GetRootAsModel(data, 0)
+    graph = model.Subgraphs(0)
+    outputs = {**_signature(model, "Outputs"),
+               **{graph.Tensors(graph.Outputs(i)).Name().decode(): graph.Outputs(i) for i in range(graph.OutputsLength())}}
+    index = outputs.get(output) if output in outputs else outputs.get("probabilities", graph.Outputs(0))
+
+    def scale(i: int) -> float | None:
+        q = graph.Tensors(i).Quantization()
+        return float(q.ScaleAsNumpy()[0]) if q is not None and q.ScaleLength() else None
+
+    if graph.Tensors(index).Type() in (model_fb.TensorType.INT8, model_fb.TensorType.UINT8, model_fb.TensorType.INT16):
+        return scale(index)
+    for k in range(graph.OperatorsLength()):
+        op = graph.Operators(k)
+        if op.OutputsLength() and op.Outputs(0) == index:
+            code = model.OperatorCodes(op.OpcodeIndex())
+            builtin = max(code.BuiltinCode(), code.DeprecatedBuiltinCode())
+            if builtin == model_fb.BuiltinOperator.DEQUANTIZE and op.InputsLength():
+                return scale(op.Inputs(0))
+    return None

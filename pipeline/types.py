@@ -140,7 +140,9 @@ class ArtifactKind(enum.StrEnum):
 class Runtime(enum.StrEnum):
     """Where the verify stage runs a model; ``pipeline.runners.REGISTRY`` maps each to its runner.
 
-    TENSORFLOW runs the reference SavedModel and is not a ``--runtime`` choice.
+    TENSORFLOW runs the reference SavedModel and is not a ``--runtime`` choice. The ``-arm64`` ones are
+    the Raspberry Pi's wheels under QEMU user-mode emulation; the ``chromium-`` ones run TF.js
+    bundles in headless Chromium on that backend.
     """
 
     TENSORFLOW = "tensorflow"
@@ -148,3 +150,9 @@ class Runtime(enum.StrEnum):
     LITERT = "ai-edge-litert"
     MEDIAPIPE = "mediapipe-tasks"
     TFJS_WASM = "tfjs-wasm"
+    TFLITE_RUNTIME_ARM64 = "tflite-runtime-arm64"
+    LITERT_ARM64 = "ai-edge-litert-arm64"
+    CHROMIUM_WASM = "chromium-wasm"
+    CHROMIUM_WEBGL = "chromium-webgl"
+    CHROMIUM_WEBGL_F16 = "chromium-webgl-f16"
+    CHROMIUM_WEBGPU = "chromium-webgpu"

@@ -12,7 +12,7 @@ import importlib
 from dataclasses import dataclass
 from typing import Sequence
 
-from pipeline.runners.base import Runner
+from pipeline.runners.base import Runner, RuntimeStatus
 from pipeline.types import ArtifactKind, Runtime
 
 
@@ -30,16 +30,33 @@ class Feed(enum.StrEnum):
 
 @dataclass(frozen=True)
 class RunnerInfo:
-    """One registry row: what the runtime's runner takes and where it lives."""
+    """One registry row: what the runtime's runner takes and where it lives.
+
+    Attributes:
+        twin: the x86 runtime of the same wheel; verify reports this runtime's drift from it.
+        sampled: emulated and slow: verify runs it on a class-stratified sample of the test
+            images (``--arm64-sample``).
+    """
 
     runtime: Runtime
     accepts: frozenset[ArtifactKind]
     feed: Feed
     module: str
+    twin: Runtime | None = None
+    sampled: bool = False
 
-    def create(self, labels: Sequence[str]) -> Runner:
-        """The runner (its module imported only now: runtimes import heavy libraries lazily)."""
-        return importlib.import_module(self.module).create(self.runtime, list(labels))
+    def create(self, labels: Sequence[str], **options) -> Runner:
+        """The runner (its module imported only now: runtimes import heavy libraries lazily).
+
+        Args:
+            options: runtime settings a module may take (``arm64_cpu``, ``cache_dir``); each
+                module's ``create`` ignores the ones it does not know.
+        """
+        return importlib.import_module(self.module).create(self.runtime, list(labels), **options)
+
+    def status(self, **options) -> RuntimeStatus:
+        """Whether the runtime is ready on this machine, its version, and how to set it up."""
+        return importlib.import_module(self.module).status(self.runtime, **options)
 
 
 REGISTRY: dict[Runtime, RunnerInfo] = {info.runtime: info for info in (
@@ -49,6 +66,18 @@ REGISTRY: dict[Runtime, RunnerInfo] = {info.runtime: info for info in (
     RunnerInfo(Runtime.LITERT, frozenset({ArtifactKind.TFLITE}), Feed.APP, "pipeline.runners.tflite"),
     RunnerInfo(Runtime.MEDIAPIPE, frozenset({ArtifactKind.TFLITE}), Feed.CONTRACT, "pipeline.runners.mediapipe"),
     RunnerInfo(Runtime.TFJS_WASM, frozenset({ArtifactKind.TFJS}), Feed.APP, "pipeline.runners.tfjs_node"),
+    RunnerInfo(Runtime.TFLITE_RUNTIME_ARM64, frozenset({ArtifactKind.TFLITE}), Feed.APP, "pipeline.runners.arm64",
+               twin=Runtime.TFLITE_RUNTIME, sampled=True),
+    RunnerInfo(Runtime.LITERT_ARM64, frozenset({ArtifactKind.TFLITE}), Feed.APP, "pipeline.runners.arm64",
+               twin=Runtime.LITERT, sampled=True),
+    RunnerInfo(Runtime.CHROMIUM_WASM, frozenset({ArtifactKind.TFJS}), Feed.APP, "pipeline.runners.chromium",
+               twin=Runtime.TFJS_WASM),
+    RunnerInfo(Runtime.CHROMIUM_WEBGL, frozenset({ArtifactKind.TFJS}), Feed.APP, "pipeline.runners.chromium",
+               twin=Runtime.TFJS_WASM),
+    RunnerInfo(Runtime.CHROMIUM_WEBGL_F16, frozenset({ArtifactKind.TFJS}), Feed.APP, "pipeline.runners.chromium",
+               twin=Runtime.TFJS_WASM),
+    RunnerInfo(Runtime.CHROMIUM_WEBGPU, frozenset({ArtifactKind.TFJS}), Feed.APP, "pipeline.runners.chromium",
+               twin=Runtime.TFJS_WASM),
 )}
 
 # Where a model of each kind runs when it is the reference (a float TFLite file: the newer runtime).

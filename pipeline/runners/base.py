@@ -11,7 +11,7 @@ import tempfile
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Callable, Mapping, Protocol, Sequence
 
 import numpy as np
 
@@ -79,6 +79,26 @@ class Tensors:
         return {"input": self.input, "output": self.output}
 
 
+@dataclass(frozen=True)
+class RuntimeStatus:
+    """What ``edgepipe runtimes`` says of one runtime on this machine.
+
+    Attributes:
+        ready: it can run now.
+        version: what runs it (wheel, npm package, Chromium, emulated CPU), as far as known.
+        detail: why it is not ready, or a note.
+        setup: the one command that sets it up (for a runtime that is not ready).
+    """
+
+    ready: bool
+    version: str = ""
+    detail: str = ""
+    setup: str = ""
+
+    def to_dict(self) -> dict:
+        return {"ready": self.ready, "version": self.version, "detail": self.detail, "setup": self.setup}
+
+
 class RuntimeFailed(Exception):
     """The runtime crashed, hung or refused the artifact; verify reports it and goes on."""
 
@@ -141,8 +161,16 @@ class Worker:
     address space, and one bad artifact costs one row, not the rest.
     """
 
-    def __init__(self, runtime: str, module: str, args: tuple[str, ...] = ()):
+    def __init__(self, runtime: str, module: str, args: tuple[str, ...] = (), python: Sequence[str] | None = None,
+                 env: Mapping[str, str] | None = None):
+        """
+        Args:
+            python: the command that runs Python (default: this interpreter); the arm64 runtimes
+                give QEMU and the emulated interpreter.
+            env: the child's whole environment (default: this process's).
+        """
         self.runtime, self.module, self.args = runtime, module, args
+        self.python, self.env = list(python or [sys.executable]), None if env is None else dict(env)
         self._proc: subprocess.Popen | None = None
         self._lines: queue.Queue = queue.Queue()
         self._stderr = None
@@ -151,8 +179,8 @@ class Worker:
     def _start(self) -> None:
         self._stderr = tempfile.TemporaryFile(mode="w+b")
         self._proc = subprocess.Popen(
-            [sys.executable, "-m", self.module, *self.args], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-            stderr=self._stderr, cwd=Path(__file__).resolve().parents[2], text=True, bufsize=1)
+            [*self.python, "-m", self.module, *self.args], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            stderr=self._stderr, cwd=Path(__file__).resolve().parents[2], text=True, bufsize=1, env=self.env)
         self.started += 1
         self._lines = queue.Queue()
         threading.Thread(target=_pump, args=(self._proc.stdout, self._lines), daemon=True).start()
@@ -250,6 +278,16 @@ def timed_calls(call: Callable[[], object], runs: int) -> list[float]:
         call()
         times.append(1000 * (time.perf_counter() - start))
     return times
+
+
+def package_version(name: str) -> str | None:
+    """The installed version of a Python distribution, or None."""
+    from importlib import metadata
+
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
 
 
 def describe_exit(code: int) -> str:

@@ -101,8 +101,15 @@ class MediapipeRunner:
         self.worker.close()
 
 
-def create(runtime: Runtime, labels: Sequence[str]) -> MediapipeRunner:
+def create(runtime: Runtime, labels: Sequence[str], **options) -> MediapipeRunner:
     return MediapipeRunner(labels)
+
+
+def status(runtime: Runtime, **options):
+    from pipeline.runners.base import RuntimeStatus, package_version
+
+    version = package_version("mediapipe")
+    return RuntimeStatus(version is not None, f"mediapipe {version}", "" if version else "not installed", "make setup")
 
 
 class _Mismatch(Exception):

@@ -205,5 +205,12 @@ class TensorFlowRunner:
 SavedModelRunner = TensorFlowRunner  # the name of a run's reference runner
 
 
-def create(runtime: Runtime, labels: Sequence[str]) -> TensorFlowRunner:
+def create(runtime: Runtime, labels: Sequence[str], **options) -> TensorFlowRunner:
     return TensorFlowRunner()
+
+
+def status(runtime: Runtime, **options):
+    from pipeline.runners.base import RuntimeStatus, package_version
+
+    version = package_version("tensorflow")
+    return RuntimeStatus(version is not None, f"tensorflow {version}", "" if version else "not installed", "make setup")

@@ -156,8 +156,27 @@ class TfjsWasmRunner:
         return prediction
 
 
-def create(runtime: Runtime, labels: Sequence[str]) -> TfjsWasmRunner:
+def create(runtime: Runtime, labels: Sequence[str], **options) -> TfjsWasmRunner:
     return TfjsWasmRunner()
+
+
+def npm_version(package: str) -> str | None:
+    """The installed version of an npm package of the runner's, or None."""
+    try:
+        return json.loads((NODE_DIR / "node_modules" / package / "package.json").read_text())["version"]
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def status(runtime: Runtime, **options):
+    from pipeline.runners.base import RuntimeStatus
+
+    try:
+        ensure_node_modules()
+        node = subprocess.run([_node_executable(), "--version"], capture_output=True, text=True).stdout.strip()
+    except RuntimeFailed as err:
+        return RuntimeStatus(False, "", str(err), "make setup")
+    return RuntimeStatus(True, f"@tensorflow/tfjs {npm_version('@tensorflow/tfjs')} on wasm, node {node}")
 
 
 # Ops tfjs 4.22's wasm backend is known to fail on, and what to do (measured on poets' retrained

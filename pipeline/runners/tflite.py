@@ -51,8 +51,19 @@ class TfliteRunner:
         self.worker.close()
 
 
-def create(runtime: Runtime, labels: Sequence[str]) -> TfliteRunner:
+def create(runtime: Runtime, labels: Sequence[str], **options) -> TfliteRunner:
     return TfliteRunner(runtime.value)
+
+
+WHEELS = {Runtime.TFLITE_RUNTIME: "tflite-runtime", Runtime.LITERT: "ai-edge-litert"}
+
+
+def status(runtime: Runtime, **options):
+    from pipeline.runners.base import RuntimeStatus, package_version
+
+    version = package_version(WHEELS[runtime])
+    return RuntimeStatus(version is not None, f"{WHEELS[runtime]} {version} (x86_64)",
+                         "" if version else "not installed", "make setup")
 
 
 def _quantise(x: np.ndarray, detail: dict) -> np.ndarray:

@@ -1,0 +1,34 @@
+"""TF.js bundles in headless Chromium on one backend (being built: issue 13)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from pipeline.runners.base import Prediction, RunSettings, RuntimeFailed, RuntimeStatus, Tensors
+from pipeline.runners.feed import FeedFile
+from pipeline.types import Runtime
+
+
+class ChromiumRunner:
+    def __init__(self, runtime: Runtime):
+        self.name = runtime.value
+
+    def unsupported(self, artifact: Path) -> str | None:
+        return None
+
+    def predict(self, artifact: Path, images: np.ndarray | FeedFile, timeout_s: float = 600.0,
+                settings: RunSettings = RunSettings(), tensors: Tensors = Tensors()) -> Prediction:
+        raise RuntimeFailed(f"{self.name} is not set up")
+
+    def close(self) -> None:
+        pass
+
+
+def create(runtime: Runtime, labels: Sequence[str], **options) -> ChromiumRunner:
+    return ChromiumRunner(runtime)
+
+
+def status(runtime: Runtime, **options) -> RuntimeStatus:
+    return RuntimeStatus(False, "", "not set up", "make browser")
