@@ -431,10 +431,11 @@ def check(settings: CheckSettings) -> CheckResult:
         DatasetError: no readable image.
     """
     from pipeline.dataset import Example
+    from pipeline.runners import not_ready
     from pipeline.runners.base import RunSettings
     from pipeline.verify import VerifySettings, load_holdout, verify
 
-    problems = settings.problems()
+    problems = settings.problems() + not_ready(settings.runtimes)
     if problems:
         raise ConfigError("; ".join(problems))
     reference, candidates = open_models(settings)

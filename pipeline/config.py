@@ -592,7 +592,8 @@ class RunConfig:
         problems += self.augment.problems()
         unknown = [str(r) for r in self.runtimes if r not in ALL_RUNTIMES]
         if unknown:
-            problems.append(f"--runtime {', '.join(unknown)}: unknown; choose from {', '.join(ALL_RUNTIMES)}")
+            problems.append(f"--runtime {', '.join(unknown)}: unknown; choose from {', '.join(ALL_RUNTIMES)} "
+                            "(see `edgepipe runtimes`)")
         if not self.tfjs_shard_mb > 0:
             problems.append(f"--tfjs-shard-mb {self.tfjs_shard_mb}: must be positive (4 is the converter's default)")
         if self.calibration_images < 1:

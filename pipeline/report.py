@@ -405,6 +405,40 @@ def classes_text(classes: list[str]) -> str:
     return f"{len(classes)} classes"
 
 
+def ran_on_text(info: dict) -> str:
+    """What ran a row, from its runner's own account: machine, CPU, Python, wheel, backend."""
+    keys = ("machine", "cpu", "python", "runtime_version", "numpy", "backend", "browser", "tfjs")
+    parts = [f"{k} {info[k]}" for k in keys if info.get(k) not in (None, "")]
+    flags = info.get("flags")
+    if isinstance(flags, dict) and flags:
+        parts.append(", ".join(f"{k}={v}" for k, v in sorted(flags.items())))
+    return "; ".join(parts) or "—"
+
+
+def drift_rows(results: list[dict]) -> list[dict]:
+    """Rows compared with the same file in another build of their runtime (arm64 with x86, a
+    browser with Node), or run on a sample."""
+    return [r for r in results if r.get("twin_runtime") or r.get("sample_size")]
+
+
+def drift_markdown(results: list[dict]) -> list[str]:
+    rows = drift_rows(results)
+    if not rows:
+        return []
+    lines = ["## Drift from the same file elsewhere",
+             "Each row against the same file in its twin runtime (arm64 against x86, Chromium against Node), on "
+             "the same test images; LSBs are steps of the file's quantised output.", "",
+             "| artifact | runtime | test images | vs | top-1 agreement | max\\|Δp\\| | LSBs | ran on |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        def f(v, spec):
+            return "—" if v is None else format(v, spec)
+        lines.append(f"| {r['artifact']} | {r['runtime']} | {r.get('sample_size') or 'all'} | {r.get('twin_runtime') or '—'} "
+                     f"| {f(r.get('twin_top1_agreement'), '.4f')} | {f(r.get('twin_max_abs_diff'), '.2e')} "
+                     f"| {f(r.get('twin_max_lsb'), 'g')} | {ran_on_text(r.get('ran_on') or {})} |")
+    return lines + [""]
+
+
 def write_reports(root: Path, report: dict) -> None:
     """Writes report.json and report.md at the run-directory root, and the per-class agreement
     picture report.md points to (``verify/class_agreement.png``)."""
@@ -424,6 +458,9 @@ def write_reports(root: Path, report: dict) -> None:
             lines.append(f"- {r['artifact']} in {r['runtime']}: {why}")
     else:
         lines.append("Every artifact passed its gate in every runtime.")
+    if report.get("findings"):
+        lines += ["", "## Findings"] + [f"- {f}" for f in report["findings"]]
+    lines += ["", *drift_markdown(results)]
     lines += ["", *models_markdown(report.get("models") or [])]
     lines += class_agreement_markdown(results, classes, reference_top1)
     skipped, warnings = report.get("skipped_images") or [], report.get("warnings") or []

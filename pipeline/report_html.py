@@ -232,6 +232,28 @@ def _recommendation(rec: dict) -> str:
             f"({_fmt(rec['fastest']['latency_ms'], '.2f')} ms).</div>")
 
 
+def _drift_section(results: list[dict]) -> list[str]:
+    from pipeline.report import drift_rows, ran_on_text
+
+    rows = drift_rows(results)
+    if not rows:
+        return []
+
+    def f(v, spec):
+        return "—" if v is None else format(v, spec)
+
+    out = ["<h2>Drift from the same file elsewhere</h2><p>Each row against the same file in its twin runtime "
+           "(arm64 against x86, Chromium against Node), on the same test images; LSBs are steps of the file's "
+           "quantised output.</p><table><tr><th class=l>artifact</th><th class=l>runtime</th><th>test images</th>"
+           "<th class=l>vs</th><th>top-1 agreement</th><th>max |Δp|</th><th>LSBs</th><th class=l>ran on</th></tr>"]
+    for r in rows:
+        out.append(f"<tr><td class=l>{html.escape(r['artifact'])}</td><td class=l>{html.escape(r['runtime'])}</td>"
+                   f"<td>{r.get('sample_size') or 'all'}</td><td class=l>{html.escape(r.get('twin_runtime') or '—')}</td>"
+                   f"<td>{f(r.get('twin_top1_agreement'), '.4f')}</td><td>{f(r.get('twin_max_abs_diff'), '.2e')}</td>"
+                   f"<td>{f(r.get('twin_max_lsb'), 'g')}</td><td class=l>{html.escape(ran_on_text(r.get('ran_on') or {}))}</td></tr>")
+    return out + ["</table>"]
+
+
 def write_html_report(path: Path, report: dict, images: list[np.ndarray],
                       tradeoffs_png: Path | None = None) -> None:
     """Writes the page; ``images`` are the decoded test images in report order (for thumbnails),
@@ -262,6 +284,9 @@ def write_html_report(path: Path, report: dict, images: list[np.ndarray],
         parts.append(_recommendation(rec))
 
     parts.append(_results_table(results, labelled))
+    if report.get("findings"):
+        parts.append("<h2>Findings</h2><ul>" + "".join(f"<li>{e(f)}</li>" for f in report["findings"]) + "</ul>")
+    parts += _drift_section(results)
     parts += _models_section(report.get("models") or [])
     if tradeoffs_png is not None and Path(tradeoffs_png).is_file():
         # The same picture as verify/tradeoffs.png (pipeline.report.plot_tradeoffs), inlined.

@@ -333,10 +333,20 @@ def _verify_fingerprint(ctx: Context) -> dict:
     c = ctx.cfg
     fp = {"upstream": _upstream(ctx, "retrain", "export", "quantize", "tfjs"),
           "runtimes": list(c.runtimes), "gates": {k: c.gate(k) for k in DEFAULT_GATES} | _verify_gates(ctx),
-          "stress": c.stress, "app_preprocessing": c.app_preprocessing.to_dict(), "latency_runs": c.latency_runs}
+          "stress": c.stress, "app_preprocessing": c.app_preprocessing.to_dict(), "latency_runs": c.latency_runs,
+          **_arm64_key(c)}
     if ctx.model() is not None:
         fp["reference"] = {"fetch": _upstream(ctx, "fetch"), "model": ctx.model().to_dict()}
     return fp
+
+
+def _arm64_key(c: RunConfig) -> dict:
+    """The emulation settings, for runs that use an emulated runtime (others keep their fingerprint)."""
+    from pipeline.runners import REGISTRY
+
+    if not any(REGISTRY[rt].sampled for rt in c.runtimes if rt in REGISTRY):
+        return {}
+    return {"arm64_cpu": c.arm64_cpu, "arm64_sample": c.arm64_sample}
 
 
 def _artifacts(ctx: Context) -> list:
@@ -400,7 +410,8 @@ def _verify_run(ctx: Context) -> tuple[dict[str, Path], dict]:
                               gates=_verify_gates(ctx), app=c.app_preprocessing, stress=stress,
                               timeout_s=c.runtime_timeout_s, run=RunSettings(latency_runs=c.latency_runs),
                               unlabelled_reason=unlabelled,
-                              reference_input=None if model is None else spec.preprocessing)
+                              reference_input=None if model is None else spec.preprocessing,
+                              runner_options={"arm64_cpu": c.arm64_cpu, "cache_dir": c.cache_dir}, sample=c.arm64_sample)
     # The prepared test images live in a temporary folder for the length of the stage.
     with tempfile.TemporaryDirectory(prefix="edgepipe-holdout-") as tmp:
         holdout = load_holdout(ds.split("test"), settings.contract, Path(tmp), settings.app, feeds=feeds,

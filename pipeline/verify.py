@@ -83,6 +83,12 @@ class Result:
     latency_p90_ms: float | None = None
     latency_runs: int = 0
     output_kind: str | None = None  # "probabilities", or "logits" (softmax applied before comparing)
+    sample_size: int | None = None  # test images this row ran on, when a sample (emulated runtimes)
+    twin_runtime: str | None = None  # the x86 (or Node) runtime of the same build this row is compared with
+    twin_top1_agreement: float | None = None
+    twin_max_abs_diff: float | None = None
+    twin_max_lsb: float | None = None  # twin_max_abs_diff in steps of the file's quantised output
+    ran_on: dict = field(default_factory=dict)  # what ran it, as the runner saw it (machine, versions, backend)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -220,6 +226,8 @@ class VerifySettings:
         unlabelled_reason: why the holdout has no true labels (the report says it).
         reference_input: when the reference takes normalised values (an adopted frozen graph), the
             preprocessing that makes them: ``--stress`` feeds it each mistake normalised this way.
+        runner_options: what runtimes that take settings get (``arm64_cpu``, ``cache_dir``).
+        sample: test images the emulated (``sampled``) runtimes run, class-stratified; 0 = all.
     """
 
     classes: tuple[str, ...]
@@ -232,6 +240,8 @@ class VerifySettings:
     run: RunSettings = field(default_factory=RunSettings)
     unlabelled_reason: str | None = None
     reference_input: Preprocessing | None = None
+    runner_options: Mapping[str, object] = field(default_factory=dict)
+    sample: int = 64
 
     def gate(self, artifact: str, key: str | None = None) -> float:
         """The gate of the row named ``artifact``: its own override, else that of its kind
@@ -285,6 +295,7 @@ class Report:
             "latency": {"runs": self.settings.run.latency_runs, "threads": 1, "batch": 1,
                         "agreement_pass": {"batch": self.settings.run.batch, "threads": self.settings.run.threads}},
             "recommendation": recommend(rows),
+            "findings": findings(rows),
             **(extra or {}),
         }
 
@@ -321,6 +332,25 @@ def as_probabilities(outputs: np.ndarray) -> tuple[np.ndarray, str]:
         return x, "probabilities"
     z = np.exp(x - x.max(1, keepdims=True))
     return (z / z.sum(1, keepdims=True)).astype(np.float32), "logits"
+
+
+def findings(rows: Sequence[dict]) -> list[str]:
+    """What the rows say together that no one row does: a TF.js bundle that passes in wasm but
+    fails on f16 WebGL, an arm64 row that drifts from the same wheel on x86."""
+    out = []
+    by = {(r["artifact"], r["runtime"]): r for r in rows}
+    for (art, rt), r in by.items():
+        wasm = by.get((art, Runtime.TFJS_WASM.value))
+        if rt == Runtime.CHROMIUM_WEBGL_F16.value and not r["passed"] and wasm and wasm["passed"]:
+            got = "did not run" if r["top1_agreement"] is None else f"agreement {r['top1_agreement']:.4f} < {r['gate']:.2f}"
+            out.append(f"{art} passes in tfjs-wasm but fails on f16 WebGL ({got}): on GPUs that compute in 16-bit "
+                       "floats, as many phones do, it changes answers; ship float32 WebGL only or a tfjs-wasm fallback")
+        if r.get("twin_top1_agreement") is not None and r["twin_top1_agreement"] < 1.0:
+            n = r.get("sample_size")
+            out.append(f"{art} in {rt} moves top-1 against {r['twin_runtime']} on {1 - r['twin_top1_agreement']:.1%} of "
+                       f"{n or 'the'} test images (max |Δp| {r['twin_max_abs_diff']:.3g}"
+                       + (f", {r['twin_max_lsb']:g} output LSBs)" if r.get("twin_max_lsb") is not None else ")"))
+    return out
 
 
 def compare(reference: np.ndarray, probs: np.ndarray, labels: np.ndarray | None, num_classes: int) -> dict:
@@ -421,6 +451,46 @@ def _single(feed: FeedFile) -> FeedFile:
     return FeedFile(feed.path, (1, *feed.shape[1:]))
 
 
+# Gates of a runtime, beside the artifact's: a row passes with the lower of the two. f16 WebGL (how
+# many phone GPUs compute) rounds every activation to 11 bits; a user accepts a few borderline
+# images moving there, not a changed model.
+RUNTIME_GATES: dict[Runtime, float] = {Runtime.CHROMIUM_WEBGL_F16: 0.97}
+SAMPLED_LATENCY_RUNS = 5  # timed calls in an emulated runtime (a MobileNet takes seconds an image there)
+
+
+def stratified_sample(classes: np.ndarray, n: int) -> np.ndarray:
+    """``n`` indices (sorted) taken from each class in turn, in file order within a class, so every
+    class is in the sample in proportion as far as ``n`` allows; all of them when ``n`` is 0 or
+    not smaller."""
+    classes = np.asarray(classes)
+    if n <= 0 or n >= len(classes):
+        return np.arange(len(classes))
+    queues = [list(np.nonzero(classes == c)[0]) for c in np.unique(classes)]
+    picked: list[int] = []
+    while len(picked) < n:
+        for q in queues:
+            if q and len(picked) < n:
+                picked.append(int(q.pop(0)))
+    return np.array(sorted(picked))
+
+
+def subset_feed(feed: FeedFile, index: np.ndarray, path: Path) -> FeedFile:
+    """The images of ``feed`` at ``index``, in a feed file of their own."""
+    return FeedFile.write(path, (feed.read(int(k), int(k) + 1) for k in index), feed.shape[1:])
+
+
+def twin_drift(row: "Result", art: Artifact, own: np.ndarray, twin: np.ndarray, twin_runtime: str) -> None:
+    """Fills ``row``'s drift from the same file in ``twin_runtime`` (probabilities on the same images)."""
+    row.twin_runtime = twin_runtime
+    row.twin_top1_agreement = float((own.argmax(1) == twin.argmax(1)).mean())
+    row.twin_max_abs_diff = float(np.abs(own - twin).max()) if own.size else 0.0
+    if art.kind is ArtifactKind.TFLITE:
+        from pipeline.formats import output_lsb
+
+        lsb = output_lsb(art.path, art.tensors.output)
+        row.twin_max_lsb = None if not lsb else round(row.twin_max_abs_diff / lsb, 2)
+
+
 def _latency_text(row: Result) -> str:
     if row.latency_p50_ms is None:
         return "latency not timed"
@@ -450,7 +520,7 @@ def verify(reference: Artifact, artifacts: Sequence[Artifact], holdout: Holdout,
     start = time.perf_counter()
     ref_info = REGISTRY[REFERENCE_RUNTIME[reference.kind]]
     log.info(f"verify: reference {reference.name} ({ref_info.runtime}) on {len(holdout)} test images")
-    ref_runner = ref_info.create(settings.classes)
+    ref_runner = ref_info.create(settings.classes, **settings.runner_options)
     ref_feed = feed_of(holdout, reference, ref_info.feed)
     try:
         ref_pred = ref_runner.predict(reference.path, ref_feed, timeout_s=settings.timeout_s,
@@ -461,11 +531,36 @@ def verify(reference: Artifact, artifacts: Sequence[Artifact], holdout: Holdout,
         raise
     # Every pair's agreement pass, one task per runtime (its artifacts in turn, in one worker);
     # runtimes in parallel, each on its share of the cores; --stress beside them.
+    chosen = list(settings.runtimes)
+    for rt in settings.runtimes:
+        twin = REGISTRY[rt].twin
+        if twin is not None and twin not in chosen:
+            log.info(f"verify: {twin} runs too: {rt} is compared with it")
+            chosen.append(twin)
     pairs: dict[Runtime, list[Artifact]] = {}
     for art in artifacts:
-        for info in runtimes_for(art.kind, settings.runtimes):
+        for info in runtimes_for(art.kind, chosen):
             pairs.setdefault(info.runtime, []).append(art)
-    runners = {rt: REGISTRY[rt].create(settings.classes) for rt in pairs}
+    runners = {rt: REGISTRY[rt].create(settings.classes, **settings.runner_options) for rt in pairs}
+    # Emulated runtimes run a class-stratified sample (by the true class, else the reference's).
+    sample = stratified_sample(y if y is not None else ref.argmax(1), settings.sample)
+    sampled_feeds: dict[Path, FeedFile] = {}
+
+    def feed_for(art: Artifact, info) -> FeedFile:
+        feed = feed_of(holdout, art, info.feed)
+        if not info.sampled or len(sample) == len(holdout):
+            return feed
+        if feed.path not in sampled_feeds:
+            sampled_feeds[feed.path] = subset_feed(feed, sample, feed.path.with_name(f"sample-{feed.path.name}"))
+        return sampled_feeds[feed.path]
+
+    if any(REGISTRY[rt].sampled for rt in pairs):
+        log.info(f"verify: emulated runtimes run {len(sample)} of the {len(holdout)} test images (--arm64-sample)")
+        for art in artifacts:  # written before the passes start, so no two threads write one
+            for info in runtimes_for(art.kind, chosen):
+                if info.sampled:
+                    feed_for(art, info)
+    ran_on: dict[tuple[str, Runtime], dict] = {}
     parallel = max(1, min(run.parallel, len(pairs) + settings.stress))
     agreement = dataclasses.replace(run, latency_runs=0, threads=max(1, run.threads // parallel))
     found: dict[tuple[str, Runtime], tuple[Prediction | None, str | None]] = {}
@@ -478,10 +573,12 @@ def verify(reference: Artifact, artifacts: Sequence[Artifact], holdout: Holdout,
                 log.info(f"verify: {art.name:15s} {runner.name} skipped: {why}")
                 continue
             t0 = time.perf_counter()
-            found[art.name, rt] = run_one(runner, art, feed_of(holdout, art, REGISTRY[rt].feed), settings, agreement)
+            found[art.name, rt] = run_one(runner, art, feed_for(art, REGISTRY[rt]), settings, agreement)
+            ran_on[art.name, rt] = dict(getattr(runner, "last_info", None) or getattr(runner, "last_summary", None) or {})
             pred, err = found[art.name, rt]
+            expected = ref[sample] if REGISTRY[rt].sampled else ref
             try:
-                detail = err or f"agreement {float((model_probabilities(art, pred.probabilities)[0].argmax(1) == ref.argmax(1)).mean()):.4f}"
+                detail = err or f"agreement {float((model_probabilities(art, pred.probabilities)[0].argmax(1) == expected.argmax(1)).mean()):.4f}"
             except RuntimeFailed as bad:
                 detail = str(bad)
             log.info(f"verify: ran {art.name} in {runner.name}: {detail} ({time.perf_counter() - t0:.1f} s)")
@@ -504,14 +601,30 @@ def verify(reference: Artifact, artifacts: Sequence[Artifact], holdout: Holdout,
                             settings.gate(reference.name, reference.gate_key))]
         results[0].output_kind = ref_kind
         for art in artifacts:
-            for info in runtimes_for(art.kind, settings.runtimes):
+            for info in runtimes_for(art.kind, chosen):
                 if (art.name, info.runtime) not in found:
                     continue
                 pred, err = found[art.name, info.runtime]
                 if pred is not None:
-                    one = _single(feed_of(holdout, art, info.feed))
-                    pred = Prediction(pred.probabilities, _latencies(runners[info.runtime], art, one, settings, timing))
-                row = evaluate(art, info.runtime.value, pred, ref, y, n_cls, settings.gate(art.name, art.gate_key), err)
+                    one = _single(feed_for(art, info))
+                    row_timing = dataclasses.replace(timing, latency_runs=min(timing.latency_runs, SAMPLED_LATENCY_RUNS)) \
+                        if info.sampled else timing
+                    pred = Prediction(pred.probabilities, _latencies(runners[info.runtime], art, one, settings, row_timing))
+                index = sample if info.sampled else slice(None)
+                row = evaluate(art, info.runtime.value, pred, ref[index], None if y is None else y[index], n_cls,
+                               min(settings.gate(art.name, art.gate_key), RUNTIME_GATES.get(info.runtime, 1.0)), err)
+                row.ran_on = ran_on.get((art.name, info.runtime), {})
+                if info.sampled and len(sample) < len(holdout):
+                    row.sample_size = len(sample)
+                    row.flipped = [int(sample[i]) for i in row.flipped]  # as test-image indices
+                twin = found.get((art.name, info.twin)) if info.twin else None
+                if pred is not None and twin is not None and twin[0] is not None:
+                    try:
+                        own_p = model_probabilities(art, pred.probabilities)[0]
+                        twin_p = model_probabilities(art, twin[0].probabilities)[0][index]
+                        twin_drift(row, art, own_p, twin_p, str(info.twin))
+                    except (RuntimeFailed, ValueError, IndexError) as bad:
+                        log.info(f"verify: {art.name} {info.runtime}: no drift from {info.twin}: {bad}")
                 results.append(row)
                 status = "ok" if row.passed else "FAILED"
                 acc = "" if row.accuracy is None else f"acc {row.accuracy:.4f}, "

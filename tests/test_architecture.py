@@ -216,7 +216,8 @@ def test_the_api_validates_before_any_work_and_takes_plain_values(tmp_path):
         pipeline.run(pipeline.resume(cfg.out, images=tmp_path / "nope", epochs=0, runtimes=["tensorflow"]))
     assert str(err.value) == (f"--images {tmp_path / 'nope'}: no such folder; --epochs 0: must be at least 1; "
                               "--runtime tensorflow: unknown; choose from tflite-runtime, ai-edge-litert, "
-                              "tfjs-wasm, mediapipe-tasks")
+                              "tfjs-wasm, mediapipe-tasks, tflite-runtime-arm64, ai-edge-litert-arm64, chromium-wasm, "
+                              "chromium-webgl, chromium-webgl-f16, chromium-webgpu (see `edgepipe runtimes`)")
     assert not (tmp_path / "r").exists()
     with pytest.raises(pipeline.ConfigError, match="until='bogus': choose one of fetch, retrain"):
         pipeline.run(cfg, until="bogus")

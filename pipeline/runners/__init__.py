@@ -92,3 +92,18 @@ def runtimes_for(kind: ArtifactKind, chosen: Sequence[Runtime]) -> list[RunnerIn
     never a ``--runtime`` choice: it runs every TensorFlow model (SavedModel, Keras, frozen graph)."""
     return [info for rt, info in REGISTRY.items()
             if kind in info.accepts and (rt in chosen or rt is Runtime.TENSORFLOW)]
+
+
+def not_ready(runtimes: Sequence[Runtime], **options) -> list[str]:
+    """A problem line for each of the emulated and browser runtimes among ``runtimes`` that is not
+    set up here, naming the command that sets it up (the others are installed with edgepipe)."""
+    out = []
+    for rt in runtimes:
+        info = REGISTRY.get(rt)
+        if info is None or info.twin is None:
+            continue
+        st = info.status(**options)
+        if not st.ready:
+            out.append(f"--runtime {rt}: not ready on this machine ({st.detail}); set it up with `{st.setup}` "
+                       "(`edgepipe runtimes` lists them all)")
+    return out
