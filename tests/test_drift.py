@@ -1,0 +1,59 @@
+"""Verify's pieces for runtimes elsewhere: the class-stratified sample emulated runtimes run, the
+drift of a row from its twin runtime in output LSBs, and the findings the report lists."""
+from __future__ import annotations
+
+import numpy as np
+
+from pipeline.runners.feed import FeedFile
+from pipeline.verify import Artifact, Result, findings, stratified_sample, subset_feed, twin_drift
+from pipeline.types import ArtifactKind
+
+
+def test_the_sample_takes_every_class_in_turn_and_keeps_file_order():
+    classes = np.array([0] * 10 + [1] * 2 + [2] * 6)
+    picked = stratified_sample(classes, 7)
+    assert list(picked) == sorted(picked) and len(set(picked)) == 7
+    counts = np.bincount(classes[picked], minlength=3)
+    assert list(counts) == [3, 2, 2]  # the small class is all in, the others take turns
+    assert list(stratified_sample(classes, 0)) == list(range(18)) == list(stratified_sample(classes, 50))
+
+
+def test_a_subset_feed_holds_the_sampled_images(tmp_path):
+    images = np.arange(5 * 2 * 2 * 3, dtype=np.float32).reshape(5, 2, 2, 3)
+    feed = FeedFile.from_array(tmp_path / "all.f32", images)
+    sub = subset_feed(feed, np.array([1, 4]), tmp_path / "sub.f32")
+    assert sub.shape == (2, 2, 2, 3) and np.array_equal(sub.read(0, 2), images[[1, 4]])
+
+
+def _row(**kw) -> Result:
+    base = dict(artifact="a", runtime="r", top1_agreement=1.0, accuracy=None, macro_precision=None, macro_recall=None,
+                macro_f1=None, max_abs_diff=0.0, mean_abs_diff=0.0, kl_divergence=0.0, size_bytes=1, latency_ms=None,
+                gate=0.9, passed=True)
+    return Result(**{**base, **kw})
+
+
+def test_drift_is_counted_in_steps_of_the_files_quantised_output(session_chain):
+    art = Artifact("tflite-int8", session_chain.out / "quantize" / "int8.tflite", 1, ArtifactKind.TFLITE)
+    own = np.array([[0.5, 0.5], [0.9, 0.1], [0.2, 0.8]], np.float32)
+    twin = np.array([[0.5 + 3 / 256, 0.5 - 3 / 256], [0.9, 0.1], [0.6, 0.4]], np.float32)
+    row = _row()
+    twin_drift(row, art, own, twin, "tflite-runtime")
+    assert row.twin_runtime == "tflite-runtime" and row.twin_top1_agreement == 2 / 3
+    assert np.isclose(row.twin_max_abs_diff, 0.4) and row.twin_max_lsb == 102.4
+    float32 = Artifact("tflite-float32", session_chain.out / "quantize" / "float32.tflite", 1, ArtifactKind.TFLITE)
+    row = _row()
+    twin_drift(row, float32, own, own, "ai-edge-litert")
+    assert row.twin_top1_agreement == 1.0 and row.twin_max_lsb is None  # a float output has no LSB
+
+
+def test_findings_name_a_bundle_that_fails_only_on_f16_webgl_and_arm64_drift():
+    rows = [_row(artifact="tfjs-float32", runtime="tfjs-wasm").to_dict(),
+            _row(artifact="tfjs-float32", runtime="chromium-webgl-f16", top1_agreement=0.95, gate=0.97,
+                 passed=False).to_dict(),
+            _row(artifact="tflite-int8", runtime="tflite-runtime-arm64", twin_runtime="tflite-runtime",
+                 twin_top1_agreement=0.96875, twin_max_abs_diff=0.027, twin_max_lsb=7.0, sample_size=32).to_dict()]
+    assert findings(rows) == [
+        "tfjs-float32 passes in tfjs-wasm but fails on f16 WebGL (agreement 0.9500 < 0.97): on GPUs that compute in "
+        "16-bit floats, as many phones do, it changes answers; ship float32 WebGL only or a tfjs-wasm fallback",
+        "tflite-int8 in tflite-runtime-arm64 moves top-1 against tflite-runtime on 3.1% of 32 test images "
+        "(max |Δp| 0.027, 7 output LSBs)"]
