@@ -85,7 +85,7 @@ def run(config: "RunConfig", until: str = "verify", *, verbose: bool = False,
     if until not in STAGE_NAMES:
         raise _ConfigError(f"until={until!r}: choose one of {', '.join(STAGE_NAMES)}")
     _validate(config, needs_images=until != "fetch", given=explicit)
-    if until == "verify":
+    if until in ("verify", "deploy"):
         from pipeline.runners import not_ready
 
         problems = not_ready(config.runtimes, arm64_cpu=config.arm64_cpu, cache_dir=config.cache_dir)

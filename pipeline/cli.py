@@ -94,6 +94,8 @@ OPTIONS: dict[str, tuple[object, object]] = {
                                                     "value_range=0-1, resize=nearest, antialias=true, crop=0.875. "
                                                     "Converted models are verified with it.", VERIFICATION,
                                "--app-preprocessing"), None),
+    "deploy_artifact": (_opt(Optional[str], "The TFLite variant the Raspberry Pi bundle ships (default: the smallest "
+                                            "that passed every gate), e.g. tflite-int8.", "Deploy"), None),
     "mirror": (_opt(Optional[str], "Mirror folder or base URL laid out <host>/<path> (default $EDGEPIPE_MIRROR).", CACHE), None),
     "cache_dir": (_opt(Optional[Path], "Cache folder (default $EDGEPIPE_CACHE_DIR or ~/.cache/edgepipe).", CACHE), None),
     "offline": (_opt(bool, "Use only the cache and the mirror.", CACHE), False),
@@ -124,9 +126,10 @@ COMMAND_OPTIONS = {
     "quantize": _QUANTIZE,
     "tfjs": _TFJS,
     "verify": _VERIFY,
+    "deploy": ("deploy_artifact",),
 }
-COMMAND_OPTIONS["run"] = sum(COMMAND_OPTIONS.values(), ())
-NEEDS_SAVED_CONFIG = frozenset({"export", "quantize", "tfjs", "verify"})  # they take no --images
+COMMAND_OPTIONS["run"] = sum((v for k, v in COMMAND_OPTIONS.items() if k != "deploy"), ())
+NEEDS_SAVED_CONFIG = frozenset({"export", "quantize", "tfjs", "verify", "deploy"})  # they take no --images
 
 
 def _fail(err: PipelineError) -> None:
@@ -159,6 +162,15 @@ def _run(command: str, until: str, out: Path, quiet: bool, offline: bool, verbos
         _fail(mapped)
     if until == "verify":
         typer.echo((out / "report.md").read_text(encoding="utf-8"))
+    elif until == "deploy":
+        from pipeline.rundir import read_json
+
+        info = (read_json(out / "manifest.json", default={}) or {}).get("stages", {}).get("deploy", {}).get("info", {})
+        if info.get("artifact"):
+            typer.echo(f"{out / 'deploy' / 'raspberry-pi'}: {info['artifact']} ({info['why']}); copy it to the Pi and "
+                       "run `python classify.py --self-test` there")
+        else:
+            typer.echo(f"nothing deployed: {info.get('why', 'no TFLite file')} (name one with --deploy-artifact)")
 
 
 def _stage_command(command: str, until: str, doc: str) -> Callable[..., None]:
@@ -184,6 +196,8 @@ app.command("export")(_stage_command("export", "export", "Write backbone + head 
 app.command("quantize")(_stage_command("quantize", "quantize", "Convert the SavedModel to TFLite float32/float16/dynamic/int8."))
 app.command("tfjs")(_stage_command("tfjs", "tfjs", "Convert the SavedModel to TF.js graph-model bundles."))
 app.command("verify")(_stage_command("verify", "verify", "Run the reference and every converted model on the test split; gate the drift."))
+app.command("deploy")(_stage_command("deploy", "deploy", "Write RUN/deploy/raspberry-pi/: the TFLite file, labels, contract, a "
+                                     "classify.py with --self-test, pinned requirements, a README."))
 
 Backbone = OPTIONS["backbone"][0]
 Mirror, CacheDir, Offline = OPTIONS["mirror"][0], OPTIONS["cache_dir"][0], OPTIONS["offline"][0]

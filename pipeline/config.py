@@ -505,6 +505,7 @@ class RunConfig:
     latency_runs: int = 30
     arm64_cpu: str = ARM64_CPUS[0]
     arm64_sample: int = 64
+    deploy_artifact: str | None = None
     cache_dir: Path | None = None
     mirror: str | None = None
     offline: bool = False
@@ -602,6 +603,10 @@ class RunConfig:
             problems.append(f"--latency-runs {self.latency_runs}: must be 0 (no latency figures) or more")
         if self.arm64_cpu not in ARM64_CPUS:
             problems.append(f"--arm64-cpu {self.arm64_cpu}: use {' (Pi 4) or '.join(ARM64_CPUS)} (Pi 5)")
+        if self.deploy_artifact is not None and (not self.deploy_artifact.startswith("tflite-")
+                                                 or self.deploy_artifact not in DEFAULT_GATES):
+            problems.append(f"--deploy-artifact {self.deploy_artifact}: name a TFLite variant, one of "
+                            f"{', '.join(k for k in DEFAULT_GATES if k.startswith('tflite-'))}")
         if self.arm64_sample < 0:
             problems.append(f"--arm64-sample {self.arm64_sample}: must be 0 (every test image) or more")
         if not self.runtime_timeout_s > 0:

@@ -26,7 +26,7 @@ import numpy as np
 from pipeline.config import ADOPTED_SAVEDMODEL_GATE, DEFAULT_GATES, RunConfig
 from pipeline.console import library_output, log
 from pipeline.dataset import Dataset, build_dataset
-from pipeline.errors import PipelineError, VerificationFailed, disk_error
+from pipeline.errors import ConfigError, PipelineError, VerificationFailed, disk_error
 from pipeline.graph import ModelOutputs
 from pipeline.rundir import RunDir, read_json, sha256_tree
 from pipeline.types import ArtifactKind, BackboneSpec
@@ -435,6 +435,49 @@ class Stage:
     run: Callable[[Context], tuple[dict[str, Path], dict]]
 
 
+# --- deploy ------------------------------------------------------------------------------------
+
+def _deploy_choice(ctx: Context) -> tuple[str | None, str]:
+    """The TFLite artifact the Pi bundle ships, and why: ``--deploy-artifact``, else the smallest
+    that passed every gate in every runtime verify ran it in."""
+    if ctx.cfg.deploy_artifact:
+        return ctx.cfg.deploy_artifact, "--deploy-artifact"
+    report = read_json(ctx.run.root / "report.json", default={}) or {}
+    rows: dict[str, list[dict]] = {}
+    for r in (report.get("results") or [])[1:]:
+        if r["artifact"].startswith("tflite-"):
+            rows.setdefault(r["artifact"], []).append(r)
+    passing = [a for a, rs in rows.items() if all(r["passed"] for r in rs)]
+    if not passing:
+        return None, "no TFLite file passed every gate"
+    best = min(passing, key=lambda a: rows[a][0]["size_bytes"])
+    return best, f"the smallest TFLite file that passed every gate in {', '.join(r['runtime'] for r in rows[best])}"
+
+
+def _deploy_fingerprint(ctx: Context) -> dict:
+    return {"quantize": _upstream(ctx, "quantize"), "export": _upstream(ctx, "export"),
+            "verify": _upstream(ctx, "verify"), "artifact": _deploy_choice(ctx)[0]}
+
+
+def _deploy_run(ctx: Context) -> tuple[dict[str, Path], dict]:
+    from pipeline.deploy import write_pi_bundle
+    from pipeline.metadata import preprocessing_contract
+
+    name, why = _deploy_choice(ctx)
+    files = ctx.outputs("quantize")
+    if name is None:
+        log.info(f"deploy: nothing to deploy: {why} (name one with --deploy-artifact)")
+        return {}, {"artifact": None, "why": why}
+    if name not in files:
+        raise ConfigError(f"--deploy-artifact {name}: this run has no such file; it has "
+                          f"{', '.join(k for k in files if k.startswith('tflite-'))}")
+    contract = preprocessing_contract(read_json(ctx.run.stage("export") / "preprocessing.json"))
+    out = write_pi_bundle(files[name], list(ctx.labels()), contract, files.get("golden"),
+                          ctx.run.stage("deploy") / "raspberry-pi", source=f"{name} ({why})")
+    log.info(f"deploy: {out} ships {name} ({why})")
+    return {"raspberry-pi": out}, {"artifact": name, "why": why}
+
+
 STAGES: tuple[Stage, ...] = (
     Stage("fetch", _fetch_fingerprint, _fetch_run),
     Stage("retrain", _retrain_fingerprint, _retrain_run),
@@ -442,6 +485,7 @@ STAGES: tuple[Stage, ...] = (
     Stage("quantize", _quantize_fingerprint, _quantize_run),
     Stage("tfjs", _tfjs_fingerprint, _tfjs_run),
     Stage("verify", _verify_fingerprint, _verify_run),
+    Stage("deploy", _deploy_fingerprint, _deploy_run),
 )
 STAGE_NAMES = tuple(s.name for s in STAGES)
 
