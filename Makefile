@@ -8,13 +8,19 @@ NODE_STAMP := $(NODE_DIR)/node_modules/.package-lock.json
 CHROMIUM := /usr/bin/chromium
 PYTEST_ARGS ?=
 
-.PHONY: setup browser demo test bench bench-chain clean
+.PHONY: setup browser setup-arm64 demo test bench bench-chain clean
 
 # Python and Node dependencies: all `make demo` needs (no root, no browser).
 setup: $(STAMP) $(NODE_STAMP)
 
 # Headless Chromium, for the tests of each TF.js bundle's demo page (tests/test_browser.py).
 browser: $(CHROMIUM)
+
+# The Raspberry Pi's TFLite runtimes under QEMU, for the -arm64 runtimes (tests/test_arm64.py): Debian 12
+# arm64 and the Pi's wheels in the cache, about 275 MB; apt-get installs qemu-user-static and mmdebstrap
+# when missing (root, as in CI). Idempotent: once set up it returns at once.
+setup-arm64: $(STAMP)
+	$(VENV)/bin/edgepipe setup-arm64
 
 $(STAMP): pyproject.toml requirements.lock
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -35,7 +41,7 @@ $(CHROMIUM):
 demo: setup
 	$(PY) scripts/demo.py
 
-test: setup browser
+test: setup browser setup-arm64
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # Bottleneck extraction and retrain speed against poets' loop (about 3 minutes; README "Measured").

@@ -3,7 +3,9 @@
 The worker (:func:`_run_job`) keeps the two TFLite builds and TensorFlow out of one address space
 and turns a crash or a hang into a failed row (:class:`~pipeline.runners.base.Worker`). Per
 artifact it runs the agreement pass batched on every core, then times single-image calls on one
-thread with the file's own batch-1 input, the way a deployed app calls it.
+thread with the file's own batch-1 input, the way a deployed app calls it. The Pi's arm64 wheels run this
+same worker in an emulated Python (:mod:`pipeline.runners.arm64`): it imports only numpy, the TFLite
+module and the light pipeline modules.
 """
 from __future__ import annotations
 
@@ -21,16 +23,20 @@ from pipeline.types import Runtime
 RUNTIME_MODULES = {
     Runtime.TFLITE_RUNTIME.value: "tflite_runtime.interpreter",
     Runtime.LITERT.value: "ai_edge_litert.interpreter",
+    # The same wheels built for aarch64, run by the emulated Python of pipeline.arm64 (runners/arm64.py).
+    Runtime.TFLITE_RUNTIME_ARM64.value: "tflite_runtime.interpreter",
+    Runtime.LITERT_ARM64.value: "ai_edge_litert.interpreter",
 }
+X86_RUNTIMES = (Runtime.TFLITE_RUNTIME.value, Runtime.LITERT.value)
 
 
 class TfliteRunner:
-    """Runs .tflite files in one TFLite runtime (see :data:`RUNTIME_MODULES`), every file in the
-    same worker process while it lives."""
+    """Runs .tflite files in one x86 TFLite runtime (``tflite-runtime`` or ``ai-edge-litert``), every file
+    in the same worker process while it lives."""
 
     def __init__(self, name: str):
-        if name not in RUNTIME_MODULES:
-            raise ValueError(f"unknown TFLite runtime {name!r}; known: {sorted(RUNTIME_MODULES)}")
+        if name not in X86_RUNTIMES:
+            raise ValueError(f"unknown TFLite runtime {name!r}; known: {sorted(X86_RUNTIMES)}")
         self.name = name
         self.worker = Worker(name, "pipeline.runners.tflite", (name,))
 
@@ -41,14 +47,20 @@ class TfliteRunner:
                 settings: RunSettings = RunSettings(), tensors: Tensors = Tensors()) -> Prediction:
         """The chosen output (see :class:`Tensors`) for ``images``, the model's real input values
         (quantised here with the file's own scale and zero point when its input is an integer)."""
-        with as_feed(images) as feed, tempfile.TemporaryDirectory(prefix="edgepipe-tflite-") as tmp:
-            out = Path(tmp) / "out.npy"
-            answer = self.worker.run({"model": str(artifact), "feed": feed.to_dict(), "out": str(out),
-                                      "tensors": tensors.to_dict(), **settings.to_dict()}, timeout_s, Path(artifact).name)
-            return Prediction(np.load(out).astype(np.float32), tuple(answer["latencies_ms"]))
+        return run_in_worker(self.worker, artifact, images, timeout_s, settings, tensors)[0]
 
     def close(self) -> None:
         self.worker.close()
+
+
+def run_in_worker(worker: Worker, artifact: Path, images: np.ndarray | FeedFile, timeout_s: float,
+                  settings: RunSettings, tensors: Tensors) -> tuple[Prediction, dict]:
+    """One job for a worker of this module (x86 or emulated): the prediction and the worker's answer."""
+    with as_feed(images) as feed, tempfile.TemporaryDirectory(prefix="edgepipe-tflite-") as tmp:
+        out = Path(tmp) / "out.npy"
+        answer = worker.run({"model": str(artifact), "feed": feed.to_dict(), "out": str(out),
+                             "tensors": tensors.to_dict(), **settings.to_dict()}, timeout_s, Path(artifact).name)
+        return Prediction(np.load(out).astype(np.float32), tuple(answer["latencies_ms"])), answer
 
 
 def create(runtime: Runtime, labels: Sequence[str], **options) -> TfliteRunner:
@@ -198,16 +210,36 @@ def _run_job(interpreter_mod, job: dict) -> dict:
     return {"latencies_ms": latencies}
 
 
+def runtime_info(runtime: str) -> dict:
+    """What this worker process runs: ``machine`` (``platform.machine()``), ``python``, ``runtime_version``
+    (the TFLite wheel's), ``numpy``, and ``cpu_part``, the CPU id its ``/proc/cpuinfo`` shows (ARM only;
+    what ai-edge-litert's CPU detection reads)."""
+    import importlib
+    import platform
+
+    package = importlib.import_module(RUNTIME_MODULES[runtime].split(".")[0])
+    parts = []
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            parts = [ln.split(":", 1)[1].strip() for ln in f if ln.startswith("CPU part")]
+    except OSError:
+        pass
+    return {"machine": platform.machine(), "python": platform.python_version(),
+            "runtime_version": getattr(package, "__version__", None), "numpy": np.__version__,
+            "cpu_part": parts[0] if parts else None}
+
+
 def _main(runtime: str) -> None:
     import importlib
 
     from pipeline.runners.base import serve
 
     interpreter_mod = importlib.import_module(RUNTIME_MODULES[runtime])
+    info = runtime_info(runtime)
 
     def handle(job):
         try:
-            return _run_job(interpreter_mod, job)
+            return {**_run_job(interpreter_mod, job), "info": info}
         except _Choice as err:
             return {"error": str(err)}
 
