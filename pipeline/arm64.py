@@ -112,6 +112,8 @@ SITES: dict[Runtime, Site] = {site.runtime: site for site in (
     Site(Runtime.TFLITE_RUNTIME_ARM64, "/opt/site-tflite", "tflite-runtime", (
         Wheel("tflite-runtime", "2.14.0", "ce9fa5d770a9725c746dcbf6f59f3178233b3759f09982e8b2db8d2234c333b0"),
         Wheel("numpy", "1.26.4", "7ab55401287bfec946ced39700c053796e7cc0e3acbef09993a9ad2adba6ca6e"),
+        # The deploy bundle's classify.py decodes with Pillow: its own requirements.txt, installed as a Pi user would.
+        Wheel("pillow", "11.3.0", "643f189248837533073c405ec2f0bb250ba54598cf80e8c1e043381a60632f58"),
     )),
     Site(Runtime.LITERT_ARM64, "/opt/site-litert", "ai-edge-litert", (
         Wheel("ai-edge-litert", "2.3.0", "853fc608f96da87bd5f3458465dfb9abbf18d5ae6b94eceacead407146f175ae"),

@@ -291,3 +291,20 @@ def test_a_bundle_is_replaced_whole_and_may_go_without_golden_images(session_cha
     assert "--self-test" not in (again / "README.md").read_text()
     done = _classify(again, "--self-test")
     assert done.returncode == 2 and "error: golden.json is missing beside classify.py" in done.stderr
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_self_test_passes_on_the_pi_runtime_under_emulation(bundles, mode):
+    """The bundle as a Pi user runs it: Debian 12 arm64's Python 3.11 with the bundle's own
+    requirements (tflite-runtime 2.14.0, numpy 1.26.4, Pillow 11.3.0), on an emulated Cortex-A72."""
+    from pipeline.arm64 import SITES, python_command
+    from pipeline.deploy import PI_REQUIREMENTS
+    from pipeline.types import Runtime
+
+    site = {w.name: w.version for w in SITES[Runtime.TFLITE_RUNTIME_ARM64].wheels}
+    assert PI_REQUIREMENTS.items() <= site.items()  # the emulated site holds exactly the bundle's pins
+    argv, env = python_command(Runtime.TFLITE_RUNTIME_ARM64)
+    done = subprocess.run([*argv, "classify.py", "--self-test"], cwd=bundles[mode], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "self-test" in done.stdout.lower() + done.stderr.lower()
