@@ -455,7 +455,10 @@ def _single(feed: FeedFile) -> FeedFile:
 # many phone GPUs compute) rounds every activation to 11 bits; a user accepts a few borderline
 # images moving there, not a changed model.
 RUNTIME_GATES: dict[Runtime, float] = {Runtime.CHROMIUM_WEBGL_F16: 0.97}
-SAMPLED_LATENCY_RUNS = 5  # timed calls in an emulated runtime (a MobileNet takes seconds an image there)
+SAMPLED_LATENCY_RUNS = 5
+# What a runner says ran a row (the arm64 runner's last_info, a TF.js runner's summary): who, not how fast.
+RAN_ON_KEYS = ("machine", "cpu", "cpu_part", "board", "qemu", "python", "runtime", "runtime_version", "numpy",
+               "threads", "backend", "browser", "tfjs", "flags", "renderer", "adapter", "format", "input", "output")  # timed calls in an emulated runtime (a MobileNet takes seconds an image there)
 
 
 def stratified_sample(classes: np.ndarray, n: int) -> np.ndarray:
@@ -574,7 +577,8 @@ def verify(reference: Artifact, artifacts: Sequence[Artifact], holdout: Holdout,
                 continue
             t0 = time.perf_counter()
             found[art.name, rt] = run_one(runner, art, feed_for(art, REGISTRY[rt]), settings, agreement)
-            ran_on[art.name, rt] = dict(getattr(runner, "last_info", None) or getattr(runner, "last_summary", None) or {})
+            info = getattr(runner, "last_info", None) or getattr(runner, "last_summary", None) or {}
+            ran_on[art.name, rt] = {k: info[k] for k in RAN_ON_KEYS if k in info}
             pred, err = found[art.name, rt]
             expected = ref[sample] if REGISTRY[rt].sampled else ref
             try:

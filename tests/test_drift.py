@@ -3,6 +3,7 @@ drift of a row from its twin runtime in output LSBs, and the findings the report
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from pipeline.runners.feed import FeedFile
 from pipeline.verify import Artifact, Result, findings, stratified_sample, subset_feed, twin_drift
@@ -57,3 +58,31 @@ def test_findings_name_a_bundle_that_fails_only_on_f16_webgl_and_arm64_drift():
         "16-bit floats, as many phones do, it changes answers; ship float32 WebGL only or a tfjs-wasm fallback",
         "tflite-int8 in tflite-runtime-arm64 moves top-1 against tflite-runtime on 3.1% of 32 test images "
         "(max |Δp| 0.027, 7 output LSBs)"]
+
+
+@pytest.mark.slow
+@pytest.mark.chain
+@pytest.mark.browser
+def test_verify_runs_the_pi_and_browser_rows_and_compares_each_with_its_twin(chain_copy, browser_ready):
+    """The issue's command on the session chain: the emulated Pi runtimes on a sample, f16 WebGL in
+    Chromium; each row against the same file on x86 (or in Node), and what ran it."""
+    from tests.helpers.chain import read_json, run_chain
+
+    run_chain(chain_copy.out, runtimes=["tflite-runtime-arm64", "ai-edge-litert-arm64", "chromium-webgl-f16"],
+              arm64_sample=8, latency_runs=2, quant_modes=["float32", "int8"], cache_dir=chain_copy.cache)
+    report = read_json(chain_copy.out / "report.json")
+    rows = {(r["artifact"], r["runtime"]): r for r in report["results"]}
+    for art in ("tflite-float32", "tflite-int8"):
+        for rt, twin in (("tflite-runtime-arm64", "tflite-runtime"), ("ai-edge-litert-arm64", "ai-edge-litert")):
+            row = rows[art, rt]
+            assert row["passed"] and row["sample_size"] == 8 and row["twin_runtime"] == twin, row
+            assert (twin and rows[art, twin]["sample_size"] is None)  # the x86 twin ran too, on every image
+            assert row["ran_on"]["machine"] == "aarch64" and row["ran_on"]["cpu"] == "cortex-a72"
+            assert row["twin_top1_agreement"] == 1.0 and row["latency_runs"] == 2
+    assert rows["tflite-float32", "ai-edge-litert-arm64"]["twin_max_abs_diff"] < 1e-5
+    assert rows["tflite-int8", "ai-edge-litert-arm64"]["twin_max_lsb"] <= 1
+    f16 = rows["tfjs-float32", "chromium-webgl-f16"]
+    assert f16["ran_on"]["backend"] == "webgl" and f16["ran_on"]["flags"]["WEBGL_FORCE_F16_TEXTURES"] is True
+    assert f16["twin_runtime"] == "tfjs-wasm" and f16["gate"] == 0.97 and f16["passed"]
+    md = (chain_copy.out / "report.md").read_text()
+    assert "## Drift from the same file elsewhere" in md and "| tflite-int8 | tflite-runtime-arm64 | 8 |" in md

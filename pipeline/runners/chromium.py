@@ -25,8 +25,17 @@ from typing import Sequence
 
 import numpy as np
 
-from pipeline.runners.base import (Prediction, RunSettings, RuntimeFailed, RuntimeStatus, Tensors, Worker,
-                                   _pump, as_feed, describe_exit)
+from pipeline.runners.base import (
+    Prediction,
+    RunSettings,
+    RuntimeFailed,
+    RuntimeStatus,
+    Tensors,
+    Worker,
+    _pump,
+    as_feed,
+    describe_exit,
+)
 from pipeline.runners.browser import CHROMIUM, ensure_browser
 from pipeline.runners.feed import FeedFile
 from pipeline.runners.tfjs_node import NODE_DIR, _node_executable, ensure_node_modules, npm_version
