@@ -66,8 +66,12 @@ def test_findings_name_a_bundle_that_fails_only_on_f16_webgl_and_arm64_drift():
 def test_verify_runs_the_pi_and_browser_rows_and_compares_each_with_its_twin(chain_copy, browser_ready):
     """The issue's command on the session chain: the emulated Pi runtimes on a sample, f16 WebGL in
     Chromium; each row against the same file on x86 (or in Node), and what ran it."""
+    from pipeline.fetch import default_cache_dir
     from tests.helpers.chain import read_json, run_chain
 
+    # The emulated tree `make setup-arm64` built in the default cache, seen from the chain's own cache.
+    if not (chain_copy.cache / "arm64").exists():
+        (chain_copy.cache / "arm64").symlink_to(default_cache_dir() / "arm64")
     run_chain(chain_copy.out, runtimes=["tflite-runtime-arm64", "ai-edge-litert-arm64", "chromium-webgl-f16"],
               arm64_sample=8, latency_runs=2, quant_modes=["float32", "int8"], cache_dir=chain_copy.cache)
     report = read_json(chain_copy.out / "report.json")
