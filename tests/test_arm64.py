@@ -28,6 +28,9 @@ from pipeline.types import Runtime
 from tests.helpers.conversions import tflite_from_keras
 from tests.helpers.tfjs_models import keras_classifier
 
+# Slow: emulated processes (about 20 s with the Keras models); still run by `make test` and CI.
+pytestmark = pytest.mark.slow
+
 SIZE = 32
 SOFTMAX_STEP = 1 / 256  # an int8 softmax's output scale in TFLite: one step of the quantised output
 TWINS = {Runtime.TFLITE_RUNTIME_ARM64: "tflite-runtime", Runtime.LITERT_ARM64: "ai-edge-litert"}

@@ -16,7 +16,8 @@ from pipeline.runners.tfjs_node import TfjsWasmRunner, npm_version
 from pipeline.types import Runtime
 from tests.helpers import tfjs_models
 
-pytestmark = pytest.mark.browser
+# Slow: a Chromium per backend and real pages (about 45 s); still run by `make test` and CI.
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
 LABELS = ["daisy", "rose", "tulip"]
 SIZE = 32

@@ -30,7 +30,8 @@ from pipeline.metadata import preprocessing_contract
 from pipeline.rundir import read_json, sha256_file
 from pipeline.types import Preprocessing
 
-pytestmark = pytest.mark.chain
+# Slow: subprocesses of classify.py and the emulated Pi (about 60 s); still run by `make test` and CI.
+pytestmark = [pytest.mark.chain, pytest.mark.slow]
 
 MODES = ("float32", "int8-uint8")
 BUNDLE_FILES = {"classify.py", "labels.txt", "preprocessing.json", "requirements.txt", "README.md", "bundle.json",
