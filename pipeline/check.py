@@ -515,18 +515,8 @@ def parse_check_gates(items: Sequence[str], candidates: Sequence[Path]) -> dict[
     Raises:
         ConfigError: a malformed item, an unknown name or a value outside 0..1.
     """
-    from pipeline.config import DEFAULT_GATES
+    from pipeline.config import DEFAULT_GATES, parse_gates
 
     names = set(_names(candidates)) | {Path(c).name for c in candidates}
-    gates: dict[str, float] = {}
-    for item in items:
-        name, sep, value = item.partition("=")
-        try:
-            number = float(value)
-        except ValueError:
-            number = -1.0
-        if not sep or (name not in DEFAULT_GATES and name not in names) or not 0.0 <= number <= 1.0:
-            raise ConfigError(f"--gate {item!r}: expected NAME=VALUE with VALUE in 0..1 and NAME a candidate "
-                              f"({', '.join(sorted(names))}) or a kind ({', '.join(DEFAULT_GATES)})")
-        gates[name] = number
-    return gates
+    return parse_gates(items, names, f"NAME=VALUE with VALUE in 0..1 and NAME a candidate ({', '.join(sorted(names))}) "
+                                     f"or a kind ({', '.join(DEFAULT_GATES)})")

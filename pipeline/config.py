@@ -230,12 +230,17 @@ def _fraction(value: str) -> bool:
         return False
 
 
-def parse_gates(items: Iterable[str]) -> dict[str, float]:
+def parse_gates(items: Iterable[str], names: Collection[str] = (), expected: str | None = None) -> dict[str, float]:
     """``["tflite-int8=0.95", ...]`` → ``{"tflite-int8": 0.95}`` (overrides of the defaults).
+
+    Args:
+        names: row names that may be gated besides the :data:`DEFAULT_GATES` kinds (check's files).
+        expected: what the error says a valid item is (default: the kinds).
 
     Raises:
         ConfigError: a malformed item, an unknown artifact or a value outside 0..1.
     """
+    expected = expected or f"ARTIFACT=VALUE with VALUE in 0..1 and ARTIFACT one of {', '.join(DEFAULT_GATES)}"
     gates: dict[str, float] = {}
     for item in items:
         name, sep, value = item.partition("=")
@@ -243,11 +248,8 @@ def parse_gates(items: Iterable[str]) -> dict[str, float]:
             number = float(value)
         except ValueError:
             number = -1.0
-        if not sep or name not in DEFAULT_GATES or not 0.0 <= number <= 1.0:
-            raise ConfigError(
-                f"--gate {item!r}: expected ARTIFACT=VALUE with VALUE in 0..1 and ARTIFACT one of "
-                f"{', '.join(DEFAULT_GATES)}"
-            )
+        if not sep or (name not in DEFAULT_GATES and name not in names) or not 0.0 <= number <= 1.0:
+            raise ConfigError(f"--gate {item!r}: expected {expected}")
         gates[name] = number
     return gates
 
