@@ -20,18 +20,9 @@ import { parseArgs } from 'node:util';
 
 import { chromium } from 'playwright-core';
 
+import { CHROMIUM_ARGS } from './chromium_flags.mjs';
+
 const SETUP_HINT = 'run `make browser` (it installs Debian\'s chromium)';
-// Launch flags that work without a network: Chromium's background services (component updates,
-// sync, field trials, QUIC probes) would otherwise try to connect out and be refused.
-const CHROMIUM_ARGS = [
-  '--no-sandbox',
-  '--disable-gpu',
-  '--disable-quic',
-  '--no-first-run',
-  '--disable-background-networking',
-  '--disable-component-update',
-  '--disable-sync',
-];
 const CONTENT_TYPES = {
   '.html': 'text/html; charset=utf-8',
   '.js': 'text/javascript; charset=utf-8',

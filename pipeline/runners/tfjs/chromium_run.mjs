@@ -35,6 +35,8 @@ import { parseArgs } from 'node:util';
 
 import { chromium } from 'playwright-core';
 
+import { CHROMIUM_ARGS } from './chromium_flags.mjs';
+
 const HERE = dirname(fileURLToPath(import.meta.url));
 const TFJS = join(HERE, 'node_modules', '@tensorflow');
 const WASM_DIST = join(TFJS, 'tfjs-backend-wasm', 'dist');
@@ -51,17 +53,6 @@ for (const flavour of ['', '-simd', '-threaded-simd']) {
 }
 const TFJS_VERSION = JSON.parse(readFileSync(join(TFJS, 'tfjs', 'package.json'), 'utf8')).version;
 const SETUP_HINT = 'run `make browser` (it installs Debian\'s chromium) and `make setup`';
-// browser_check.mjs's flags (no network services, no sandbox in containers): the demo page's
-// test and these runs see the same WebGL. --disable-gpu leaves WebGL to SwiftShader either way.
-const CHROMIUM_ARGS = [
-  '--no-sandbox',
-  '--disable-gpu',
-  '--disable-quic',
-  '--no-first-run',
-  '--disable-background-networking',
-  '--disable-component-update',
-  '--disable-sync',
-];
 // Headless Chromium on Linux offers no WebGPU adapter without it (measured on Chromium 156:
 // "No available adapters"; with it, SwiftShader's).
 const WEBGPU_ARGS = ['--enable-unsafe-webgpu'];
