@@ -442,16 +442,15 @@ def _deploy_choice(ctx: Context) -> tuple[str | None, str]:
     that passed every gate in every runtime verify ran it in."""
     if ctx.cfg.deploy_artifact:
         return ctx.cfg.deploy_artifact, "--deploy-artifact"
-    report = read_json(ctx.run.root / "report.json", default={}) or {}
-    rows: dict[str, list[dict]] = {}
-    for r in (report.get("results") or [])[1:]:
-        if r["artifact"].startswith("tflite-"):
-            rows.setdefault(r["artifact"], []).append(r)
-    passing = [a for a, rs in rows.items() if all(r["passed"] for r in rs)]
-    if not passing:
+    from pipeline.verify import recommend
+
+    results = (read_json(ctx.run.root / "report.json", default={}) or {}).get("results") or []
+    # verify's own recommendation, among the TFLite files only (results[0] is the reference).
+    best = recommend(results[:1] + [r for r in results[1:] if r["artifact"].startswith("tflite-")])
+    if best is None:
         return None, "no TFLite file passed every gate"
-    best = min(passing, key=lambda a: rows[a][0]["size_bytes"])
-    return best, f"the smallest TFLite file that passed every gate in {', '.join(r['runtime'] for r in rows[best])}"
+    ran = [r["runtime"] for r in results[1:] if r["artifact"] == best["artifact"]]
+    return best["artifact"], f"the smallest TFLite file that passed every gate in {', '.join(ran)}"
 
 
 def _deploy_fingerprint(ctx: Context) -> dict:
