@@ -309,3 +309,19 @@ def test_self_test_passes_on_the_pi_runtime_under_emulation(bundles, mode):
                           text=True, timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "self-test" in done.stdout.lower() + done.stderr.lower()
+
+
+def test_the_deploy_stage_ships_the_smallest_file_that_passed_and_its_self_test_passes(chain_copy):
+    from tests.helpers.chain import run_chain
+
+    manifest = run_chain(chain_copy.out, until="deploy", cache_dir=chain_copy.cache)
+    info = manifest["stages"]["deploy"]["info"]
+    report = read_json(chain_copy.out / "report.json")
+    passing = {r["artifact"] for r in report["results"][1:] if r["artifact"].startswith("tflite-")} - {
+        r["artifact"] for r in report["results"] if not r["passed"]}
+    sizes = {r["artifact"]: r["size_bytes"] for r in report["results"]}
+    assert info["artifact"] in passing and sizes[info["artifact"]] == min(sizes[a] for a in passing)
+    bundle = chain_copy.out / "deploy" / "raspberry-pi"
+    assert _classify(bundle, "--self-test").returncode == 0
+    again = run_chain(chain_copy.out, until="deploy", cache_dir=chain_copy.cache)
+    assert again["stages"]["deploy"]["fingerprint"] == manifest["stages"]["deploy"]["fingerprint"]
