@@ -254,14 +254,16 @@ ENGINES = ("litert", "tensorflow")
 
 
 @functools.lru_cache(maxsize=4)
-def get_extractor(graph_path: str, spec: BackboneSpec, engine: str = "litert") -> FeatureExtractor:
-    """The per-process extractor for a graph (what a Beam ``DoFn.setup`` would hold).
+def get_extractor(graph_path: str, spec: BackboneSpec, engine: str = "litert",
+                  threads: int | None = None) -> FeatureExtractor:
+    """The per-process extractor for a graph (what a Beam ``DoFn.setup`` holds).
 
     ``engine="litert"`` falls back to TensorFlow, with a note, for a graph TFLite cannot convert.
+    ``threads``: LiteRT's threads (default one per core; features do not depend on it).
     """
     if engine == "litert":
         try:
-            return LiteRTFeatureExtractor(Path(graph_path), spec)
+            return LiteRTFeatureExtractor(Path(graph_path), spec, threads=threads)
         except RuntimeError as err:
             log.info(f"note: bottlenecks computed with TensorFlow: {str(err).splitlines()[0]}")
     return FeatureExtractor(Path(graph_path), spec)

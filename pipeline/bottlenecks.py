@@ -100,6 +100,28 @@ def features_from_bytes(graph_path: str, spec: BackboneSpec, images: Sequence[by
     return extractor(batch)
 
 
+def entry_name(image_sha: str, variant: int, augment: AugmentConfig | None) -> str:
+    """The cache entry of an image (variant 0) or of its augmented copy ``variant`` (1..copies)."""
+    return image_sha if variant == 0 else f"{image_sha}-aug{augment.key()}-{variant}"
+
+
+def item_pixels(data: bytes, variant: int, prep, augment: AugmentConfig | None, image_sha: str,
+                source: str) -> np.ndarray:
+    """The pixels the backbone gets for an image or one of its augmented copies.
+
+    Raises:
+        ImageError: the image cannot be decoded.
+    """
+    if variant == 0:
+        return load_pixels(data, prep, source)
+    return augmented_image(data, prep, augment, image_sha, variant, source)
+
+
+def variants(augment: AugmentConfig | None) -> int:
+    """Augmented copies per training image (0 when augmentation is off)."""
+    return augment.copies if augment is not None and augment.enabled else 0
+
+
 @dataclass
 class ExtractionResult:
     features: np.ndarray            # [n_ok, F], rows in the order of `ok`
@@ -140,7 +162,7 @@ def extract(
     dim = extractor.spec.feature_size
     cache = BottleneckCache(cache_root, backbone_key(graph_sha256, extractor.spec, extractor.engine), dim)
     index = HashIndex(Path(cache_root) / HASH_INDEX_NAME)
-    copies = augment.copies if augment is not None and augment.enabled else 0
+    copies = variants(augment)
     aug_set = set(augment_indices) if copies else set()
     n = len(paths)
     plain = np.zeros((n, dim), np.float32)
@@ -152,7 +174,7 @@ def extract(
 
     # An item is (path index i, variant v): v == 0 is the plain image, 1..copies augmented copies.
     def key(i: int, v: int) -> str:
-        return hashes[i] if v == 0 else f"{hashes[i]}-aug{augment.key()}-{v}"
+        return entry_name(hashes[i], v, augment)
 
     def store(i: int, v: int, feature: np.ndarray) -> None:
         if v == 0:
@@ -202,9 +224,7 @@ def extract(
                 if hashlib.sha256(data).hexdigest() != hashes[i]:
                     why = "changed while being read; run again"
                     raise ImageError(f"{paths[i]}: {why}", why)
-            if v == 0:
-                return load_pixels(data, prep, str(paths[i]))
-            return augmented_image(data, prep, augment, hashes[i], v, str(paths[i]))
+            return item_pixels(data, v, prep, augment, hashes[i], str(paths[i]))
         except (ImageError, OSError) as err:
             return err
 

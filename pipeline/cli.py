@@ -22,6 +22,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 
 DATA, BACKBONE, TRAINING, AUGMENT = "Data", "Backbone", "Training", "Augmentation"
 CONVERSION, VERIFICATION, CACHE, OUTPUT = "Conversion", "Verification", "Cache and downloads", "Output"
+ENGINE = "Engine"
 
 
 def _opt(kind, help_: str, panel: str, *names: str):
@@ -96,6 +97,13 @@ OPTIONS: dict[str, tuple[object, object]] = {
                                "--app-preprocessing"), None),
     "deploy_artifact": (_opt(Optional[str], "The TFLite variant the Raspberry Pi bundle ships (default: the smallest "
                                             "that passed every gate), e.g. tflite-int8.", "Deploy"), None),
+    "engine": (_opt(Optional[str], "Where the bottleneck and holdout passes run: local (default) or beam "
+                                   "(Apache Beam; `make setup-beam`).", ENGINE), None),
+    "beam_runner": (_opt(Optional[str], "With --engine beam: DirectRunner (default; local processes), DataflowRunner, "
+                                        "FlinkRunner, SparkRunner, PortableRunner or PrismRunner.", ENGINE), None),
+    "beam_option": (_opt(Optional[list[str]], "With --engine beam: a Beam pipeline option as Beam spells it, passed "
+                                              "through (repeat), e.g. --beam-option=--direct_num_workers=4.", ENGINE,
+                         "--beam-option"), None),
     "mirror": (_opt(Optional[str], "Mirror folder or base URL laid out <host>/<path> (default $EDGEPIPE_MIRROR).", CACHE), None),
     "cache_dir": (_opt(Optional[Path], "Cache folder (default $EDGEPIPE_CACHE_DIR or ~/.cache/edgepipe).", CACHE), None),
     "offline": (_opt(bool, "Use only the cache and the mirror.", CACHE), False),
@@ -104,7 +112,7 @@ OPTIONS: dict[str, tuple[object, object]] = {
 }
 # CLI names → RunConfig.with_options names.
 RENAMED = {"quant": "quant_modes", "tfjs": "tfjs_modes", "runtime": "runtimes", "runtime_timeout": "runtime_timeout_s",
-           "gate": "gates"}
+           "gate": "gates", "beam_option": "beam_options"}
 
 _DATA = ("images", "test_images", "validation_pct", "test_pct")
 _BACKBONE = ("backbone", "graph", "model_graph", "output_tensor", "labels", "input_tensor", "bottleneck_tensor",
@@ -117,18 +125,19 @@ _QUANTIZE = ("quant", "calibration_images")
 _TFJS = ("tfjs", "tfjs_shard_mb")
 _VERIFY = ("runtime", "gate", "runtime_timeout", "latency_runs", "arm64_cpu", "arm64_sample", "stress",
            "app_preprocessing")
+_ENGINE = ("engine", "beam_runner", "beam_option")
 _COMMON = ("mirror", "cache_dir", "offline", "quiet", "verbose")
 
 # The options each command takes: its own stage's. `run` takes every stage's.
 COMMAND_OPTIONS = {
-    "retrain": _DATA + _BACKBONE + _TRAINING + _AUGMENT,
+    "retrain": _DATA + _BACKBONE + _TRAINING + _AUGMENT + _ENGINE,
     "export": (),
     "quantize": _QUANTIZE,
     "tfjs": _TFJS,
-    "verify": _VERIFY,
+    "verify": _VERIFY + _ENGINE,
     "deploy": ("deploy_artifact",),
 }
-COMMAND_OPTIONS["run"] = sum((v for k, v in COMMAND_OPTIONS.items() if k != "deploy"), ())
+COMMAND_OPTIONS["run"] = tuple(dict.fromkeys(sum((v for k, v in COMMAND_OPTIONS.items() if k != "deploy"), ())))
 NEEDS_SAVED_CONFIG = frozenset({"export", "quantize", "tfjs", "verify", "deploy"})  # they take no --images
 
 

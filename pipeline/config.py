@@ -471,6 +471,57 @@ _TRAINING_OPTIONS = ("epochs", "steps", "batch_size", "validation_batch_size", "
 _ADOPT_OPTIONS = ("output_tensor", "labels")
 
 
+ENGINES = ("local", "beam")
+# Beam's runners by the names its --runner option takes (the portable ones run the same pipeline).
+BEAM_RUNNERS = ("DirectRunner", "PrismRunner", "DataflowRunner", "FlinkRunner", "SparkRunner", "PortableRunner")
+
+
+@dataclass(frozen=True)
+class BeamConfig:
+    """Where the ``--engine beam`` passes run.
+
+    Attributes:
+        runner: a Beam runner by name (``--beam-runner``).
+        options: further Beam pipeline options, passed through as they are
+            (``--beam-option=--flink_master=HOST:8081``, repeatable).
+    """
+
+    runner: str = "DirectRunner"
+    options: tuple[str, ...] = ()
+
+    def problems(self) -> list[str]:
+        import importlib.util
+        from difflib import get_close_matches
+
+        out = []
+        if importlib.util.find_spec("apache_beam") is None:
+            out.append("--engine beam: Apache Beam is not installed; run `make setup-beam` "
+                       "(pip install -c requirements.lock -e '.[beam]')")
+        if self.runner not in BEAM_RUNNERS:
+            near = get_close_matches(self.runner, BEAM_RUNNERS, 1, 0.5)
+            hint = f"did you mean {near[0]}? " if near else ""
+            out.append(f"--beam-runner {self.runner}: unknown; {hint}choose from {', '.join(BEAM_RUNNERS)}")
+        bad = [o for o in self.options if not o.startswith("--") or o == "--"]
+        if bad:
+            out.append(f"--beam-option {bad[0]}: give a Beam pipeline option as Beam spells it, "
+                       "e.g. --beam-option=--direct_num_workers=4")
+        given = {o[2:].split("=", 1)[0].replace("-", "_") for o in self.options}
+        if "runner" in given:
+            out.append("--beam-option --runner: name the runner with --beam-runner")
+        return out
+
+
+def engine_problems(engine: str, beam: BeamConfig, given: Collection[str] = ()) -> list[str]:
+    """Problems with ``--engine`` and, for Beam, its runner and options (``given``: the options
+    set explicitly; Beam's given with the local engine would be ignored, so they are refused)."""
+    if engine not in ENGINES:
+        return [f"--engine {engine}: choose local (the default) or beam"]
+    if engine == "beam":
+        return beam.problems()
+    stray = [f"--{k.replace('_', '-')}" for k in ("beam_runner", "beam_options") if k in given]
+    return [f"{' and '.join(stray)} need --engine beam (the local engine is running)"] if stray else []
+
+
 _PATH_FIELDS = ("out", "images", "test_images", "cache_dir", "summaries_dir")
 
 
@@ -508,6 +559,9 @@ class RunConfig:
     arm64_cpu: str = ARM64_CPUS[0]
     arm64_sample: int = 64
     deploy_artifact: str | None = None
+    engine: str = "local"
+    beam_runner: str = BeamConfig.runner
+    beam_options: tuple[str, ...] = ()
     cache_dir: Path | None = None
     mirror: str | None = None
     offline: bool = False
@@ -522,6 +576,12 @@ class RunConfig:
         object.__setattr__(self, "tfjs_modes", tuple(TfjsMode(m) for m in self.tfjs_modes))
         # Unknown runtime names stay strings so problems() can list them with the others.
         object.__setattr__(self, "runtimes", tuple(_enum_or_raw(Runtime, r) for r in self.runtimes))
+        object.__setattr__(self, "beam_options", tuple(self.beam_options))
+
+    @property
+    def beam(self) -> BeamConfig | None:
+        """Where the data-parallel passes run on Beam; None for the local engine."""
+        return BeamConfig(self.beam_runner, self.beam_options) if self.engine == "beam" else None
 
     def gate(self, artifact: str) -> float:
         """Minimum top-1 agreement for an artifact: the user's override, else the default."""
@@ -613,6 +673,7 @@ class RunConfig:
             problems.append(f"--arm64-sample {self.arm64_sample}: must be 0 (every test image) or more")
         if not self.runtime_timeout_s > 0:
             problems.append(f"--runtime-timeout {self.runtime_timeout_s:g}: must be a positive number of seconds")
+        problems += engine_problems(self.engine, BeamConfig(self.beam_runner, self.beam_options), given)
         if self.test_images is not None and "test_pct" in given and self.test_pct != 0:
             # The holdout folder replaces the percentage split; silently ignoring the percentage
             # would leave the user believing part of --images is held out.
@@ -674,7 +735,7 @@ class RunConfig:
         unknown = sorted(set(given) - {f.name for f in dataclasses.fields(RunConfig)})
         if unknown:
             raise ConfigError(f"unknown option(s) {', '.join(unknown)}")
-        for key in ("quant_modes", "tfjs_modes", "runtimes"):
+        for key in ("quant_modes", "tfjs_modes", "runtimes", "beam_options"):
             if key in given:
                 given[key] = tuple(given[key])
                 if not given[key]:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.config import AugmentConfig, TrainConfig
+from pipeline.config import AugmentConfig, BeamConfig, TrainConfig
 from pipeline.console import log
 from pipeline.console import progress as progress_bar
 from pipeline.dataset import Dataset, Example, leakage_warnings, normalise_class_name
@@ -265,7 +265,7 @@ def retrain(
     dataset: Dataset, graph_path: Path, spec: BackboneSpec, graph_sha256: str, cache_root: Path,
     train: TrainConfig = TrainConfig(), augment: AugmentConfig = AugmentConfig(), *,
     progress: bool = True, summaries_dir: Path | None = None, checkpoint_dir: Path | None = None,
-    images_dir: Path | None = None,
+    images_dir: Path | None = None, beam: BeamConfig | None = None,
 ) -> RetrainResult:
     """Extracts (or reads from the cache) every image's bottleneck and trains the head.
 
@@ -277,6 +277,8 @@ def retrain(
         train, augment: the head's training knobs and the cached augmentation.
         summaries_dir: TensorBoard scalars go here; checkpoint_dir: ``epoch_NNNN.npz`` files.
         images_dir: the training folder, named in errors.
+        beam: extract on Apache Beam with these runner settings (:func:`pipeline.beam.extract`:
+            the same entries and features); None: this process.
 
     Returns:
         The trained head, its metrics on every split and what was skipped on the way.
@@ -291,9 +293,16 @@ def retrain(
         if n < FEW_IMAGES:
             log.warning(f"warning: class {name!r} has only {n} training images; {FEW_IMAGES} or more give a usable head")
     t0 = time.perf_counter()
-    ext = extract([e.path for e in dataset.examples], graph_path, spec, graph_sha256, cache_root,
-                  progress=progress, augment=augment,
-                  augment_indices=[i for i, e in enumerate(dataset.examples) if e.split == "train"])
+    train_rows = [i for i, e in enumerate(dataset.examples) if e.split == "train"]
+    paths = [e.path for e in dataset.examples]
+    if beam is not None:
+        from pipeline import beam as beam_engine
+
+        ext = beam_engine.extract(paths, graph_path, spec, graph_sha256, cache_root, beam, augment=augment,
+                                  augment_indices=train_rows, progress=progress)
+    else:
+        ext = extract(paths, graph_path, spec, graph_sha256, cache_root, progress=progress, augment=augment,
+                      augment_indices=train_rows)
     extract_s = time.perf_counter() - t0
     skipped = {dataset.examples[i].path: why for i, why in sorted(ext.skipped.items())}
     for path, why in skipped.items():

@@ -214,7 +214,7 @@ def _retrain_run(ctx: Context) -> tuple[dict[str, Path], dict]:
     result = retrain(
         build_dataset(c.images, c.test_images, c.validation_pct, c.test_pct), ctx.graph_path(), ctx.spec(),
         ctx.stage_info("fetch")["outputs"]["graph"]["sha256"], Path(c.cache_dir or default_cache_dir()) / "bottlenecks",
-        c.train, c.augment, progress=c.progress, summaries_dir=summaries, images_dir=c.images,
+        c.train, c.augment, progress=c.progress, summaries_dir=summaries, images_dir=c.images, beam=c.beam,
         checkpoint_dir=out / "checkpoints" if c.train.checkpoint_every else None)
     if c.print_misclassified:
         for m in result.misclassified:

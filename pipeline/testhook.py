@@ -36,3 +36,23 @@ def crash_point(model: str) -> None:
     name = os.environ.get(CRASH_ENV)
     if name and os.path.basename(model) == name:
         os.abort()
+
+
+KILL_ENV = "EDGEPIPE_TEST_KILL_ONCE"
+
+
+def kill_point(name: str) -> None:
+    """With ``EDGEPIPE_TEST_KILL_ONCE=<point>:<marker file>``, the first process to reach ``point``
+    creates the marker and kills itself (SIGKILL, as the OOM killer or a lost machine would); later
+    ones, the retry's included, go on. Point: ``beam-extract``, after a Beam worker has written a
+    batch of bottlenecks, mid-bundle."""
+    setting = os.environ.get(KILL_ENV, "")
+    point, _, marker = setting.partition(":")
+    if point != name or not marker:
+        return
+    try:
+        fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        return
+    os.close(fd)
+    os.kill(os.getpid(), 9)
