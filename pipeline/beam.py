@@ -377,3 +377,191 @@ def extract(paths: Sequence[str], graph_path, spec, graph_sha256: str, cache_roo
     ok = [i for i in range(n) if have[i] and i not in skipped]
     return ExtractionResult(plain[ok], ok, skipped, computed=computed, cached=cached, hashes=hashes,
                             augmented=extra[ok] if copies else None)
+
+
+# --- the holdout pass: every model in every runtime on every image -----------------------------
+
+@dataclass(frozen=True)
+class ModelJob:
+    """One (model, runtime) pair of the pass: which file, in which runtime, fed which of
+    :func:`pipeline.verify.prepare_feed`'s feeds."""
+
+    key: tuple[str, str]  # (artifact name, runtime or verify.REFERENCE_PASS)
+    path: str
+    runtime: str
+    feed: str
+    tensors: Any = None
+
+
+def _predict_fn_class():
+    beam = _beam()
+
+    class PredictFn(beam.DoFn):
+        """Every job's raw outputs on a chunk of images: decoded once, prepared once per feed."""
+
+        def __init__(self, jobs: Sequence[ModelJob], prep: dict, progress: Progress):
+            self.jobs, self.prep, self.progress = list(jobs), prep, progress
+
+        def setup(self):
+            from pipeline.runners import REGISTRY
+            from pipeline.types import Runtime
+
+            self.runners = {}
+            for job in self.jobs:
+                if job.runtime not in self.runners:
+                    self.runners[job.runtime] = REGISTRY[Runtime(job.runtime)].create(
+                        self.prep["classes"], **self.prep["runner_options"])
+            self.tmp = tempfile.mkdtemp(prefix="edgepipe-beam-feeds-")
+
+        def teardown(self):
+            for runner in getattr(self, "runners", {}).values():
+                with contextlib.suppress(Exception):
+                    runner.close()
+            shutil.rmtree(getattr(self, "tmp", ""), ignore_errors=True)
+
+        def process(self, chunk):
+            from pathlib import Path
+
+            from pipeline.images import decode_rgb
+            from pipeline.runners.base import RuntimeFailed
+            from pipeline.runners.feed import FeedFile
+            from pipeline.verify import RAN_ON_KEYS, prepare_feed
+
+            p = self.prep
+            rgbs, kept = [], []
+            for k, path in chunk:
+                try:
+                    rgbs.append(decode_rgb(read_bytes(path), path))
+                    kept.append(k)
+                except (ImageError, OSError) as err:
+                    why = err.reason if isinstance(err, ImageError) else f"cannot read ({err.strerror or err})"
+                    yield json.dumps({"k": k, "skip": why})
+            if rgbs:
+                feeds = {}
+                for name in dict.fromkeys(job.feed for job in self.jobs):
+                    array = prepare_feed(rgbs, name, p["contract"], p["app"], p["feeds"])
+                    feeds[name] = FeedFile.from_array(Path(self.tmp) / f"feed-{len(feeds)}.f32", array)
+                for j, job in enumerate(self.jobs):
+                    runner = self.runners[job.runtime]
+                    if runner.unsupported(job.path):
+                        continue  # verify says why, from its own runner
+                    try:
+                        pred = runner.predict(job.path, feeds[job.feed], timeout_s=p["timeout_s"], settings=p["run"],
+                                              tensors=job.tensors)
+                    except RuntimeFailed as err:
+                        yield json.dumps({"job": j, "error": str(err)})
+                        continue
+                    info = getattr(runner, "last_info", None) or getattr(runner, "last_summary", None) or {}
+                    yield json.dumps({"job": j, "ran_on": {key: info[key] for key in RAN_ON_KEYS if key in info}},
+                                     default=str)
+                    for k, row in zip(kept, np.asarray(pred.probabilities, np.float32)):
+                        yield json.dumps({"k": k, "job": j, "p": pack(row)})
+            self.progress.add(len(chunk))
+
+    return PredictFn
+
+
+def run_holdout(paths: Sequence[str], jobs: Sequence[ModelJob], prep: dict, beam: BeamConfig, what: str,
+                progress: bool = True) -> tuple[list[int], dict[int, str], dict[tuple[str, str], Any]]:
+    """Runs every job on every image on Beam.
+
+    Args:
+        prep: ``contract``, ``app`` and ``feeds`` (as for :func:`pipeline.verify.prepare_feed`),
+            ``classes``, ``runner_options``, ``timeout_s`` and ``run`` (the runners' settings).
+
+    Returns:
+        The indices of the images that could be read (in order), the unreadable ones with the
+        reason, and each job's :class:`pipeline.verify.PassOutput` by key, rows in that order.
+    """
+    import dataclasses
+
+    from pipeline.verify import PassOutput
+
+    prep = {**prep, "run": dataclasses.replace(prep["run"], threads=worker_threads(beam), latency_runs=0)}
+    batch = prep["run"].batch
+    # Chunks cut on the driver, as the local engine cuts the holdout into the runtimes' batches, so
+    # every runtime sees the same batches either way (some kernels round differently by batch).
+    chunks = [[(k, str(paths[k])) for k in range(s, min(len(paths), s + batch))] for s in range(0, len(paths), batch)]
+    predict_fn = _predict_fn_class()
+
+    def build(p, prefix: str, counter: Progress) -> None:
+        b = _beam()
+        (p | "chunks" >> b.Create(chunks) | "spread" >> b.Reshuffle()
+         | "predict" >> b.ParDo(predict_fn(jobs, prep, counter))
+         | "records" >> b.io.WriteToText(prefix))
+
+    log.info(f"{what}: {len(paths)} images × {len(jobs)} model and runtime pairs on Beam's {beam.runner}")
+    records = run(build, beam, what, len(paths), progress)
+    skipped = {r["k"]: r["skip"] for r in records if "skip" in r}
+    readable = [k for k in range(len(paths)) if k not in skipped]
+    row_of = {k: n for n, k in enumerate(readable)}
+    errors: dict[int, str] = {}
+    ran_on: dict[int, dict] = {}
+    rows: dict[int, dict[int, np.ndarray]] = {}
+    for r in records:
+        if "error" in r:
+            errors.setdefault(r["job"], r["error"])
+        elif "ran_on" in r:
+            ran_on.setdefault(r["job"], r["ran_on"])
+        elif "p" in r:
+            rows.setdefault(r["job"], {})[r["k"]] = unpack(r["p"])
+    out = {}
+    for j, job in enumerate(jobs):
+        got = rows.get(j, {})
+        if j in errors:
+            out[job.key] = PassOutput(None, errors[j], ran_on.get(j, {}))
+        elif got and len(got) == len(readable):
+            outputs = np.zeros((len(readable), len(next(iter(got.values())))), np.float32)
+            for k, row in got.items():
+                outputs[row_of[k]] = row
+            out[job.key] = PassOutput(outputs, None, ran_on.get(j, {}))
+        elif got:
+            out[job.key] = PassOutput(None, f"outputs for {len(got)} of {len(readable)} images", ran_on.get(j, {}))
+    return readable, skipped, out
+
+
+def holdout_pass(examples: Sequence, reference, artifacts: Sequence, settings, folder, beam: BeamConfig,
+                 feeds: dict | None = None, labelled: bool = True, progress: bool = True):
+    """The agreement passes of :func:`pipeline.verify.verify` on Beam, and the holdout to verify with.
+
+    Returns:
+        ``(holdout, passes)``: the holdout's labels, paths and unreadable images are every test
+        example's, its feeds hold only the first readable image (the driver times latency on
+        it); ``passes`` go to ``verify(..., passes=passes)``.
+
+    Raises:
+        DatasetError: there are no test examples, or none can be read.
+    """
+    import dataclasses
+
+    from pipeline.errors import DatasetError
+    from pipeline.runners import REFERENCE_RUNTIME, REGISTRY
+    from pipeline.verify import REFERENCE_PASS, feed_name, load_holdout, plan
+
+    if not examples:
+        raise DatasetError("the test split is empty: raise --test-pct or pass --test-images DIR")
+    feeds = dict(feeds or {})
+    ref_info = REGISTRY[REFERENCE_RUNTIME[reference.kind]]
+    jobs = [ModelJob((reference.name, REFERENCE_PASS), str(reference.path), str(ref_info.runtime),
+                     feed_name(reference, ref_info.feed), reference.tensors)]
+    _, pairs = plan(artifacts, settings)
+    for rt, arts in pairs.items():
+        jobs += [ModelJob((a.name, str(rt)), str(a.path), str(rt), feed_name(a, REGISTRY[rt].feed), a.tensors)
+                 for a in arts]
+    if any(REGISTRY[rt].sampled for rt in pairs):
+        log.info("verify: on Beam the emulated runtimes run every test image (--arm64-sample is for the local engine)")
+    prep = {"contract": settings.contract, "app": settings.app, "feeds": feeds, "classes": settings.classes,
+            "runner_options": dict(settings.runner_options), "timeout_s": settings.timeout_s, "run": settings.run}
+    readable, skipped, passes = run_holdout([e.path for e in examples], jobs, prep, beam, "verify", progress)
+    for k, why in sorted(skipped.items()):
+        log.info(f"skipped {examples[k].path}: {why}")
+    if not readable:
+        raise DatasetError(f"none of the {len(examples)} test images can be read (listed above); "
+                           "restore them or run retrain again")
+    first = load_holdout([examples[readable[0]]], settings.contract, folder, settings.app, feeds=feeds,
+                         labelled=labelled)
+    kept = [examples[k] for k in readable]
+    holdout = dataclasses.replace(
+        first, labels=np.array([e.label for e in kept]) if labelled else None, paths=[e.path for e in kept],
+        skipped=[{"path": examples[k].path, "reason": why} for k, why in sorted(skipped.items())])
+    return holdout, passes

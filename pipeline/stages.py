@@ -414,9 +414,16 @@ def _verify_run(ctx: Context) -> tuple[dict[str, Path], dict]:
                               runner_options={"arm64_cpu": c.arm64_cpu, "cache_dir": c.cache_dir}, sample=c.arm64_sample)
     # The prepared test images live in a temporary folder for the length of the stage.
     with tempfile.TemporaryDirectory(prefix="edgepipe-holdout-") as tmp:
-        holdout = load_holdout(ds.split("test"), settings.contract, Path(tmp), settings.app, feeds=feeds,
-                               labelled=unlabelled is None)
-        report = verify(reference, candidates, holdout, settings)
+        passes = None
+        if c.beam is not None:
+            from pipeline.beam import holdout_pass
+
+            holdout, passes = holdout_pass(ds.split("test"), reference, candidates, settings, Path(tmp), c.beam,
+                                           feeds=feeds, labelled=unlabelled is None, progress=c.progress)
+        else:
+            holdout = load_holdout(ds.split("test"), settings.contract, Path(tmp), settings.app, feeds=feeds,
+                                   labelled=unlabelled is None)
+        report = verify(reference, candidates, holdout, settings, passes)
     # Images dropped by retrain (train, validation and test alike) belong in the report as well.
     extra = None if model is None else {"models": [_graph_card(ctx, reference, retrain_metrics)],
                                         "reference": reference.name}

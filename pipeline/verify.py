@@ -151,6 +151,22 @@ def prepare_model_input(rgbs: list[np.ndarray], prep: Preprocessing) -> np.ndarr
     return ((x - np.float32(prep.mean)) / np.float32(prep.std)).astype(np.float32)
 
 
+CONTRACT, APP = "(contract)", "(app)"  # the feeds every holdout has (no model is named so)
+
+
+def prepare_feed(rgbs: list[np.ndarray], name: str, contract: Preprocessing, app: AppPreprocessing,
+                 feeds: Mapping[str, Preprocessing]) -> np.ndarray:
+    """Decoded photos as feed ``name`` holds them: the contract's pixels (what the reference
+    gets), the app's, or those of a model with its own preprocessing (``feeds[name]``)."""
+    from pipeline.stress import prepare_batch
+
+    if name == CONTRACT:
+        return prepare_batch(rgbs, contract, AppPreprocessing())
+    if name == APP:
+        return prepare_batch(rgbs, contract, app)
+    return prepare_model_input(rgbs, feeds[name])
+
+
 def load_holdout(examples: Sequence, contract: Preprocessing, folder: Path,
                  app: AppPreprocessing = AppPreprocessing(), feeds: Mapping[str, Preprocessing] = {},
                  labelled: bool = True) -> Holdout:
@@ -168,7 +184,6 @@ def load_holdout(examples: Sequence, contract: Preprocessing, folder: Path,
     from contextlib import ExitStack
 
     from pipeline.images import ImageError, decode_rgb, read_image_file
-    from pipeline.stress import prepare_batch
 
     if not examples:
         raise DatasetError("the test split is empty: raise --test-pct or pass --test-images DIR")
@@ -191,10 +206,10 @@ def load_holdout(examples: Sequence, contract: Preprocessing, folder: Path,
                     log.info(f"skipped {e.path}: {why}")
             if chunk:
                 if app_file is not None:
-                    np.ascontiguousarray(prepare_batch(chunk, contract, app), "<f4").tofile(app_file)
+                    np.ascontiguousarray(prepare_feed(chunk, APP, contract, app, feeds), "<f4").tofile(app_file)
                 for name, f in feed_files.items():
-                    np.ascontiguousarray(prepare_model_input(chunk, feeds[name]), "<f4").tofile(f)
-                yield prepare_batch(chunk, contract, AppPreprocessing())
+                    np.ascontiguousarray(prepare_feed(chunk, name, contract, app, feeds), "<f4").tofile(f)
+                yield prepare_feed(chunk, CONTRACT, contract, app, feeds)
 
     shape = (contract.size, contract.size, 3)
     with ExitStack() as files:
@@ -438,13 +453,20 @@ def run_one(runner, artifact: Artifact, images: FeedFile, settings: VerifySettin
         return None, str(err)
 
 
+def feed_name(artifact: Artifact, feed: Feed) -> str:
+    """Which of the holdout's feeds ``artifact`` takes in a runtime fed ``feed`` (its own when it
+    has one): :data:`CONTRACT`, :data:`APP` or one of :attr:`Holdout.feeds`."""
+    if isinstance(artifact.feed, str):
+        return artifact.feed
+    if artifact.feed is not None and feed in artifact.feed:
+        return artifact.feed[feed]
+    return CONTRACT if feed is Feed.CONTRACT else APP
+
+
 def feed_of(holdout: Holdout, artifact: Artifact, feed: Feed) -> FeedFile:
     """The images ``artifact`` takes in a runtime fed ``feed`` (its own feed when it has one)."""
-    if isinstance(artifact.feed, str):
-        return holdout.feeds[artifact.feed]
-    if artifact.feed is not None and feed in artifact.feed:
-        return holdout.feeds[artifact.feed[feed]]
-    return holdout.contract if feed is Feed.CONTRACT else holdout.app
+    name = feed_name(artifact, feed)
+    return {CONTRACT: holdout.contract, APP: holdout.app}.get(name) or holdout.feeds[name]
 
 
 def _single(feed: FeedFile) -> FeedFile:
@@ -500,8 +522,36 @@ def _latency_text(row: Result) -> str:
     return f"{row.latency_p50_ms:.2f} / {row.latency_p90_ms:.2f} ms p50/p90"
 
 
+@dataclass(frozen=True)
+class PassOutput:
+    """A pair's agreement pass computed elsewhere (the Beam engine): its raw outputs on every
+    holdout image, in holdout order, or why it failed, and what ran it (:data:`RAN_ON_KEYS`)."""
+
+    outputs: np.ndarray | None
+    error: str | None = None
+    ran_on: Mapping[str, object] = field(default_factory=dict)
+
+
+REFERENCE_PASS = "reference"  # the key of the reference's pass among the pairs' (artifact, runtime) keys
+
+
+def plan(artifacts: Sequence[Artifact], settings: VerifySettings) -> tuple[list[Runtime], dict[Runtime, list[Artifact]]]:
+    """The runtimes verify runs (the chosen ones and the twins they are compared with) and, for
+    each, the artifacts it runs, in report order."""
+    chosen = list(settings.runtimes)
+    for rt in settings.runtimes:
+        twin = REGISTRY[rt].twin
+        if twin is not None and twin not in chosen:
+            chosen.append(twin)
+    pairs: dict[Runtime, list[Artifact]] = {}
+    for art in artifacts:
+        for info in runtimes_for(art.kind, chosen):
+            pairs.setdefault(info.runtime, []).append(art)
+    return chosen, pairs
+
+
 def verify(reference: Artifact, artifacts: Sequence[Artifact], holdout: Holdout,
-           settings: VerifySettings) -> Report:
+           settings: VerifySettings, passes: Mapping[tuple[str, str], PassOutput] | None = None) -> Report:
     """Runs the reference and every (artifact, runtime) pair on the holdout and gates the drift.
 
     Args:
@@ -510,6 +560,10 @@ def verify(reference: Artifact, artifacts: Sequence[Artifact], holdout: Holdout,
             takes its kind (registry order).
         holdout: the prepared test images (:func:`load_holdout`, with ``settings.app``).
         settings: runtimes, gates, app preprocessing, stress, timeout, batch and latency runs.
+        passes: the agreement passes already run elsewhere (:func:`pipeline.beam.holdout_pass`),
+            by ``(artifact name, runtime)`` and ``(reference name, REFERENCE_PASS)``; then
+            ``holdout``'s feeds need only hold the first image (latency is timed here) and every
+            runtime's rows cover every image.
 
     Returns:
         Every row, failed ones included (a runtime that crashes or hangs is a failed row with
@@ -526,27 +580,27 @@ def verify(reference: Artifact, artifacts: Sequence[Artifact], holdout: Holdout,
     ref_runner = ref_info.create(settings.classes, **settings.runner_options)
     ref_feed = feed_of(holdout, reference, ref_info.feed)
     try:
-        ref_pred = ref_runner.predict(reference.path, ref_feed, timeout_s=settings.timeout_s,
-                                      settings=dataclasses.replace(run, latency_runs=0), tensors=reference.tensors)
+        if passes is not None:
+            done = passes[reference.name, REFERENCE_PASS]
+            if done.error:
+                raise RuntimeFailed(f"the reference {reference.name} failed in {ref_info.runtime}: {done.error}")
+            ref_pred = Prediction(done.outputs)
+        else:
+            ref_pred = ref_runner.predict(reference.path, ref_feed, timeout_s=settings.timeout_s,
+                                          settings=dataclasses.replace(run, latency_runs=0), tensors=reference.tensors)
         ref, ref_kind = model_probabilities(reference, ref_pred.probabilities)
     except BaseException:
         ref_runner.close()
         raise
     # Every pair's agreement pass, one task per runtime (its artifacts in turn, in one worker);
     # runtimes in parallel, each on its share of the cores; --stress beside them.
-    chosen = list(settings.runtimes)
-    for rt in settings.runtimes:
-        twin = REGISTRY[rt].twin
-        if twin is not None and twin not in chosen:
-            log.info(f"verify: {twin} runs too: {rt} is compared with it")
-            chosen.append(twin)
-    pairs: dict[Runtime, list[Artifact]] = {}
-    for art in artifacts:
-        for info in runtimes_for(art.kind, chosen):
-            pairs.setdefault(info.runtime, []).append(art)
+    chosen, pairs = plan(artifacts, settings)
+    for twin in chosen[len(settings.runtimes):]:
+        log.info(f"verify: {twin} runs too: it is compared with {next(r for r in settings.runtimes if REGISTRY[r].twin == twin)}")
     runners = {rt: REGISTRY[rt].create(settings.classes, **settings.runner_options) for rt in pairs}
-    # Emulated runtimes run a class-stratified sample (by the true class, else the reference's).
-    sample = stratified_sample(y if y is not None else ref.argmax(1), settings.sample)
+    # Emulated runtimes run a class-stratified sample (by the true class, else the reference's);
+    # passes run elsewhere cover every image.
+    sample = stratified_sample(y if y is not None else ref.argmax(1), 0 if passes is not None else settings.sample)
     sampled_feeds: dict[Path, FeedFile] = {}
 
     def feed_for(art: Artifact, info) -> FeedFile:
@@ -576,8 +630,13 @@ def verify(reference: Artifact, artifacts: Sequence[Artifact], holdout: Holdout,
                 log.info(f"verify: {art.name:15s} {runner.name} skipped: {why}")
                 continue
             t0 = time.perf_counter()
-            found[art.name, rt] = run_one(runner, art, feed_for(art, REGISTRY[rt]), settings, agreement)
-            info = getattr(runner, "last_info", None) or getattr(runner, "last_summary", None) or {}
+            if passes is not None:
+                done = passes.get((art.name, str(rt)), PassOutput(None, "the pass run elsewhere gave no output"))
+                found[art.name, rt] = (None if done.outputs is None else Prediction(done.outputs), done.error)
+                info = done.ran_on
+            else:
+                found[art.name, rt] = run_one(runner, art, feed_for(art, REGISTRY[rt]), settings, agreement)
+                info = getattr(runner, "last_info", None) or getattr(runner, "last_summary", None) or {}
             ran_on[art.name, rt] = {k: info[k] for k in RAN_ON_KEYS if k in info}
             pred, err = found[art.name, rt]
             expected = ref[sample] if REGISTRY[rt].sampled else ref
