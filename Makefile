@@ -3,12 +3,13 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.edgepipe-installed
+BEAM_STAMP := $(VENV)/.edgepipe-beam-installed
 NODE_DIR := pipeline/runners/tfjs
 NODE_STAMP := $(NODE_DIR)/node_modules/.package-lock.json
 CHROMIUM := /usr/bin/chromium
 PYTEST_ARGS ?=
 
-.PHONY: setup browser setup-arm64 demo test bench bench-chain clean
+.PHONY: setup browser setup-arm64 setup-beam demo test bench bench-chain bench-beam clean
 
 # Python and Node dependencies: all `make demo` needs (no root, no browser).
 setup: $(STAMP) $(NODE_STAMP)
@@ -22,10 +23,18 @@ browser: $(CHROMIUM)
 setup-arm64: $(STAMP)
 	$(VENV)/bin/edgepipe setup-arm64
 
+# The optional Apache Beam extra, edgepipe[beam], constrained by the lock; `make test` installs it too.
+# Idempotent: installed once, again only when pyproject.toml or requirements.lock change.
+setup-beam: $(BEAM_STAMP)
+
 $(STAMP): pyproject.toml requirements.lock
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip==25.2
 	$(PY) -m pip install --quiet -c requirements.lock -e '.[test]'
+	touch $@
+
+$(BEAM_STAMP): pyproject.toml requirements.lock $(STAMP)
+	$(PY) -m pip install --quiet -c requirements.lock -e '.[test,beam]'
 	touch $@
 
 $(NODE_STAMP): $(NODE_DIR)/package.json $(NODE_DIR)/package-lock.json
@@ -41,7 +50,7 @@ $(CHROMIUM):
 demo: setup
 	$(PY) scripts/demo.py
 
-test: setup browser setup-arm64
+test: setup browser setup-arm64 setup-beam
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # Bottleneck extraction and retrain speed against poets' loop (about 3 minutes; README "Measured").
@@ -52,6 +61,10 @@ bench: $(STAMP)
 # then verify's peak memory on caltech101 (about 40 minutes; README "Measured").
 bench-chain: setup
 	$(PY) scripts/bench_chain.py
+
+# Beam DirectRunner vs the local engine on caltech101 (README "Measured").
+bench-beam: $(BEAM_STAMP)
+	$(PY) scripts/bench_beam.py
 
 clean:
 	rm -rf runs/demo .pytest_cache
