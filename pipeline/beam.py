@@ -37,7 +37,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-from pipeline.config import BeamConfig
+from pipeline.config import LOCAL_BEAM_RUNNERS, BeamConfig
 from pipeline.console import log
 from pipeline.console import progress as progress_bar
 from pipeline.errors import one_line
@@ -85,7 +85,8 @@ def _quiet_import() -> Iterator[None]:
         yield
     finally:
         root.removeHandler(guard)
-        logging.getLogger("apache_beam").setLevel(logging.ERROR)
+        # Its own failures reach the user as edgepipe's one line per attempt (see run()).
+        logging.getLogger("apache_beam").setLevel(logging.CRITICAL)
 
 
 def _beam():
@@ -192,7 +193,7 @@ def run(build: Callable[[Any, str, Progress], None], cfg: BeamConfig, what: str,
     from apache_beam.options.pipeline_options import PipelineOptions
 
     flags = pipeline_flags(cfg)
-    local = cfg.runner in ("DirectRunner", "PrismRunner")
+    local = cfg.runner in LOCAL_BEAM_RUNNERS
     for attempt in range(1, ATTEMPTS + 1):
         root, remote = _results_root(cfg)
         counts = tempfile.mkdtemp(prefix="edgepipe-progress-") if local else None
@@ -311,7 +312,7 @@ def _extract_fn_class():
                         todo.append((i, v, sha, name, item_pixels(data, v, self.prep, augment, sha, path)))
                     except (ImageError, OSError) as err:
                         why = err.reason if isinstance(err, ImageError) else f"cannot read ({err.strerror or err})"
-                        out.append({"i": i, "skip": why})
+                        out.append({"i": i, "sha": sha, "skip": why})  # read, so hashed, as locally
                         break
             if todo:
                 feats = self.extractor([px for *_, px in todo])
@@ -365,6 +366,7 @@ def extract(paths: Sequence[str], graph_path, spec, graph_sha256: str, cache_roo
         i = r["i"]
         if "skip" in r:
             skipped[i] = r["skip"]
+            hashes[i] = r.get("sha", hashes[i])
             continue
         hashes[i] = r["sha"]
         if r["v"] == 0:

@@ -474,6 +474,7 @@ _ADOPT_OPTIONS = ("output_tensor", "labels")
 ENGINES = ("local", "beam")
 # Beam's runners by the names its --runner option takes (the portable ones run the same pipeline).
 BEAM_RUNNERS = ("DirectRunner", "PrismRunner", "DataflowRunner", "FlinkRunner", "SparkRunner", "PortableRunner")
+LOCAL_BEAM_RUNNERS = ("DirectRunner", "PrismRunner")  # their workers share this machine's folders
 
 
 @dataclass(frozen=True)
@@ -508,6 +509,10 @@ class BeamConfig:
         given = {o[2:].split("=", 1)[0].replace("-", "_") for o in self.options}
         if "runner" in given:
             out.append("--beam-option --runner: name the runner with --beam-runner")
+        if self.runner in BEAM_RUNNERS and self.runner not in LOCAL_BEAM_RUNNERS and "temp_location" not in given:
+            out.append(f"--beam-runner {self.runner}: give --beam-option=--temp_location=URL (gs://, s3://, hdfs://, "
+                       "or a folder every worker and this machine share): the workers write their results there "
+                       "for edgepipe to read")
         return out
 
 
