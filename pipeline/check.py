@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
 
+from pipeline.config import BeamConfig
 from pipeline.console import log
 from pipeline.errors import ConfigError, DatasetError
 from pipeline.formats import SETTINGS, ModelCard, read_card, read_labels
@@ -123,6 +124,7 @@ class CheckSettings:
         output: ``--output NAME`` for every model that has an output of that name.
         runtimes: where TFLite and TF.js candidates run (TensorFlow models run in TensorFlow).
         gates: ``--gate`` overrides by candidate name or kind (``tflite-int8``).
+        beam: run the models on the images on Apache Beam (``--engine beam``); None: here.
     """
 
     reference: Path
@@ -139,9 +141,12 @@ class CheckSettings:
     gates: Mapping[str, float] = field(default_factory=dict)
     latency_runs: int = 30
     timeout_s: float = 600.0
+    beam: BeamConfig | None = None
 
     def problems(self) -> list[str]:
         out = self.flags.problems()
+        if self.beam is not None:
+            out += self.beam.problems()
         if not self.candidates:
             out.append("--candidate PATH is required (repeat it for each converted model)")
         if not Path(self.images).is_dir():
@@ -478,8 +483,15 @@ def check(settings: CheckSettings) -> CheckResult:
     out.mkdir(parents=True, exist_ok=True)
     log.info(f"check: {reference.name} against {len(candidates)} candidate(s) on {len(images.paths)} images")
     with tempfile.TemporaryDirectory(prefix="edgepipe-check-") as tmp:
-        holdout = load_holdout(examples, reference.prep, Path(tmp), feeds=feeds, labelled=reason is None)
-        report = verify(ref_art, artifacts, holdout, verify_settings)
+        passes = None
+        if settings.beam is not None:
+            from pipeline.beam import holdout_pass
+
+            holdout, passes = holdout_pass(examples, ref_art, artifacts, verify_settings, Path(tmp), settings.beam,
+                                           feeds=feeds, labelled=reason is None)
+        else:
+            holdout = load_holdout(examples, reference.prep, Path(tmp), feeds=feeds, labelled=reason is None)
+        report = verify(ref_art, artifacts, holdout, verify_settings, passes)
     ran: dict[str, list[str]] = {}
     for r in report.results:
         ran.setdefault(r.artifact, []).append(r.runtime)

@@ -17,6 +17,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from pipeline.check import PrepFlags, resolve_preprocessing
+from pipeline.config import BeamConfig
 from pipeline.errors import ConfigError, DatasetError
 from pipeline.formats import read_card, read_labels
 from pipeline.runners import REFERENCE_RUNTIME, REGISTRY
@@ -58,6 +59,8 @@ class ClassifySettings:
     output: str | None = None
     input_tensor: str | None = None
     latency_runs: int = LATENCY_RUNS
+    beam: BeamConfig | None = None  # classify on Apache Beam (``--engine beam``); None: here
+    progress: bool = True
 
 
 def image_paths(inputs: Sequence[Path]) -> list[str]:
@@ -88,7 +91,7 @@ class Classifier:
     def __init__(self, settings: ClassifySettings):
         if settings.top_k < 1:
             raise ConfigError(f"--top-k {settings.top_k}: must be at least 1")
-        problems = settings.flags.problems()
+        problems = settings.flags.problems() + (settings.beam.problems() if settings.beam is not None else [])
         if problems:
             raise ConfigError("; ".join(problems))
         self.card = read_card(settings.model, settings.input_tensor, settings.output)
@@ -128,6 +131,9 @@ class Classifier:
         from pipeline.verify import as_probabilities, prepare_model_input
 
         k = min(self.settings.top_k, self.card.classes or self.settings.top_k)
+        if self.settings.beam is not None:
+            yield from self._classify_on_beam(paths, k)
+            return
         with tempfile.TemporaryDirectory(prefix="edgepipe-classify-") as tmp:
             for start in range(0, len(paths), CHUNK):
                 rgbs, ok, answers = [], [], {}
@@ -141,13 +147,46 @@ class Classifier:
                     feed = FeedFile.from_array(Path(tmp) / "chunk.f32", prepare_model_input(rgbs, self.prep))
                     probs, _ = as_probabilities(self._predict(feed, 0).probabilities)
                     for p, row in zip(ok, probs):
-                        order = np.argsort(-row, kind="stable")[:k]
-                        answers[p] = Classification(p, tuple((self._label(int(i)), float(row[i])) for i in order))
+                        answers[p] = self._answer(p, row, k)
                     if not self.latencies and self.settings.latency_runs > 0:
                         one = FeedFile(feed.path, (1, *feed.shape[1:]))
                         self.latencies = self._predict(one, self.settings.latency_runs).latencies_ms
                 for p in paths[start:start + CHUNK]:
                     yield answers[p]
+
+    def _answer(self, path: str, row: np.ndarray, k: int) -> Classification:
+        order = np.argsort(-row, kind="stable")[:k]
+        return Classification(path, tuple((self._label(int(i)), float(row[i])) for i in order))
+
+    def _classify_on_beam(self, paths: Sequence[str], k: int) -> Iterator[Classification]:
+        """:meth:`classify` with the model run on Beam's workers; the latency is timed here, on
+        the first readable image."""
+        from pipeline.beam import ModelJob, run_holdout
+        from pipeline.config import AppPreprocessing
+        from pipeline.images import decode_rgb, read_image_file
+        from pipeline.runners.base import RunSettings, RuntimeFailed, Tensors
+        from pipeline.runners.feed import FeedFile
+        from pipeline.verify import as_probabilities, prepare_model_input
+
+        tensors = Tensors(self.card.input.name if self.card.kind is ArtifactKind.GRAPH else None, self.card.output)
+        job = ModelJob(("model", str(self.runtime)), str(self.card.path), str(self.runtime), "model", tensors)
+        prep = {"contract": self.prep, "app": AppPreprocessing(), "feeds": {"model": self.prep},
+                "classes": list(self.labels or ()), "runner_options": {}, "timeout_s": 600.0, "run": RunSettings()}
+        readable, skipped, passes = run_holdout(list(paths), [job], prep, self.settings.beam, "classify",
+                                                self.settings.progress)
+        done = passes.get(job.key)
+        if readable and (done is None or done.error):
+            raise RuntimeFailed(done.error if done is not None else "the Beam pass gave no output")
+        probs = as_probabilities(done.outputs)[0] if readable else np.zeros((0, 0), np.float32)
+        rows = dict(zip(readable, probs))
+        if readable and self.settings.latency_runs > 0:
+            first = paths[readable[0]]
+            with tempfile.TemporaryDirectory(prefix="edgepipe-classify-") as tmp:
+                one = FeedFile.from_array(Path(tmp) / "one.f32",
+                                          prepare_model_input([decode_rgb(read_image_file(first), first)], self.prep))
+                self.latencies = self._predict(one, self.settings.latency_runs).latencies_ms
+        for n, p in enumerate(paths):
+            yield Classification(p, error=skipped[n]) if n in skipped else self._answer(p, rows[n], k)
 
     def _label(self, i: int) -> str:
         return self.labels[i] if self.labels is not None and i < len(self.labels) else str(i)

@@ -280,6 +280,31 @@ def _flags(size, mean, std, channel_order, value_range, resize):
     return PrepFlags(size=size, mean=mean, std=std, channel_order=channel_order, value_range=value_range, resize=resize)
 
 
+EngineOpt = _opt(str, "Where the models run on the images: local (default) or beam (Apache Beam; `make setup-beam`).",
+                 ENGINE, "--engine")
+BeamRunnerOpt = _opt(str, "With --engine beam: DirectRunner (default), DataflowRunner, FlinkRunner, SparkRunner, "
+                          "PortableRunner or PrismRunner.", ENGINE, "--beam-runner")
+BeamOptionOpt = _opt(Optional[list[str]], "With --engine beam: a Beam pipeline option, passed through (repeat).", ENGINE,
+                     "--beam-option")
+
+
+def _beam_config(engine: str, beam_runner: str, beam_option: list[str] | None):
+    """The Beam settings of a command with --engine; None for the local engine.
+
+    Raises:
+        ConfigError: an unknown engine or runner, a malformed option, Beam not installed.
+    """
+    from pipeline.config import BeamConfig, engine_problems
+    from pipeline.errors import ConfigError
+
+    beam = BeamConfig(beam_runner, tuple(beam_option or ()))
+    given = {k for k, v in (("beam_runner", beam_runner != BeamConfig.runner), ("beam_options", beam_option)) if v}
+    problems = engine_problems(engine, beam, given)
+    if problems:
+        raise ConfigError("; ".join(problems))
+    return beam if engine == "beam" else None
+
+
 @app.command("check")
 def check_command(
     reference: Annotated[Path, typer.Option("--reference", help="The original: SavedModel folder, .keras/.h5, frozen "
@@ -304,6 +329,7 @@ def check_command(
     latency_runs: _opt(int, "Single-image calls timed per candidate and runtime (0 = none).", VERIFICATION,
                        "--latency-runs") = 30,
     runtime_timeout: _opt(float, "Seconds one runtime may take on one model.", VERIFICATION, "--runtime-timeout") = 600.0,
+    engine: EngineOpt = "local", beam_runner: BeamRunnerOpt = "DirectRunner", beam_option: BeamOptionOpt = None,
     verbose: Verbose = False,
 ) -> None:
     """Check conversions made by any tool against their original, in the runtimes they deploy to."""
@@ -317,7 +343,7 @@ def check_command(
             flags=_flags(size, mean, std, channel_order, value_range, resize), labels=labels, no_labels=no_labels,
             input_tensor=input_tensor, output_tensor=output_tensor, output=output,
             runtimes=parse_runtimes(runtime or ()), gates=parse_check_gates(gate or (), candidate),
-            latency_runs=latency_runs, timeout_s=runtime_timeout)
+            latency_runs=latency_runs, timeout_s=runtime_timeout, beam=_beam_config(engine, beam_runner, beam_option))
         out.mkdir(parents=True, exist_ok=True)
         with library_output(out / "logs" / "check.log", verbose):
             result = check(settings)
@@ -339,6 +365,7 @@ def classify_command(
     labels: Labels = None, output: OutputName = None, input_tensor: InputTensor = None,
     size: Size = None, mean: Mean = None, std: Std = None, channel_order: ChannelOrderOpt = None,
     value_range: ValueRangeOpt = None, resize: ResizeOpt = None,
+    engine: EngineOpt = "local", beam_runner: BeamRunnerOpt = "DirectRunner", beam_option: BeamOptionOpt = None,
     quiet: Quiet = False, verbose: Verbose = False,
 ) -> None:
     """Print the top labels of each image with any model (poets' label_image.py, for every artifact)."""
@@ -353,7 +380,8 @@ def classify_command(
         rt = parse_runtimes([runtime], allow_tensorflow=True)[0] if runtime else None
         settings = ClassifySettings(model=model, inputs=tuple(inputs), top_k=top_k, runtime=rt,
                                     flags=_flags(size, mean, std, channel_order, value_range, resize), labels=labels,
-                                    output=output, input_tensor=input_tensor)
+                                    output=output, input_tensor=input_tensor,
+                                    beam=_beam_config(engine, beam_runner, beam_option), progress=not quiet)
         paths = image_paths(inputs)
         with library_output(None, verbose), Classifier(settings) as classifier:
             for w in classifier.warnings:

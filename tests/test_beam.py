@@ -202,3 +202,36 @@ def test_verify_on_beam_writes_the_same_report(chain_copy):
         assert {k: mine[k] for k in untimed} == untimed, (theirs["artifact"], theirs["runtime"])
     for key in ("n_test", "classes", "labelled", "skipped_images", "passed", "stress", "reference_top1", "findings"):
         assert beam[key] == local[key], key
+
+
+@pytest.mark.slow
+def test_check_and_classify_on_beam_answer_as_the_local_engine(session_chain, tiny_holdout, tmp_path):
+    from pipeline.check import CheckSettings, check
+    from pipeline.classify import Classifier, ClassifySettings, image_paths
+
+    out = session_chain.out
+    bad = tmp_path / "flat"
+    shutil.copytree(tiny_holdout, bad / "labelled")
+    (bad / "labelled" / next(p.name for p in tiny_holdout.iterdir() if p.is_dir()) / "broken.png").write_bytes(b"x")
+    base = dict(reference=out / "export" / "savedmodel", images=bad / "labelled", latency_runs=0,
+                candidates=(out / "quantize" / "int8.tflite", out / "tfjs" / "float16"))
+    local = check(CheckSettings(out=tmp_path / "local", **base)).report.to_dict(None)
+    beam = check(CheckSettings(out=tmp_path / "beam", beam=TWO_WORKERS, **base)).report.to_dict(None)
+    assert [r["runtime"] for r in beam["results"]] == [r["runtime"] for r in local["results"]]
+    # The unreadable image shifts the batches the runtimes see (Beam's chunks are cut before the
+    # images are read), and TensorFlow rounds a few outputs differently by batch: the drift
+    # figures agree to float32 rounding, everything counted agrees exactly.
+    rounded = ("max_abs_diff", "mean_abs_diff", "kl_divergence")
+    for mine, theirs in zip(beam["results"], local["results"]):
+        assert {k: (v, mine[k]) for k, v in theirs.items() if k not in rounded and mine[k] != v} == {}
+        assert [mine[k] for k in rounded] == pytest.approx([theirs[k] for k in rounded], rel=1e-4, abs=1e-7)
+    assert beam["skipped_images"] == local["skipped_images"]
+    assert [s["path"].endswith("broken.png") for s in beam["skipped_images"]] == [True]
+    paths = image_paths([bad / "labelled"])
+    answers = {}
+    for name, engine in (("local", None), ("beam", TWO_WORKERS)):
+        with Classifier(ClassifySettings(model=out / "quantize" / "int8.tflite", inputs=(bad,), top_k=2,
+                                         latency_runs=1, beam=engine, progress=False)) as classifier:
+            answers[name] = [a.to_dict() for a in classifier.classify(paths)]
+            assert classifier.mean_latency_ms is not None
+    assert answers["beam"] == answers["local"] and sum("error" in a for a in answers["beam"]) == 1
