@@ -30,13 +30,14 @@ import os
 import shutil
 import tempfile
 import threading
-import time
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
+from pipeline import storage
 from pipeline.config import LOCAL_BEAM_RUNNERS, BeamConfig
 from pipeline.console import log
 from pipeline.console import progress as progress_bar
@@ -48,33 +49,17 @@ BATCH = 64    # images per backbone call on a worker (BatchElements' upper bound
 RECORDS = "records"
 
 
-def is_url(path: object) -> bool:
-    """A path on a Beam filesystem other than the local one (``gs://``, ``s3://``, ``hdfs://``)."""
-    return "://" in str(path)
-
-
 def read_bytes(path: str) -> bytes:
-    """An image's bytes: local files as the local engine reads them (same checks, same reasons),
-    URLs through Beam's filesystems.
+    """An image's bytes, from a local path or a URL (:func:`pipeline.images.read_image_file`).
 
     Raises:
         ImageError: the file cannot be read.
     """
-    if not is_url(path):
-        return read_image_file(path)
-    from apache_beam.io.filesystem import CompressionTypes
-    from apache_beam.io.filesystems import FileSystems
-
-    try:
-        with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
-            return f.read()
-    except Exception as err:  # each filesystem raises its own (BeamIOError, HttpError, ...)
-        why = f"cannot read ({one_line(err, 120)})"
-        raise ImageError(f"{path}: {why}", why) from None
+    return read_image_file(path)
 
 
 @contextlib.contextmanager
-def _quiet_import() -> Iterator[None]:
+def quiet_import() -> Iterator[None]:
     # Beam's import warns through the root logger (apitools, bigquery), which would give the root
     # logger a stderr handler and print every library's log lines; a handler there while it
     # imports keeps the console edgepipe's.
@@ -90,7 +75,7 @@ def _quiet_import() -> Iterator[None]:
 
 
 def _beam():
-    with _quiet_import():
+    with quiet_import():
         import apache_beam
 
     return apache_beam
@@ -193,6 +178,7 @@ def run(build: Callable[[Any, str, Progress], None], cfg: BeamConfig, what: str,
     from apache_beam.options.pipeline_options import PipelineOptions
 
     flags = pipeline_flags(cfg)
+    storage.configure(flags)  # the driver reads the records with the workers' filesystem options
     local = cfg.runner in LOCAL_BEAM_RUNNERS
     for attempt in range(1, ATTEMPTS + 1):
         root, remote = _results_root(cfg)
@@ -236,24 +222,48 @@ def run(build: Callable[[Any, str, Progress], None], cfg: BeamConfig, what: str,
 
 
 def _read_records(prefix: str) -> Iterator[dict]:
-    from apache_beam.io.filesystems import FileSystems
-
-    files = sorted(m.path for m in FileSystems.match([f"{prefix}*"])[0].metadata_list)
-    for name in files:
-        with FileSystems.open(name) as f:
-            for line in f:
-                if line.strip():
-                    yield json.loads(line)
+    for name, _, _ in storage.listing(f"{prefix}*"):
+        for line in storage.iter_lines(name):
+            if line.strip():
+                yield json.loads(line)
 
 
 def _remove(root: str, remote: bool) -> None:
-    if not remote:
+    if remote:
+        storage.delete_tree(root)
+    else:
         shutil.rmtree(root, ignore_errors=True)
-        return
-    from apache_beam.io.filesystems import FileSystems
 
-    with contextlib.suppress(Exception):
-        FileSystems.delete([root])
+
+def stage(path, cfg: BeamConfig) -> str:
+    """A model or graph file (or folder) where the workers can read it: with ``--temp_location``
+    (workers on other machines) a copy there, keyed by the file's size and time; else the path.
+    Workers take it with :func:`localize`."""
+    temp = _given(cfg.options).get("temp_location")
+    if not temp or storage.is_url(path):
+        return str(path)
+    local = Path(path)
+    stats = [(str(p.relative_to(local)), p.stat().st_size, p.stat().st_mtime_ns)
+             for p in sorted(local.rglob("*")) if p.is_file()] if local.is_dir() else [(local.name, *_stat(local))]
+    key = hashlib.sha256(json.dumps([str(local.resolve()), stats]).encode()).hexdigest()[:16]
+    url = storage.join(temp, "edgepipe-staged", key)
+    try:
+        storage.read(storage.join(url, storage.MANIFEST))
+    except OSError:
+        storage.upload(local, url)
+    return url
+
+
+def _stat(p) -> tuple[int, int]:
+    st = os.stat(p)
+    return st.st_size, st.st_mtime_ns
+
+
+def localize(path: str, folder: str) -> str:
+    """On a worker: a staged URL copied to the local ``folder`` (the runtimes read local files)."""
+    if not storage.is_url(path):
+        return path
+    return str(storage.download(path, Path(folder)))
 
 
 def pack(a: np.ndarray) -> str:
@@ -267,6 +277,34 @@ def unpack(text: str) -> np.ndarray:
 
 
 # --- bottlenecks --------------------------------------------------------------------------------
+
+def remote_cache_class():
+    from pipeline.bottlenecks import BottleneckCache
+
+    class RemoteCache(BottleneckCache):
+        """:class:`pipeline.bottlenecks.BottleneckCache`'s layout and entries on a Beam filesystem."""
+
+        def __init__(self, root: str, key: str, feature_size: int):
+            super().__init__(Path(os.devnull), key, feature_size)  # the header, for this size
+            self.dir = storage.join(root, key)
+
+        def _path(self, image_sha: str) -> str:
+            return storage.join(self.dir, image_sha[:1], f"{image_sha}.npy")
+
+        def get(self, image_sha: str):
+            try:
+                data = storage.read(self._path(image_sha))
+            except OSError:
+                return None
+            if len(data) != len(self._header) + self._size or not data.startswith(self._header):
+                return None
+            return np.frombuffer(data, "<f4", offset=len(self._header))
+
+        def put(self, image_sha: str, feature: np.ndarray) -> None:
+            storage.write_atomic(self._path(image_sha), self._header + np.asarray(feature, "<f4").tobytes())
+
+    return RemoteCache
+
 
 def _extract_fn_class():
     beam = _beam()
@@ -283,12 +321,20 @@ def _extract_fn_class():
             from pipeline.backbone import get_extractor
             from pipeline.bottlenecks import BottleneckCache, backbone_key
 
+            RemoteCache = remote_cache_class()
+
             job = self.job
-            self.extractor = get_extractor(job["graph"], job["spec"], job["engine"], job["threads"])
+            self.tmp = tempfile.mkdtemp(prefix="edgepipe-beam-graph-")
+            graph = localize(job["graph"], self.tmp)
+            self.extractor = get_extractor(graph, job["spec"], job["engine"], job["threads"])
             spec = self.extractor.spec
             self.prep = spec.preprocessing
-            self.cache = BottleneckCache(job["cache_root"], backbone_key(job["graph_sha256"], spec, self.extractor.engine),
-                                         spec.feature_size)
+            kind = RemoteCache if storage.is_url(job["cache_root"]) else BottleneckCache
+            self.cache = kind(job["cache_root"], backbone_key(job["graph_sha256"], spec, self.extractor.engine),
+                              spec.feature_size)
+
+        def teardown(self):
+            shutil.rmtree(getattr(self, "tmp", ""), ignore_errors=True)
 
         def process(self, batch):
             from pipeline.bottlenecks import entry_name, item_pixels
@@ -340,7 +386,7 @@ def extract(paths: Sequence[str], graph_path, spec, graph_sha256: str, cache_roo
     copies = variants(augment)
     aug_set = set(augment_indices) if copies else set()
     items = [(i, str(p), copies if i in aug_set else 0) for i, p in enumerate(paths)]
-    job = {"graph": str(graph_path), "spec": spec, "graph_sha256": graph_sha256, "cache_root": str(cache_root),
+    job = {"graph": stage(graph_path, beam), "spec": spec, "graph_sha256": graph_sha256, "cache_root": str(cache_root),
            "augment": augment, "engine": engine, "threads": worker_threads(beam)}
     extract_fn = _extract_fn_class()
 
@@ -409,11 +455,12 @@ def _predict_fn_class():
             from pipeline.types import Runtime
 
             self.runners = {}
+            self.tmp = tempfile.mkdtemp(prefix="edgepipe-beam-feeds-")
+            self.paths = [localize(job.path, self.tmp) for job in self.jobs]
             for job in self.jobs:
                 if job.runtime not in self.runners:
                     self.runners[job.runtime] = REGISTRY[Runtime(job.runtime)].create(
                         self.prep["classes"], **self.prep["runner_options"])
-            self.tmp = tempfile.mkdtemp(prefix="edgepipe-beam-feeds-")
 
         def teardown(self):
             for runner in getattr(self, "runners", {}).values():
@@ -422,8 +469,6 @@ def _predict_fn_class():
             shutil.rmtree(getattr(self, "tmp", ""), ignore_errors=True)
 
         def process(self, chunk):
-            from pathlib import Path
-
             from pipeline.images import decode_rgb
             from pipeline.runners.base import RuntimeFailed
             from pipeline.runners.feed import FeedFile
@@ -443,12 +488,12 @@ def _predict_fn_class():
                 for name in dict.fromkeys(job.feed for job in self.jobs):
                     array = prepare_feed(rgbs, name, p["contract"], p["app"], p["feeds"])
                     feeds[name] = FeedFile.from_array(Path(self.tmp) / f"feed-{len(feeds)}.f32", array)
-                for j, job in enumerate(self.jobs):
+                for j, (job, path) in enumerate(zip(self.jobs, self.paths)):
                     runner = self.runners[job.runtime]
-                    if runner.unsupported(job.path):
+                    if runner.unsupported(path):
                         continue  # verify says why, from its own runner
                     try:
-                        pred = runner.predict(job.path, feeds[job.feed], timeout_s=p["timeout_s"], settings=p["run"],
+                        pred = runner.predict(path, feeds[job.feed], timeout_s=p["timeout_s"], settings=p["run"],
                                               tensors=job.tensors)
                     except RuntimeFailed as err:
                         yield json.dumps({"job": j, "error": str(err)})
@@ -480,6 +525,7 @@ def run_holdout(paths: Sequence[str], jobs: Sequence[ModelJob], prep: dict, beam
     from pipeline.verify import PassOutput
 
     prep = {**prep, "run": dataclasses.replace(prep["run"], threads=worker_threads(beam), latency_runs=0)}
+    jobs = [dataclasses.replace(job, path=stage(job.path, beam)) for job in jobs]
     batch = prep["run"].batch
     # Chunks cut on the driver, as the local engine cuts the holdout into the runtimes' batches, so
     # every runtime sees the same batches either way (some kernels round differently by batch).

@@ -32,8 +32,9 @@ def _opt(kind, help_: str, panel: str, *names: str):
 # Every option once: name → (annotation, default). Panels say which stage an option belongs to.
 OPTIONS: dict[str, tuple[object, object]] = {
     "out": (_opt(Path, "Run directory (one folder per stage, manifest.json, reports).", OUTPUT, "--out"), ...),
-    "images": (_opt(Optional[Path], "Training images: DIR/<class>/*.jpg.", DATA), None),
-    "test_images": (_opt(Optional[Path], "Holdout images, same layout; replaces the test split.", DATA), None),
+    "images": (_opt(Optional[str], "Training images: DIR/<class>/*.jpg (or a URL such as gs://BUCKET/photos, read "
+                                   "through Beam's filesystems).", DATA), None),
+    "test_images": (_opt(Optional[str], "Holdout images, same layout; replaces the test split.", DATA), None),
     "validation_pct": (_opt(Optional[float], "Validation percentage (default 10).", DATA), None),
     "test_pct": (_opt(Optional[float], "Test percentage when no --test-images (default 10).", DATA), None),
     "backbone": (_opt(Optional[str], f"Catalog backbone (default {DEFAULT_BACKBONE}); see `edgepipe fetch --list`.", BACKBONE), None),
@@ -104,6 +105,9 @@ OPTIONS: dict[str, tuple[object, object]] = {
     "beam_option": (_opt(Optional[list[str]], "With --engine beam: a Beam pipeline option as Beam spells it, passed "
                                               "through (repeat), e.g. --beam-option=--direct_num_workers=4.", ENGINE,
                          "--beam-option"), None),
+    "bottleneck_cache": (_opt(Optional[str], "Where bottleneck entries live (default CACHE_DIR/bottlenecks); with "
+                                             "--engine beam a URL every worker can write (gs://, s3://, hdfs://).",
+                              ENGINE), None),
     "mirror": (_opt(Optional[str], "Mirror folder or base URL laid out <host>/<path> (default $EDGEPIPE_MIRROR).", CACHE), None),
     "cache_dir": (_opt(Optional[Path], "Cache folder (default $EDGEPIPE_CACHE_DIR or ~/.cache/edgepipe).", CACHE), None),
     "offline": (_opt(bool, "Use only the cache and the mirror.", CACHE), False),
@@ -130,7 +134,7 @@ _COMMON = ("mirror", "cache_dir", "offline", "quiet", "verbose")
 
 # The options each command takes: its own stage's. `run` takes every stage's.
 COMMAND_OPTIONS = {
-    "retrain": _DATA + _BACKBONE + _TRAINING + _AUGMENT + _ENGINE,
+    "retrain": _DATA + _BACKBONE + _TRAINING + _AUGMENT + _ENGINE + ("bottleneck_cache",),
     "export": (),
     "quantize": _QUANTIZE,
     "tfjs": _TFJS,

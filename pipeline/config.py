@@ -528,6 +528,11 @@ def engine_problems(engine: str, beam: BeamConfig, given: Collection[str] = ()) 
 
 
 _PATH_FIELDS = ("out", "images", "test_images", "cache_dir", "summaries_dir")
+_URL_FIELDS = ("images", "test_images", "bottleneck_cache")  # may name a URL on a Beam filesystem
+
+
+def _is_url(value: object) -> bool:
+    return "://" in str(value)
 
 
 @dataclass(frozen=True)
@@ -567,6 +572,7 @@ class RunConfig:
     engine: str = "local"
     beam_runner: str = BeamConfig.runner
     beam_options: tuple[str, ...] = ()
+    bottleneck_cache: str | None = None  # default: <cache_dir>/bottlenecks; a URL with the Beam engine
     cache_dir: Path | None = None
     mirror: str | None = None
     offline: bool = False
@@ -575,7 +581,8 @@ class RunConfig:
     def __post_init__(self):
         for key in _PATH_FIELDS:
             value = getattr(self, key)
-            if value is not None and not isinstance(value, Path):
+            # Image folders may be URLs on a Beam filesystem (gs://...), which Path would mangle.
+            if value is not None and not isinstance(value, Path) and not (key in _URL_FIELDS and _is_url(value)):
                 object.__setattr__(self, key, Path(value))
         object.__setattr__(self, "quant_modes", tuple(QuantMode(m) for m in self.quant_modes))
         object.__setattr__(self, "tfjs_modes", tuple(TfjsMode(m) for m in self.tfjs_modes))
@@ -631,12 +638,25 @@ class RunConfig:
         from pipeline.dataset import folder_problems
 
         problems: list[str] = []
+        urls = [f"--{k.replace('_', '-')} {getattr(self, k)}" for k in _URL_FIELDS if _is_url(getattr(self, k))]
+        if urls:
+            import importlib.util
+
+            from pipeline import storage
+
+            if importlib.util.find_spec("apache_beam") is None:
+                problems.append(f"{', '.join(urls)}: a URL is read through Apache Beam's filesystems; run "
+                                "`make setup-beam` (pip install -c requirements.lock -e '.[beam]')")
+            storage.configure(self.beam_options)  # e.g. --s3_endpoint_url, for the listing below
+        if _is_url(self.bottleneck_cache) and self.engine != "beam":
+            problems.append(f"--bottleneck-cache {self.bottleneck_cache}: a cache on a URL is written by Beam's "
+                            "workers; add --engine beam or give a local folder")
         if needs_images:
             if self.images is None:
                 problems.append("--images DIR is required (one sub-folder per class)")
-            elif not self.images.is_dir():
+            elif not _is_url(self.images) and not self.images.is_dir():
                 problems.append(f"--images {self.images}: no such folder")
-            if self.test_images is not None and not self.test_images.is_dir():
+            if self.test_images is not None and not _is_url(self.test_images) and not self.test_images.is_dir():
                 problems.append(f"--test-images {self.test_images}: no such folder")
         if self.graph is None:
             try:
@@ -684,8 +704,8 @@ class RunConfig:
             # would leave the user believing part of --images is held out.
             problems.append(f"--test-pct {self.test_pct:g} contradicts --test-images {self.test_images} (that folder "
                             "is the test split); drop --test-pct")
-        folders_ok = needs_images and self.images is not None and self.images.is_dir() and (
-            self.test_images is None or self.test_images.is_dir())
+        folders_ok = needs_images and self.images is not None and (_is_url(self.images) or self.images.is_dir()) and (
+            self.test_images is None or _is_url(self.test_images) or self.test_images.is_dir())
         if folders_ok and split_ok:
             problems += folder_problems(self.images, self.test_images, self.validation_pct, self.test_pct)
         return problems
@@ -784,7 +804,7 @@ class RunConfig:
         """Inverse of :meth:`to_dict` (a run directory's saved configuration)."""
         d = dict(d)
         for key in _PATH_FIELDS:
-            d[key] = Path(d[key]) if d.get(key) not in (None, "None") else None
+            d[key] = d[key] if d.get(key) not in (None, "None") else None
         if d.get("graph"):
             d["graph"] = CustomGraph(**d["graph"])
         if d.get("adopt"):

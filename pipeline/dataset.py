@@ -83,20 +83,50 @@ def _listdir(folder: Path) -> list[Path]:
         raise DatasetError(f"{folder}: cannot list the folder ({err.strerror or err})") from None
 
 
-def class_folders(root: Path) -> list[tuple[str, Path]]:
-    """``(normalised name, folder)`` of every class folder under ``root``, in label order.
+def _url_files(root: str) -> dict[str, list[str]]:
+    """The image files of each class folder under a URL (``gs://bucket/photos``), by folder name,
+    listed through Beam's filesystems (object stores have no empty folders)."""
+    from pipeline import storage
+
+    try:
+        found = storage.listing(storage.join(root, "*", "*"))
+    except OSError as err:
+        raise DatasetError(f"image folder {root}: {str(err).removeprefix(storage.join(root, '*', '*') + ': ')}") from None
+    out: dict[str, list[str]] = {}
+    for url, _, _ in found:
+        folder, name = url[len(root.rstrip("/")) + 1:].split("/", 1)
+        if not folder.startswith(".") and not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES:
+            out.setdefault(folder, []).append(url)
+    if not out:
+        raise DatasetError(f"image folder {root} holds no <class>/<image> files; pass --images URL with one "
+                           "sub-folder per class")
+    return out
+
+
+def _is_url(root) -> bool:
+    return "://" in str(root)
+
+
+def class_folders(root: Path | str) -> list[tuple[str, Path | str]]:
+    """``(normalised name, folder)`` of every class folder under ``root`` (a folder, or a URL on a
+    Beam filesystem), in label order.
 
     Raises:
         DatasetError: the folder is missing, or two folders give the same or an empty label.
     """
+    if _is_url(root):
+        return _label_order({folder: f"{str(root).rstrip('/')}/{folder}" for folder in _url_files(str(root))})
     root = Path(root)
     if not root.is_dir():
         raise DatasetError(f"image folder {root} does not exist; pass --images DIR with one sub-folder per class")
-    subs = [p for p in _listdir(root) if not p.name.startswith(".") and p.is_dir()]
+    return _label_order({p.name: p for p in _listdir(root) if not p.name.startswith(".") and p.is_dir()})
+
+
+def _label_order(subs: dict) -> list[tuple[str, Path | str]]:
     # Label order follows the normalised names, so renaming "Roses" to "roses" keeps the labels.
-    out: dict[str, Path] = {}
-    for sub in sorted(subs, key=lambda p: (normalise_class_name(p.name), p.name)):
-        name = normalise_class_name(sub.name)
+    out: dict[str, Path | str] = {}
+    for folder in sorted(subs, key=lambda f: (normalise_class_name(f), f)):
+        sub, name = subs[folder], normalise_class_name(folder)
         if not name:
             raise DatasetError(f"{sub}: the folder name has no letters or digits to use as a class label; rename it")
         if name in out:
@@ -105,8 +135,8 @@ def class_folders(root: Path) -> list[tuple[str, Path]]:
     return list(out.items())
 
 
-def scan_classes(root: Path) -> dict[str, list[Path]]:
-    """Maps each class folder (normalised name) to its image files, sorted.
+def scan_classes(root: Path | str) -> dict[str, list[Path] | list[str]]:
+    """Maps each class folder (normalised name) to its image files, sorted (URLs under a URL).
 
     Hidden files and folders are ignored; only known image suffixes count. Entries with an image
     suffix that are not regular files (dangling symlinks, FIFOs) are kept, so that the retrain
@@ -116,6 +146,10 @@ def scan_classes(root: Path) -> dict[str, list[Path]]:
     Raises:
         DatasetError: the folder is missing, cannot be listed, or two class folders collide.
     """
+    if _is_url(root):
+        files = _url_files(str(root))
+        folders = _label_order({folder: f"{str(root).rstrip('/')}/{folder}" for folder in files})
+        return {name: sorted(files[sub.rsplit("/", 1)[1]]) for name, sub in folders}
     return {
         name: sorted(
             p for p in _listdir(sub)
@@ -145,12 +179,13 @@ def folder_problems(
     unknown = sorted(set(test_classes) - set(classes))
     if unknown:
         problems.append(f"{test_images}: classes {unknown} are not in {images}")
-    if test_images and Path(images).resolve() == Path(test_images).resolve():
+    if test_images and (str(images).rstrip("/") == str(test_images).rstrip("/") if _is_url(images)
+                        else Path(images).resolve() == Path(test_images).resolve()):
         problems.append(f"--test-images {test_images} is the --images folder: test accuracy would be "
                         "measured on training images; pass a separate holdout folder")
     effective_test = 0.0 if test_images else test_pct
     for name, files in classes.items():
-        if files and all(split_of(f.name, validation_pct, effective_test) != "train" for f in files):
+        if files and all(split_of(os.path.basename(f), validation_pct, effective_test) != "train" for f in files):
             problems.append(
                 f"class {name!r}: all {len(files)} image(s) fall in the validation/test split "
                 "(by a hash of the file name); add images or lower --validation-pct/--test-pct"
@@ -158,9 +193,11 @@ def folder_problems(
     return problems
 
 
-def _absolute(path: Path) -> str:
+def _absolute(path: Path | str) -> str:
     # The folder resolved, the file's own name kept: a symlinked (or dangling, or looping) image
-    # is read and reported under the name the user gave it.
+    # is read and reported under the name the user gave it. A URL is absolute already.
+    if _is_url(path):
+        return str(path)
     return str(path.parent.resolve() / path.name)
 
 
@@ -191,7 +228,7 @@ def build_dataset(
     examples = []
     for label, name in enumerate(names):
         for path in classes[name]:
-            split = split_of(path.name, validation_pct, 0.0 if test_images else test_pct)
+            split = split_of(os.path.basename(path), validation_pct, 0.0 if test_images else test_pct)
             examples.append(Example(_absolute(path), label, split))
         for path in test_classes.get(name, []):
             examples.append(Example(_absolute(path), label, "test"))

@@ -45,7 +45,8 @@ def _too_big(pixels: int, dims: str = "") -> str:
 
 
 def read_image_file(path: Path | str) -> bytes:
-    """The bytes of an image file, refusing what is not a regular file.
+    """The bytes of an image file, refusing what is not a regular file; a URL (``gs://``, ``s3://``)
+    is read through Beam's filesystems (:mod:`pipeline.storage`).
 
     A FIFO or device named ``*.jpg`` would block or never end, so the file is opened without
     blocking and checked before reading.
@@ -54,6 +55,17 @@ def read_image_file(path: Path | str) -> bytes:
         ImageError: a dangling symlink, symlink loop, FIFO/device, unreadable or empty file.
     """
     path = str(path)
+    if "://" in path:  # a URL on a Beam filesystem (pipeline.storage)
+        from pipeline import storage
+
+        try:
+            data = storage.read(path)
+        except OSError as err:
+            why = f"cannot read ({str(err).removeprefix(path + ': ')})"
+            raise ImageError(f"{path}: {why}", why) from None
+        if not data:
+            raise ImageError(f"{path}: empty file (0 bytes)", "empty file (0 bytes)")
+        return data
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except OSError as err:
@@ -286,6 +298,7 @@ def load_batch(
 
 
 def load_files(paths: Iterable[Path], prep: Preprocessing) -> np.ndarray:
-    """Convenience: reads files and returns the batch (see :func:`load_batch`)."""
-    paths = [Path(p) for p in paths]
-    return load_batch([p.read_bytes() for p in paths], prep, [str(p) for p in paths])
+    """Convenience: reads files (or URLs, see :func:`read_image_file`) and returns the batch (see
+    :func:`load_batch`)."""
+    paths = [str(p) for p in paths]
+    return load_batch([read_image_file(p) for p in paths], prep, paths)

@@ -97,6 +97,10 @@ def _folder_key(folder: Path | None) -> list:
     """A folder as a fingerprint: its absolute path (so ./a and /x/a are the same) and listing."""
     if folder is None:
         return [None, None]
+    if "://" in str(folder):  # on a Beam filesystem: the listing's names, sizes and times
+        from pipeline import storage
+
+        return [str(folder), _digest(storage.listing(storage.join(str(folder), "*", "*")))]
     return [str(Path(folder).resolve()), _listing_digest(folder)]
 
 
@@ -213,7 +217,8 @@ def _retrain_run(ctx: Context) -> tuple[dict[str, Path], dict]:
         summaries = Path(c.summaries_dir) / f"{Path(c.out).name}-{stamp}"
     result = retrain(
         build_dataset(c.images, c.test_images, c.validation_pct, c.test_pct), ctx.graph_path(), ctx.spec(),
-        ctx.stage_info("fetch")["outputs"]["graph"]["sha256"], Path(c.cache_dir or default_cache_dir()) / "bottlenecks",
+        ctx.stage_info("fetch")["outputs"]["graph"]["sha256"],
+        c.bottleneck_cache or Path(c.cache_dir or default_cache_dir()) / "bottlenecks",
         c.train, c.augment, progress=c.progress, summaries_dir=summaries, images_dir=c.images, beam=c.beam,
         checkpoint_dir=out / "checkpoints" if c.train.checkpoint_every else None)
     if c.print_misclassified:

@@ -235,3 +235,56 @@ def test_check_and_classify_on_beam_answer_as_the_local_engine(session_chain, ti
             answers[name] = [a.to_dict() for a in classifier.classify(paths)]
             assert classifier.mean_latency_ms is not None
     assert answers["beam"] == answers["local"] and sum("error" in a for a in answers["beam"]) == 1
+
+
+# --- images, cache and staging on a Beam filesystem -------------------------------------------
+
+def _upload(s3, bucket: str, folder: Path, prefix: str) -> None:
+    for p in sorted(folder.rglob("*")):
+        if p.is_file():
+            s3.put_object(Bucket=bucket, Key=f"{prefix}/{p.relative_to(folder).as_posix()}", Body=p.read_bytes())
+
+
+@pytest.mark.slow
+@pytest.mark.chain
+def test_images_cache_and_models_on_s3_give_the_local_run(session_chain, tiny_images, tiny_holdout, tmp_path,
+                                                          monkeypatch):
+    """Beam's own S3 filesystem against moto's S3, in one process (moto intercepts this process's
+    calls, so the DirectRunner runs in memory, and int16x8, converted in a process of its own, is
+    left out): images listed and read there, bottleneck entries and the workers' records written
+    there, the graph and the models staged there."""
+    boto3 = pytest.importorskip("boto3")
+    moto = pytest.importorskip("moto")
+    from pipeline import storage
+
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    with moto.mock_aws():
+        s3 = boto3.client("s3", region_name="us-east-1")
+        for bucket in ("photos", "cache", "scratch"):
+            s3.create_bucket(Bucket=bucket)
+        _upload(s3, "photos", tiny_images, "train")
+        _upload(s3, "photos", tiny_holdout, "test")
+        options = {k: v for k, v in session_chain.options.items() if k not in ("runtimes", "stress", "images", "test_images")}
+        with edgepipe_log() as lines:
+            run_chain(tmp_path / "run", images="s3://photos/train", test_images="s3://photos/test", engine="beam",
+                      beam_options=["--direct_running_mode=in_memory", "--temp_location=s3://scratch/tmp",
+                                    "--s3_region_name=us-east-1"],
+                      bottleneck_cache="s3://cache/bottlenecks", cache_dir=tmp_path / "cache",
+                      runtimes=["ai-edge-litert"], quant_modes=["float32", "dynamic", "int8"], **options)
+        remote = {url.split("/bottlenecks/", 1)[1]: hashlib.sha256(storage.read(url)).hexdigest()
+                  for url, _, _ in storage.listing("s3://cache/bottlenecks/*/*/*")}
+        staged = storage.listing("s3://scratch/tmp/edgepipe-staged/*/*")
+        leftovers = [u for u, _, _ in storage.listing("s3://scratch/tmp/*/*") if "edgepipe-staged" not in u]
+    assert remote == _entries(session_chain.cache / "bottlenecks") and remote
+    assert any(u.endswith(".pb") for u, _, _ in staged) and any(u.endswith("int8.tflite") for u, _, _ in staged)
+    assert leftovers == []  # each pass's records are removed once read
+    run = tmp_path / "run"
+    assert (run / "retrain" / "head.npz").read_bytes() == (session_chain.out / "retrain" / "head.npz").read_bytes()
+    split = read_json(run / "retrain" / "split.json")
+    assert split["examples"][0]["path"].startswith("s3://photos/train/")
+    theirs = session_chain.rows()
+    mine = {(r["artifact"], r["runtime"]): r for r in read_json(run / "report.json")["results"]}
+    assert set(mine) <= set(theirs) and len(mine) == 4  # the SavedModel and three TFLite files in one runtime
+    for key, row in mine.items():
+        assert {k: v for k, v in row.items() if k not in TIMED} == {k: v for k, v in theirs[key].items() if k not in TIMED}
+    assert not any("error" in line.lower() for line in lines), lines
