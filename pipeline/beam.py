@@ -161,13 +161,17 @@ class Progress:
         return done
 
 
-def run(build: Callable[[Any, str, Progress], None], cfg: BeamConfig, what: str, total: int,
-        progress: bool = True) -> list[dict]:
-    """Runs a pass's pipeline and returns its records (JSON lines, in no particular order).
+def run(build: Callable[[Any, str, Progress], None], cfg: BeamConfig, what: str, inputs: Sequence,
+        consume: Callable[[dict], None], total: int, progress: bool = True) -> None:
+    """Runs a pass's pipeline over ``inputs`` and hands each of its records to ``consume``.
+
+    The inputs (JSON-able: paths with their indices) go to the workers as a file Beam reads,
+    not inside the pipeline's definition, whose size runners limit; the records come back as
+    JSON lines, read one at a time once the pipeline has succeeded.
 
     Args:
-        build: adds the pass to a pipeline: ``build(pipeline, records_prefix, progress)``; it ends
-            in ``WriteToText(records_prefix)`` of JSON lines.
+        build: adds the pass to the spread inputs: ``build(inputs, records_prefix, progress)``; it
+            ends in ``WriteToText(records_prefix)`` of JSON lines.
         what: the pass, for the progress bar and messages.
         total: the items the bar counts.
 
@@ -178,7 +182,7 @@ def run(build: Callable[[Any, str, Progress], None], cfg: BeamConfig, what: str,
     from apache_beam.options.pipeline_options import PipelineOptions
 
     flags = pipeline_flags(cfg)
-    storage.configure(flags)  # the driver reads the records with the workers' filesystem options
+    storage.configure(flags)  # the driver reads and writes with the workers' filesystem options
     local = cfg.runner in LOCAL_BEAM_RUNNERS
     for attempt in range(1, ATTEMPTS + 1):
         root, remote = _results_root(cfg)
@@ -193,31 +197,42 @@ def run(build: Callable[[Any, str, Progress], None], cfg: BeamConfig, what: str,
 
         watcher = threading.Thread(target=poll, daemon=True) if counts and progress else None
         try:
+            listing = "".join(json.dumps(item) + "\n" for item in inputs).encode()
+            if remote:
+                storage.write_atomic(f"{root}/inputs.jsonl", listing)
+            else:
+                Path(root, "inputs.jsonl").write_bytes(listing)
             if watcher:
                 watcher.start()
             pipeline = beam.Pipeline(options=PipelineOptions(flags))
-            build(pipeline, f"{root}/{RECORDS}", Progress(counts))
+            spread = (pipeline | "inputs" >> beam.io.ReadFromText(f"{root}/inputs.jsonl")
+                      | "parse" >> beam.Map(json.loads) | "spread" >> beam.Reshuffle())
+            build(spread, f"{root}/{RECORDS}", Progress(counts))
             state = pipeline.run().wait_until_finish()
             if str(state) not in ("DONE", "PipelineState.DONE"):
                 raise RuntimeError(f"the pipeline ended {state}")
-            records = list(_read_records(f"{root}/{RECORDS}"))
-            if watcher:
-                bar.n = total
-            return records
         except Exception as err:
             if attempt == ATTEMPTS:
+                _remove(root, remote)
                 raise RuntimeError(f"beam: the {what} pipeline failed {ATTEMPTS} times; the last time: "
                                    f"{one_line(err)}") from err
             log.info(f"beam: the {what} pipeline failed ({one_line(err, 160)}); running it again "
                      f"(attempt {attempt + 1} of {ATTEMPTS}): what the cache holds is read, not recomputed")
+            _remove(root, remote)
+            continue
         finally:
             stop.set()
             if watcher:
                 watcher.join()
             bar.close()
-            _remove(root, remote)
             if counts:
                 shutil.rmtree(counts, ignore_errors=True)
+        try:
+            for record in _read_records(f"{root}/{RECORDS}"):
+                consume(record)
+        finally:
+            _remove(root, remote)
+        return
     raise AssertionError("unreachable")
 
 
@@ -318,15 +333,18 @@ def _extract_fn_class():
             self.job, self.progress = job, progress
 
         def setup(self):
-            from pipeline.backbone import get_extractor
+            from pipeline.backbone import LiteRTFeatureExtractor, get_extractor
             from pipeline.bottlenecks import BottleneckCache, backbone_key
 
             RemoteCache = remote_cache_class()
 
             job = self.job
             self.tmp = tempfile.mkdtemp(prefix="edgepipe-beam-graph-")
-            graph = localize(job["graph"], self.tmp)
-            self.extractor = get_extractor(graph, job["spec"], job["engine"], job["threads"])
+            if job["model"] is not None:  # converted on the driver: no TensorFlow on the workers
+                self.extractor = LiteRTFeatureExtractor.from_model(job["model"], job["spec"], job["threads"])
+            else:
+                self.extractor = get_extractor(localize(job["graph"], self.tmp), job["spec"], job["engine"],
+                                               job["threads"])
             spec = self.extractor.spec
             self.prep = spec.preprocessing
             kind = RemoteCache if storage.is_url(job["cache_root"]) else BottleneckCache
@@ -386,42 +404,49 @@ def extract(paths: Sequence[str], graph_path, spec, graph_sha256: str, cache_roo
     copies = variants(augment)
     aug_set = set(augment_indices) if copies else set()
     items = [(i, str(p), copies if i in aug_set else 0) for i, p in enumerate(paths)]
-    job = {"graph": stage(graph_path, beam), "spec": spec, "graph_sha256": graph_sha256, "cache_root": str(cache_root),
-           "augment": augment, "engine": engine, "threads": worker_threads(beam)}
+    from pipeline.backbone import LiteRTFeatureExtractor, get_extractor
+
+    # The graph is converted here once, as the local engine converts it; the workers get the
+    # TFLite bytes (a MobileNet's are under 20 MB) and the resolved spec. A graph TFLite cannot
+    # convert is staged for the workers, which run it in TensorFlow.
+    here = get_extractor(str(graph_path), spec, engine)
+    model = here.model if isinstance(here, LiteRTFeatureExtractor) else None
+    job = {"graph": None if model else stage(graph_path, beam), "model": model, "spec": here.spec,
+           "graph_sha256": graph_sha256, "cache_root": str(cache_root), "augment": augment, "engine": engine,
+           "threads": worker_threads(beam)}
     extract_fn = _extract_fn_class()
 
-    def build(p, prefix: str, counter: Progress) -> None:
+    def build(spread, prefix: str, counter: Progress) -> None:
         b = _beam()
-        (p | "images" >> b.Create(items) | "spread" >> b.Reshuffle()
-         | "batch" >> b.BatchElements(min_batch_size=1, max_batch_size=BATCH)
+        (spread | "batch" >> b.BatchElements(min_batch_size=1, max_batch_size=BATCH)
          | "features" >> b.ParDo(extract_fn(job, counter))
          | "records" >> b.io.WriteToText(prefix))
 
-    total = len(items) + sum(c for *_, c in items)
-    log.info(f"bottlenecks: {len(items)} images on Beam's {beam.runner}")
-    records = run(build, beam, "bottlenecks", total, progress)
-    n = len(paths)
-    dim = next((len(unpack(r["f"])) for r in records if "f" in r), spec.feature_size)
+    n, dim = len(paths), here.spec.feature_size
     plain = np.zeros((n, dim), np.float32)
     extra = np.zeros((n, copies, dim), np.float32) if copies else None
     have = np.zeros(n, bool)
     skipped: dict[int, str] = {}
     hashes = [""] * n
-    computed = cached = 0
-    for r in records:
+    counts = {"computed": 0, "cached": 0}
+
+    def consume(r: dict) -> None:
         i = r["i"]
         if "skip" in r:
             skipped[i] = r["skip"]
             hashes[i] = r.get("sha", hashes[i])
-            continue
+            return
         hashes[i] = r["sha"]
         if r["v"] == 0:
             plain[i] = unpack(r["f"])
             have[i] = True
         else:
             extra[i, r["v"] - 1] = unpack(r["f"])
-        computed += r.get("computed", 0)
-        cached += 1 - r.get("computed", 0)
+        counts["computed" if r.get("computed") else "cached"] += 1
+
+    log.info(f"bottlenecks: {len(items)} images on Beam's {beam.runner}")
+    run(build, beam, "bottlenecks", items, consume, len(items) + sum(c for *_, c in items), progress)
+    computed, cached = counts["computed"], counts["cached"]
     ok = [i for i in range(n) if have[i] and i not in skipped]
     return ExtractionResult(plain[ok], ok, skipped, computed=computed, cached=cached, hashes=hashes,
                             augmented=extra[ok] if copies else None)
@@ -532,27 +557,30 @@ def run_holdout(paths: Sequence[str], jobs: Sequence[ModelJob], prep: dict, beam
     chunks = [[(k, str(paths[k])) for k in range(s, min(len(paths), s + batch))] for s in range(0, len(paths), batch)]
     predict_fn = _predict_fn_class()
 
-    def build(p, prefix: str, counter: Progress) -> None:
+    def build(spread, prefix: str, counter: Progress) -> None:
         b = _beam()
-        (p | "chunks" >> b.Create(chunks) | "spread" >> b.Reshuffle()
-         | "predict" >> b.ParDo(predict_fn(jobs, prep, counter))
+        (spread | "predict" >> b.ParDo(predict_fn(jobs, prep, counter))
          | "records" >> b.io.WriteToText(prefix))
 
-    log.info(f"{what}: {len(paths)} images × {len(jobs)} model and runtime pairs on Beam's {beam.runner}")
-    records = run(build, beam, what, len(paths), progress)
-    skipped = {r["k"]: r["skip"] for r in records if "skip" in r}
-    readable = [k for k in range(len(paths)) if k not in skipped]
-    row_of = {k: n for n, k in enumerate(readable)}
+    skipped: dict[int, str] = {}
     errors: dict[int, str] = {}
     ran_on: dict[int, dict] = {}
     rows: dict[int, dict[int, np.ndarray]] = {}
-    for r in records:
-        if "error" in r:
+
+    def consume(r: dict) -> None:
+        if "skip" in r:
+            skipped[r["k"]] = r["skip"]
+        elif "error" in r:
             errors.setdefault(r["job"], r["error"])
         elif "ran_on" in r:
             ran_on.setdefault(r["job"], r["ran_on"])
         elif "p" in r:
             rows.setdefault(r["job"], {})[r["k"]] = unpack(r["p"])
+
+    log.info(f"{what}: {len(paths)} images × {len(jobs)} model and runtime pairs on Beam's {beam.runner}")
+    run(build, beam, what, chunks, consume, len(paths), progress)
+    readable = [k for k in range(len(paths)) if k not in skipped]
+    row_of = {k: n for n, k in enumerate(readable)}
     out = {}
     for j, job in enumerate(jobs):
         got = rows.get(j, {})
