@@ -34,7 +34,7 @@ $(STAMP): pyproject.toml requirements.lock
 	touch $@
 
 $(BEAM_STAMP): pyproject.toml requirements.lock $(STAMP)
-	$(PY) -m pip install --quiet -c requirements.lock -e '.[test,beam]'
+	$(PY) -m pip install --quiet -c requirements.lock -e '.[test,beam,beam-test]'
 	touch $@
 
 $(NODE_STAMP): $(NODE_DIR)/package.json $(NODE_DIR)/package-lock.json
