@@ -34,8 +34,9 @@ GOLDEN_DIR = "golden"
 
 # Every wheel has a cp311 aarch64 build on PyPI that installs on Bookworm (glibc 2.36):
 # tflite_runtime 2.14.0 manylinux_2_34, numpy 1.26.4 manylinux2014 (tflite-runtime needs numpy < 2),
-# pillow 11.3.0 manylinux_2_28: the Pillow edgepipe itself pins, so a photo decodes to the same
-# pixels on the Pi as in the run that verified the model. There is no 32-bit (armv7l) wheel of
+# pillow 11.3.0 manylinux_2_28. edgepipe itself moved to Pillow 12.3.0 (Apache Beam 2.77 needs
+# >= 12.1.1); the Pi keeps 11.3.0, whose wheel tests/test_deploy.py checks decodes every kind of photo
+# to the same pixels as edgepipe's decoder under emulation. There is no 32-bit (armv7l) wheel of
 # tflite-runtime 2.14: the bundle needs the 64-bit Raspberry Pi OS.
 PI_REQUIREMENTS = {"tflite-runtime": "2.14.0", "numpy": "1.26.4", "pillow": "11.3.0"}
 
