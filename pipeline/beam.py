@@ -399,7 +399,7 @@ def extract(paths: Sequence[str], graph_path, spec, graph_sha256: str, cache_roo
     Returns:
         A :class:`pipeline.bottlenecks.ExtractionResult`, as the local engine's.
     """
-    from pipeline.bottlenecks import ExtractionResult, variants
+    from pipeline.bottlenecks import Gathered, variants
 
     copies = variants(augment)
     aug_set = set(augment_indices) if copies else set()
@@ -422,34 +422,21 @@ def extract(paths: Sequence[str], graph_path, spec, graph_sha256: str, cache_roo
          | "features" >> b.ParDo(extract_fn(job, counter))
          | "records" >> b.io.WriteToText(prefix))
 
-    n, dim = len(paths), here.spec.feature_size
-    plain = np.zeros((n, dim), np.float32)
-    extra = np.zeros((n, copies, dim), np.float32) if copies else None
-    have = np.zeros(n, bool)
-    skipped: dict[int, str] = {}
-    hashes = [""] * n
-    counts = {"computed": 0, "cached": 0}
+    got = Gathered(len(paths), copies, here.spec.feature_size)
 
     def consume(r: dict) -> None:
         i = r["i"]
         if "skip" in r:
-            skipped[i] = r["skip"]
-            hashes[i] = r.get("sha", hashes[i])
+            got.skipped[i] = r["skip"]
+            got.hashes[i] = r.get("sha", got.hashes[i])
             return
-        hashes[i] = r["sha"]
-        if r["v"] == 0:
-            plain[i] = unpack(r["f"])
-            have[i] = True
-        else:
-            extra[i, r["v"] - 1] = unpack(r["f"])
-        counts["computed" if r.get("computed") else "cached"] += 1
+        got.hashes[i] = r["sha"]
+        got.store(i, r["v"], unpack(r["f"]))
+        got.counts["computed" if r.get("computed") else "cached"] += 1
 
     log.info(f"bottlenecks: {len(items)} images on Beam's {beam.runner}")
     run(build, beam, "bottlenecks", items, consume, len(items) + sum(c for *_, c in items), progress)
-    computed, cached = counts["computed"], counts["cached"]
-    ok = [i for i in range(n) if have[i] and i not in skipped]
-    return ExtractionResult(plain[ok], ok, skipped, computed=computed, cached=cached, hashes=hashes,
-                            augmented=extra[ok] if copies else None)
+    return got.result()
 
 
 # --- the holdout pass: every model in every runtime on every image -----------------------------

@@ -133,6 +133,38 @@ class ExtractionResult:
     augmented: np.ndarray | None = None  # [n_ok, copies, F] for the paths in `augment_indices`
 
 
+class Gathered:
+    """What an extraction fills in, item by item, whichever engine ran it, and the result it makes.
+
+    Attributes:
+        skipped: path index → why it could not be read or decoded.
+        hashes: each path's sha256 ("" when it could not be read).
+        counts: items ``cached`` (read from the cache) and ``computed``.
+    """
+
+    def __init__(self, n: int, copies: int, dim: int):
+        self.plain = np.zeros((n, dim), np.float32)
+        self.augmented = np.zeros((n, copies, dim), np.float32) if copies else None
+        self.have = np.zeros(n, bool)
+        self.skipped: dict[int, str] = {}
+        self.hashes = [""] * n
+        self.counts = {"cached": 0, "computed": 0}
+
+    def store(self, i: int, v: int, feature: np.ndarray) -> None:
+        """The feature of path ``i``'s variant ``v`` (0: the image, 1..copies: augmented copies)."""
+        if v == 0:
+            self.plain[i] = feature
+            self.have[i] = True
+        else:
+            self.augmented[i, v - 1] = feature
+
+    def result(self) -> ExtractionResult:
+        ok = [i for i in range(len(self.hashes)) if self.have[i] and i not in self.skipped]
+        return ExtractionResult(self.plain[ok], ok, self.skipped, computed=self.counts["computed"],
+                                cached=self.counts["cached"], hashes=self.hashes,
+                                augmented=None if self.augmented is None else self.augmented[ok])
+
+
 # A miss's bytes from the hashing read are kept for decoding up to this size; bigger files are
 # read again by the decoder, so memory stays bounded by two batches of small files.
 KEEP_BYTES = 1 << 20
@@ -165,23 +197,12 @@ def extract(
     copies = variants(augment)
     aug_set = set(augment_indices) if copies else set()
     n = len(paths)
-    plain = np.zeros((n, dim), np.float32)
-    augmented = np.zeros((n, copies, dim), np.float32) if copies else None
-    have = np.zeros(n, bool)
-    skipped: dict[int, str] = {}
-    hashes = [""] * n
-    counts = {"cached": 0, "computed": 0}
+    got = Gathered(n, copies, dim)
+    skipped, hashes, counts, store = got.skipped, got.hashes, got.counts, got.store
 
     # An item is (path index i, variant v): v == 0 is the plain image, 1..copies augmented copies.
     def key(i: int, v: int) -> str:
         return entry_name(hashes[i], v, augment)
-
-    def store(i: int, v: int, feature: np.ndarray) -> None:
-        if v == 0:
-            plain[i] = feature
-            have[i] = True
-        else:
-            augmented[i, v - 1] = feature
 
     def look_up(rows: range) -> list[tuple[int, int, bytes | None]]:
         """Fills cache hits for ``rows``; returns the misses, with their bytes when kept."""
@@ -287,6 +308,4 @@ def extract(
     finally:
         bar.close()
         index.close()
-    ok = [i for i in range(n) if have[i] and i not in skipped]
-    return ExtractionResult(plain[ok], ok, skipped, computed=counts["computed"], cached=counts["cached"],
-                            hashes=hashes, augmented=augmented[ok] if copies else None)
+    return got.result()
