@@ -25,7 +25,6 @@ import base64
 import contextlib
 import hashlib
 import json
-import logging
 import os
 import shutil
 import tempfile
@@ -37,7 +36,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-from pipeline import storage
+import pipeline.storage as storage
 from pipeline.config import LOCAL_BEAM_RUNNERS, BeamConfig
 from pipeline.console import log
 from pipeline.console import progress as progress_bar
@@ -58,24 +57,8 @@ def read_bytes(path: str) -> bytes:
     return read_image_file(path)
 
 
-@contextlib.contextmanager
-def quiet_import() -> Iterator[None]:
-    # Beam's import warns through the root logger (apitools, bigquery), which would give the root
-    # logger a stderr handler and print every library's log lines; a handler there while it
-    # imports keeps the console edgepipe's.
-    root = logging.getLogger()
-    guard = logging.NullHandler()
-    root.addHandler(guard)
-    try:
-        yield
-    finally:
-        root.removeHandler(guard)
-        # Its own failures reach the user as edgepipe's one line per attempt (see run()).
-        logging.getLogger("apache_beam").setLevel(logging.CRITICAL)
-
-
 def _beam():
-    with quiet_import():
+    with storage.quiet_import():
         import apache_beam
 
     return apache_beam

@@ -642,7 +642,7 @@ class RunConfig:
         if urls:
             import importlib.util
 
-            from pipeline import storage
+            import pipeline.storage as storage
 
             if importlib.util.find_spec("apache_beam") is None:
                 problems.append(f"{', '.join(urls)}: a URL is read through Apache Beam's filesystems; run "

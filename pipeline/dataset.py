@@ -86,7 +86,7 @@ def _listdir(folder: Path) -> list[Path]:
 def _url_files(root: str) -> dict[str, list[str]]:
     """The image files of each class folder under a URL (``gs://bucket/photos``), by folder name,
     listed through Beam's filesystems (object stores have no empty folders)."""
-    from pipeline import storage
+    import pipeline.storage as storage
 
     try:
         found = storage.listing(storage.join(root, "*", "*"))

@@ -56,7 +56,7 @@ def read_image_file(path: Path | str) -> bytes:
     """
     path = str(path)
     if "://" in path:  # a URL on a Beam filesystem (pipeline.storage)
-        from pipeline import storage
+        import pipeline.storage as storage
 
         try:
             data = storage.read(path)

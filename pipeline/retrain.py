@@ -296,7 +296,7 @@ def retrain(
     train_rows = [i for i, e in enumerate(dataset.examples) if e.split == "train"]
     paths = [e.path for e in dataset.examples]
     if beam is not None:
-        from pipeline import beam as beam_engine
+        import pipeline.beam as beam_engine
 
         ext = beam_engine.extract(paths, graph_path, spec, graph_sha256, cache_root, beam, augment=augment,
                                   augment_indices=train_rows, progress=progress)

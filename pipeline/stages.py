@@ -98,7 +98,7 @@ def _folder_key(folder: Path | None) -> list:
     if folder is None:
         return [None, None]
     if "://" in str(folder):  # on a Beam filesystem: the listing's names, sizes and times
-        from pipeline import storage
+        import pipeline.storage as storage
 
         return [str(folder), _digest(storage.listing(storage.join(str(folder), "*", "*")))]
     return [str(Path(folder).resolve()), _listing_digest(folder)]

@@ -33,14 +33,28 @@ def basename(path: object) -> str:
     return posixpath.basename(str(path).rstrip("/")) if is_url(path) else os.path.basename(str(path))
 
 
+@contextlib.contextmanager
+def quiet_import() -> Iterator[None]:
+    # Beam's import warns through the root logger (apitools, bigquery), which would give the root
+    # logger a stderr handler and print every library's log lines; a handler there while it
+    # imports keeps the console edgepipe's.
+    root = logging.getLogger()
+    guard = logging.NullHandler()
+    root.addHandler(guard)
+    try:
+        yield
+    finally:
+        root.removeHandler(guard)
+        # Its own failures reach the user as edgepipe's one line per attempt (see run()).
+        logging.getLogger("apache_beam").setLevel(logging.CRITICAL)
+
+
 class BeamMissing(OSError):
     """A URL was given but Apache Beam, which reads it, is not installed."""
 
 
 def _filesystems():
     try:
-        from pipeline.beam import quiet_import
-
         with quiet_import():
             from apache_beam.io.filesystems import FileSystems
             from apache_beam.options.pipeline_options import PipelineOptions
