@@ -286,10 +286,11 @@ def test_images_cache_and_models_on_s3_give_the_local_run(session_chain, tiny_im
     theirs = session_chain.rows()
     mine = {(r["artifact"], r["runtime"]): r for r in read_json(run / "report.json")["results"]}
     assert set(mine) <= set(theirs) and len(mine) == 4  # the SavedModel and three TFLite files in one runtime
-    # int8's calibration sample is ordered by a hash of each image's full path (a URL here, a folder
-    # there), so its file and drift may differ by rounding; what it decides may not.
+    # Two conversions in two run folders differ by a few bytes (seen in CI: 29,822 against 29,820),
+    # and int8's calibration sample is ordered by a hash of each image's full path (a URL here, a
+    # folder there), so its drift may differ by rounding; what the rows decide may not.
     calibrated = TIMED + ("size_bytes", "max_abs_diff", "mean_abs_diff", "kl_divergence")
     for key, row in mine.items():
-        skip = calibrated if key[0] == "tflite-int8" else TIMED
+        skip = calibrated if key[0] == "tflite-int8" else TIMED + ("size_bytes",)
         assert {k: v for k, v in row.items() if k not in skip} == {k: v for k, v in theirs[key].items() if k not in skip}
     assert not any("error" in line.lower() for line in lines), lines
