@@ -37,24 +37,15 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 
 import pipeline.storage as storage
-from pipeline.config import LOCAL_BEAM_RUNNERS, BeamConfig
+from pipeline.config import LOCAL_BEAM_RUNNERS, BeamConfig, beam_option_values
 from pipeline.console import log
 from pipeline.console import progress as progress_bar
 from pipeline.errors import one_line
-from pipeline.images import ImageError, read_image_file
+from pipeline.images import ImageError, read_image_file, reason_of
 
 ATTEMPTS = 3  # runs of a pipeline whose workers fail (Dataflow tries a bundle 4 times)
 BATCH = 64    # images per backbone call on a worker (BatchElements' upper bound)
 RECORDS = "records"
-
-
-def read_bytes(path: str) -> bytes:
-    """An image's bytes, from a local path or a URL (:func:`pipeline.images.read_image_file`).
-
-    Raises:
-        ImageError: the file cannot be read.
-    """
-    return read_image_file(path)
 
 
 def _beam():
@@ -64,22 +55,13 @@ def _beam():
     return apache_beam
 
 
-def _given(options: Sequence[str]) -> dict[str, str | None]:
-    """``--name=value`` options by name (dashes as underscores), as Beam parses them."""
-    out: dict[str, str | None] = {}
-    for opt in options:
-        name, _, value = opt[2:].partition("=")
-        out[name.replace("-", "_")] = value or None
-    return out
-
-
 def pipeline_flags(cfg: BeamConfig) -> list[str]:
     """The Beam options a pass runs with: the user's, and defaults for the ones not given.
 
     On the DirectRunner the default is its multi-process mode with one worker per core (Beam's
     own default is a single in-process worker), and workers log only errors.
     """
-    given = _given(cfg.options)
+    given = beam_option_values(cfg.options)
     flags = [f"--runner={cfg.runner}", *cfg.options]
     if cfg.runner == "DirectRunner":
         if "direct_running_mode" not in given:
@@ -96,7 +78,7 @@ def worker_threads(cfg: BeamConfig) -> int:
     local workers; one on other runners, which start one worker process per core."""
     if cfg.runner != "DirectRunner":
         return 1
-    given = _given(pipeline_flags(cfg))
+    given = beam_option_values(pipeline_flags(cfg))
     try:
         workers = int(given.get("direct_num_workers") or 1)
     except ValueError:
@@ -109,7 +91,7 @@ def worker_threads(cfg: BeamConfig) -> int:
 def _results_root(cfg: BeamConfig) -> tuple[str, bool]:
     """Where workers write the records for the driver: the pipeline's ``--temp_location`` when
     given (remote workers need a shared filesystem), else a local temporary folder."""
-    temp = _given(cfg.options).get("temp_location")
+    temp = beam_option_values(cfg.options).get("temp_location")
     if temp:
         return f"{temp.rstrip('/')}/edgepipe-{uuid.uuid4().hex[:12]}", True
     return tempfile.mkdtemp(prefix="edgepipe-beam-"), False
@@ -237,7 +219,7 @@ def stage(path, cfg: BeamConfig) -> str:
     """A model or graph file (or folder) where the workers can read it: with ``--temp_location``
     (workers on other machines) a copy there, keyed by the file's size and time; else the path.
     Workers take it with :func:`localize`."""
-    temp = _given(cfg.options).get("temp_location")
+    temp = beam_option_values(cfg.options).get("temp_location")
     if not temp or storage.is_url(path):
         return str(path)
     local = Path(path)
@@ -291,12 +273,9 @@ def remote_cache_class():
 
         def get(self, image_sha: str):
             try:
-                data = storage.read(self._path(image_sha))
+                return self._entry(storage.read(self._path(image_sha)))
             except OSError:
                 return None
-            if len(data) != len(self._header) + self._size or not data.startswith(self._header):
-                return None
-            return np.frombuffer(data, "<f4", offset=len(self._header))
 
         def put(self, image_sha: str, feature: np.ndarray) -> None:
             storage.write_atomic(self._path(image_sha), self._header + np.asarray(feature, "<f4").tobytes())
@@ -344,7 +323,7 @@ def _extract_fn_class():
             todo, out = [], []
             for i, path, copies in batch:
                 try:
-                    data = read_bytes(path)
+                    data = read_image_file(path)
                 except ImageError as err:
                     out.append({"i": i, "skip": err.reason})
                     continue
@@ -358,8 +337,7 @@ def _extract_fn_class():
                     try:
                         todo.append((i, v, sha, name, item_pixels(data, v, self.prep, augment, sha, path)))
                     except (ImageError, OSError) as err:
-                        why = err.reason if isinstance(err, ImageError) else f"cannot read ({err.strerror or err})"
-                        out.append({"i": i, "sha": sha, "skip": why})  # read, so hashed, as locally
+                        out.append({"i": i, "sha": sha, "skip": reason_of(err)})  # read, so hashed, as locally
                         break
             if todo:
                 feats = self.extractor([px for *_, px in todo])
@@ -473,11 +451,10 @@ def _predict_fn_class():
             rgbs, kept = [], []
             for k, path in chunk:
                 try:
-                    rgbs.append(decode_rgb(read_bytes(path), path))
+                    rgbs.append(decode_rgb(read_image_file(path), path))
                     kept.append(k)
                 except (ImageError, OSError) as err:
-                    why = err.reason if isinstance(err, ImageError) else f"cannot read ({err.strerror or err})"
-                    yield json.dumps({"k": k, "skip": why})
+                    yield json.dumps({"k": k, "skip": reason_of(err)})
             if rgbs:
                 feeds = {}
                 for name in dict.fromkeys(job.feed for job in self.jobs):

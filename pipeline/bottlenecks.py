@@ -24,7 +24,7 @@ from pipeline.backbone import get_extractor
 from pipeline.config import AugmentConfig
 from pipeline.console import progress as progress_bar
 from pipeline.hashindex import HashIndex
-from pipeline.images import ImageError, load_image, load_pixels, read_image_file
+from pipeline.images import ImageError, load_image, load_pixels, read_image_file, reason_of
 from pipeline.rundir import atomic_write_bytes
 from pipeline.testhook import pause_point
 from pipeline.types import BackboneSpec
@@ -76,8 +76,12 @@ class BottleneckCache:
             return None
         finally:
             os.close(fd)
+        return self._entry(data)
+
+    def _entry(self, data: bytes) -> np.ndarray | None:
+        """An entry's feature, or None for bytes not from our atomic writes (a copy cut short,
+        another shape): recomputed and replaced."""
         if len(data) != len(self._header) + self._size or not data.startswith(self._header):
-            # Not from our atomic writes (a copy cut short, another shape): recomputed and replaced.
             return None
         return np.frombuffer(data, "<f4", offset=len(self._header))
 
@@ -265,7 +269,7 @@ def extract(
         good = [(i, v, arr) for i, v, arr in decoded if isinstance(arr, np.ndarray)]
         for i, _, arr in decoded:
             if not isinstance(arr, np.ndarray):
-                skipped[i] = arr.reason if isinstance(arr, ImageError) else f"cannot read ({arr.strerror or arr})"
+                skipped[i] = reason_of(arr)
         if good:
             feats = extractor([arr for _, _, arr in good])
             # The previous batch's cache writes must have landed (errors such as a full disk

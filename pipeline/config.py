@@ -12,7 +12,7 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Collection, Iterable, Mapping
+from typing import Any, Collection, Iterable, Mapping, Sequence
 
 from pipeline.catalog import DEFAULT_BACKBONE, custom_backbone, get_backbone
 from pipeline.errors import ConfigError, PipelineError
@@ -506,7 +506,7 @@ class BeamConfig:
         if bad:
             out.append(f"--beam-option {bad[0]}: give a Beam pipeline option as Beam spells it, "
                        "e.g. --beam-option=--direct_num_workers=4")
-        given = {o[2:].split("=", 1)[0].replace("-", "_") for o in self.options}
+        given = beam_option_values(self.options)
         if "runner" in given:
             out.append("--beam-option --runner: name the runner with --beam-runner")
         if self.runner in BEAM_RUNNERS and self.runner not in LOCAL_BEAM_RUNNERS and "temp_location" not in given:
@@ -514,6 +514,15 @@ class BeamConfig:
                        "or a folder every worker and this machine share): the workers write their results there "
                        "for edgepipe to read")
         return out
+
+
+def beam_option_values(options: Sequence[str]) -> dict[str, str | None]:
+    """``--name=value`` Beam options by name (dashes as underscores, as Beam parses them)."""
+    out: dict[str, str | None] = {}
+    for opt in options:
+        name, _, value = opt[2:].partition("=")
+        out[name.replace("-", "_")] = value or None
+    return out
 
 
 def engine_problems(engine: str, beam: BeamConfig, given: Collection[str] = ()) -> list[str]:

@@ -39,6 +39,14 @@ class ImageError(ValueError):
         self.reason = reason or message
 
 
+def reason_of(err: Exception) -> str:
+    """Why an image was skipped, without its file name: an :class:`ImageError`'s reason, or an
+    ``OSError``'s ``cannot read (...)``."""
+    if isinstance(err, ImageError):
+        return err.reason
+    return f"cannot read ({getattr(err, 'strerror', None) or err})"
+
+
 def _too_big(pixels: int, dims: str = "") -> str:
     return (f"{dims or f'{pixels:,} pixels'} ({pixels / 1e6:.1f} MP) is over the {MAX_PIXELS / 1e6:.0f} MP "
             "limit; not decoded (a decompression bomb?)")

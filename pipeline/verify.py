@@ -183,7 +183,7 @@ def load_holdout(examples: Sequence, contract: Preprocessing, folder: Path,
     """
     from contextlib import ExitStack
 
-    from pipeline.images import ImageError, decode_rgb, read_image_file
+    from pipeline.images import ImageError, decode_rgb, read_image_file, reason_of
 
     if not examples:
         raise DatasetError("the test split is empty: raise --test-pct or pass --test-images DIR")
@@ -201,7 +201,7 @@ def load_holdout(examples: Sequence, contract: Preprocessing, folder: Path,
                     paths.append(e.path)
                 except (ImageError, OSError) as err:
                     # Readable at retrain time (unreadable ones were dropped there), changed since.
-                    why = err.reason if isinstance(err, ImageError) else f"cannot read ({err.strerror or err})"
+                    why = reason_of(err)
                     skipped.append({"path": e.path, "reason": why})
                     log.info(f"skipped {e.path}: {why}")
             if chunk:
