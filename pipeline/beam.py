@@ -296,9 +296,7 @@ def _extract_fn_class():
 
         def setup(self):
             from pipeline.backbone import LiteRTFeatureExtractor, get_extractor
-            from pipeline.bottlenecks import BottleneckCache, backbone_key
-
-            RemoteCache = remote_cache_class()
+            from pipeline.bottlenecks import backbone_key
 
             job = self.job
             self.tmp = tempfile.mkdtemp(prefix="edgepipe-beam-graph-")
@@ -309,9 +307,8 @@ def _extract_fn_class():
                                                job["threads"])
             spec = self.extractor.spec
             self.prep = spec.preprocessing
-            kind = RemoteCache if storage.is_url(job["cache_root"]) else BottleneckCache
-            self.cache = kind(job["cache_root"], backbone_key(job["graph_sha256"], spec, self.extractor.engine),
-                              spec.feature_size)
+            self.cache = cache_at(job["cache_root"], backbone_key(job["graph_sha256"], spec, self.extractor.engine),
+                                  spec.feature_size)
 
         def teardown(self):
             shutil.rmtree(getattr(self, "tmp", ""), ignore_errors=True)
@@ -332,7 +329,7 @@ def _extract_fn_class():
                     name = entry_name(sha, v, augment)
                     hit = self.cache.get(name)
                     if hit is not None:
-                        out.append({"i": i, "v": v, "sha": sha, "f": pack(hit)})
+                        out.append({"i": i, "v": v, "sha": sha, **({"f": pack(hit)} if self.job["keep"] else {})})
                         continue
                     try:
                         todo.append((i, v, sha, name, item_pixels(data, v, self.prep, augment, sha, path)))
@@ -343,7 +340,7 @@ def _extract_fn_class():
                 feats = self.extractor([px for *_, px in todo])
                 for (i, v, sha, name, _), f in zip(todo, feats):
                     self.cache.put(name, f)
-                    out.append({"i": i, "v": v, "sha": sha, "f": pack(f), "computed": 1})
+                    out.append({"i": i, "v": v, "sha": sha, "computed": 1, **({"f": pack(f)} if self.job["keep"] else {})})
                 kill_point("beam-extract")
             self.progress.add(sum(1 + copies for _, _, copies in batch))
             for record in out:
@@ -354,13 +351,13 @@ def _extract_fn_class():
 
 def extract(paths: Sequence[str], graph_path, spec, graph_sha256: str, cache_root, beam: BeamConfig,
             augment=None, augment_indices: Sequence[int] = (), engine: str = "litert",
-            progress: bool = True):
+            progress: bool = True, keep: bool = True):
     """:func:`pipeline.bottlenecks.extract` on Beam: the same entries, features and result.
 
     Returns:
         A :class:`pipeline.bottlenecks.ExtractionResult`, as the local engine's.
     """
-    from pipeline.bottlenecks import Gathered, variants
+    from pipeline.bottlenecks import Gathered, backbone_key, variants
 
     copies = variants(augment)
     aug_set = set(augment_indices) if copies else set()
@@ -374,7 +371,7 @@ def extract(paths: Sequence[str], graph_path, spec, graph_sha256: str, cache_roo
     model = here.model if isinstance(here, LiteRTFeatureExtractor) else None
     job = {"graph": None if model else stage(graph_path, beam), "model": model, "spec": here.spec,
            "graph_sha256": graph_sha256, "cache_root": str(cache_root), "augment": augment, "engine": engine,
-           "threads": worker_threads(beam)}
+           "threads": worker_threads(beam), "keep": keep}
     extract_fn = _extract_fn_class()
 
     def build(spread, prefix: str, counter: Progress) -> None:
@@ -383,7 +380,7 @@ def extract(paths: Sequence[str], graph_path, spec, graph_sha256: str, cache_roo
          | "features" >> b.ParDo(extract_fn(job, counter))
          | "records" >> b.io.WriteToText(prefix))
 
-    got = Gathered(len(paths), copies, here.spec.feature_size)
+    got = Gathered(len(paths), copies, here.spec.feature_size, keep)
 
     def consume(r: dict) -> None:
         i = r["i"]
@@ -392,12 +389,20 @@ def extract(paths: Sequence[str], graph_path, spec, graph_sha256: str, cache_roo
             got.hashes[i] = r.get("sha", got.hashes[i])
             return
         got.hashes[i] = r["sha"]
-        got.store(i, r["v"], unpack(r["f"]))
+        got.store(i, r["v"], unpack(r["f"]) if "f" in r else None)
         got.counts["computed" if r.get("computed") else "cached"] += 1
 
     log.info(f"bottlenecks: {len(items)} images on Beam's {beam.runner}")
     run(build, beam, "bottlenecks", items, consume, len(items) + sum(c for *_, c in items), progress)
-    return got.result()
+    return got.result(cache_at(cache_root, backbone_key(graph_sha256, here.spec, here.engine), here.spec.feature_size))
+
+
+def cache_at(root, key: str, feature_size: int):
+    """The bottleneck cache at ``root``: local, or on a Beam filesystem."""
+    from pipeline.bottlenecks import BottleneckCache
+
+    kind = remote_cache_class() if storage.is_url(str(root)) else BottleneckCache
+    return kind(root, key, feature_size)
 
 
 # --- the holdout pass: every model in every runtime on every image -----------------------------

@@ -135,6 +135,7 @@ class ExtractionResult:
     cached: int = 0
     hashes: list[str] = field(default_factory=list)  # sha256 of each input's bytes ("" if unreadable)
     augmented: np.ndarray | None = None  # [n_ok, copies, F] for the paths in `augment_indices`
+    cache: "BottleneckCache | None" = None  # where the entries are (what `keep=False` reads back)
 
 
 class Gathered:
@@ -146,9 +147,12 @@ class Gathered:
         counts: items ``cached`` (read from the cache) and ``computed``.
     """
 
-    def __init__(self, n: int, copies: int, dim: int):
-        self.plain = np.zeros((n, dim), np.float32)
-        self.augmented = np.zeros((n, copies, dim), np.float32) if copies else None
+    def __init__(self, n: int, copies: int, dim: int, keep: bool = True):
+        # keep=False: only what was found is recorded, for a caller that streams the entries
+        # from the cache (fine-tuning's cut activations would not fit in memory).
+        self.plain = np.zeros((n, dim if keep else 0), np.float32)
+        self.augmented = np.zeros((n, copies, dim if keep else 0), np.float32) if copies else None
+        self.keep = keep
         self.have = np.zeros(n, bool)
         self.skipped: dict[int, str] = {}
         self.hashes = [""] * n
@@ -157,16 +161,19 @@ class Gathered:
     def store(self, i: int, v: int, feature: np.ndarray) -> None:
         """The feature of path ``i``'s variant ``v`` (0: the image, 1..copies: augmented copies)."""
         if v == 0:
-            self.plain[i] = feature
             self.have[i] = True
+        if not self.keep:
+            return
+        if v == 0:
+            self.plain[i] = feature
         else:
             self.augmented[i, v - 1] = feature
 
-    def result(self) -> ExtractionResult:
+    def result(self, cache: "BottleneckCache | None" = None) -> ExtractionResult:
         ok = [i for i in range(len(self.hashes)) if self.have[i] and i not in self.skipped]
         return ExtractionResult(self.plain[ok], ok, self.skipped, computed=self.counts["computed"],
                                 cached=self.counts["cached"], hashes=self.hashes,
-                                augmented=None if self.augmented is None else self.augmented[ok])
+                                augmented=None if self.augmented is None else self.augmented[ok], cache=cache)
 
 
 # A miss's bytes from the hashing read are kept for decoding up to this size; bigger files are
@@ -179,7 +186,7 @@ def extract(
     paths: Sequence[Path], graph_path: Path, spec: BackboneSpec, graph_sha256: str,
     cache_root: Path, batch_size: int = 64, progress: bool = True, workers: int | None = None,
     augment: AugmentConfig | None = None, augment_indices: Sequence[int] = (),
-    engine: str = "litert",
+    engine: str = "litert", keep: bool = True,
 ) -> ExtractionResult:
     """Features for every path, from the cache where present, else computed in batches.
 
@@ -192,6 +199,8 @@ def extract(
         augment: when enabled, ``augment.copies`` augmented copies of each path in
             ``augment_indices`` (the training split) are extracted and cached too.
         engine: "litert" (default, about twice TensorFlow's speed on CPUs) or "tensorflow".
+        keep: False: the features are written to the cache but not gathered (the result's
+            ``features`` are empty; read them back through its ``cache``).
     """
     extractor = get_extractor(str(graph_path), spec, engine)
     prep = extractor.spec.preprocessing
@@ -201,7 +210,7 @@ def extract(
     copies = variants(augment)
     aug_set = set(augment_indices) if copies else set()
     n = len(paths)
-    got = Gathered(n, copies, dim)
+    got = Gathered(n, copies, dim, keep)
     skipped, hashes, counts, store = got.skipped, got.hashes, got.counts, got.store
 
     # An item is (path index i, variant v): v == 0 is the plain image, 1..copies augmented copies.
@@ -312,4 +321,4 @@ def extract(
     finally:
         bar.close()
         index.close()
-    return got.result()
+    return got.result(cache)

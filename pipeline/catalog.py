@@ -48,6 +48,21 @@ def load_catalog(path: Path = CATALOG_PATH) -> dict[str, BackboneSpec]:
     return {row["name"]: _row_to_spec(row) for row in rows}
 
 
+@functools.cache
+def _fine_tune_table(path: Path = CATALOG_PATH) -> dict[str, tuple[str, ...]]:
+    """Catalog name → its family's blocks, last first (``family`` and ``[fine_tune_blocks]``)."""
+    with open(path, "rb") as f:
+        data = tomllib.load(f)
+    blocks = data.get("fine_tune_blocks", {})
+    return {row["name"]: tuple(blocks.get(row.get("family", row["name"]), ())) for row in data["backbone"]}
+
+
+def fine_tune_blocks(name: str | None) -> tuple[str, ...]:
+    """The blocks ``--fine-tune N`` can train in a catalog backbone, from the last one back, each
+    the prefix of its ops' names; empty for a name the catalog does not know (or None)."""
+    return _fine_tune_table().get(name or "", ())
+
+
 def get_backbone(name: str) -> BackboneSpec:
     """Looks up one backbone by name.
 

@@ -65,6 +65,13 @@ OPTIONS: dict[str, tuple[object, object]] = {
     "eval_every": (_opt(Optional[int], "Evaluate (history, summaries, early stopping) every N epochs.", TRAINING), None),
     "checkpoint_every": (_opt(Optional[int], "Save the head every N epochs under retrain/checkpoints/.", TRAINING), None),
     "seed": (_opt(Optional[int], "Seed for initialisation, shuffling and dropout.", TRAINING), None),
+    "fine_tune": (_opt(Optional[int], "Also train the backbone's last N blocks with the head (0 = the head only); "
+                                      "the activations before them are cached.", TRAINING), None),
+    "fine_tune_from": (_opt(Optional[str], "Fine-tune everything after this tensor (instead of --fine-tune N), "
+                                           "e.g. MobilenetV1/MobilenetV1/Conv2d_11_pointwise/Relu6:0.", TRAINING), None),
+    "fine_tune_epochs": (_opt(Optional[int], "Epochs of fine-tuning, after the head alone (default 10).", TRAINING), None),
+    "fine_tune_learning_rate": (_opt(Optional[float], "Adam learning rate of the fine-tuned blocks (default 1e-4; the "
+                                                      "head then trains at a tenth of --learning-rate).", TRAINING), None),
     "summaries_dir": (_opt(Optional[Path], "TensorBoard summaries; one sub-folder per run.", TRAINING), None),
     "print_misclassified": (_opt(Optional[bool], "List misclassified test images.", TRAINING, "--print-misclassified"), None),
     "augment_copies": (_opt(Optional[int], "Cache N augmented copies of each training image (0 = off).", AUGMENT), None),
@@ -123,6 +130,7 @@ _BACKBONE = ("backbone", "graph", "model_graph", "output_tensor", "labels", "inp
              "input_size", "mean", "std")
 _TRAINING = ("epochs", "steps", "learning_rate", "batch_size", "validation_batch_size", "hidden_units", "dropout",
              "label_smoothing", "class_weights", "early_stopping", "eval_every", "checkpoint_every", "seed",
+             "fine_tune", "fine_tune_from", "fine_tune_epochs", "fine_tune_learning_rate",
              "summaries_dir", "print_misclassified")
 _AUGMENT = ("augment_copies", "flip_left_right", "random_crop", "random_scale", "random_brightness")
 _QUANTIZE = ("quant", "calibration_images")

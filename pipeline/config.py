@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Collection, Iterable, Mapping, Sequence
 
-from pipeline.catalog import DEFAULT_BACKBONE, custom_backbone, get_backbone
+from pipeline.catalog import DEFAULT_BACKBONE, custom_backbone, fine_tune_blocks, get_backbone, load_catalog
 from pipeline.errors import ConfigError, PipelineError
 from pipeline.types import (
     BackboneSpec,
@@ -69,6 +69,12 @@ class TrainConfig:
     inversely to their frequency when BALANCED (for imbalanced folders). ``early_stopping`` is a
     patience in evaluations without a lower validation loss (0 = off); the weights with the best
     validation loss are kept.
+
+    ``fine_tune`` (blocks) or ``fine_tune_from`` (a tensor) also trains the last blocks of the
+    backbone with the head (``pipeline/finetune.py``): first the head alone, as without them, then
+    both for ``fine_tune_epochs`` epochs, the blocks at ``fine_tune_learning_rate`` and the head at
+    a tenth of ``learning_rate``. Off, they are left out of :meth:`to_dict`, so a run that does
+    not fine-tune keeps the fingerprint it had before they existed.
     """
 
     epochs: int = 200
@@ -85,9 +91,18 @@ class TrainConfig:
     eval_every: int = 1
     checkpoint_every: int = 0
     seed: int = 0
+    fine_tune: int = 0
+    fine_tune_from: str | None = None
+    fine_tune_epochs: int = 10
+    fine_tune_learning_rate: float = 1e-4
 
     def __post_init__(self):
         object.__setattr__(self, "class_weights", _enum_or_raw(ClassWeights, self.class_weights))
+
+    @property
+    def fine_tunes(self) -> bool:
+        """Whether blocks of the backbone are trained with the head."""
+        return bool(self.fine_tune or self.fine_tune_from)
 
     def problems(self) -> list[str]:
         out = []
@@ -109,10 +124,23 @@ class TrainConfig:
             out.append(f"--class-weights {self.class_weights!r}: use 'none' or 'balanced'")
         if self.eval_every < 1:
             out.append(f"--eval-every {self.eval_every}: must be at least 1")
+        if self.fine_tune < 0:
+            out.append(f"--fine-tune {self.fine_tune}: must be 0 (the head only) or a number of blocks")
+        if self.fine_tune and self.fine_tune_from:
+            out.append(f"--fine-tune {self.fine_tune} and --fine-tune-from {self.fine_tune_from}: give one (blocks "
+                       "counted from the end, or the tensor to cut the graph at)")
+        if self.fine_tune_epochs < 1:
+            out.append(f"--fine-tune-epochs {self.fine_tune_epochs}: must be at least 1")
+        if not self.fine_tune_learning_rate > 0:
+            out.append(f"--fine-tune-learning-rate {self.fine_tune_learning_rate}: must be positive")
         return out
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if not self.fine_tunes:
+            for key in ("fine_tune", "fine_tune_from", "fine_tune_epochs", "fine_tune_learning_rate"):
+                del d[key]
+        return d
 
 
 @dataclass(frozen=True)
@@ -467,7 +495,8 @@ class Adoption:
 _TRAINING_OPTIONS = ("epochs", "steps", "batch_size", "validation_batch_size", "learning_rate", "l2", "hidden_units",
                      "dropout", "label_smoothing", "class_weights", "early_stopping", "eval_every", "checkpoint_every",
                      "seed", "summaries_dir", "print_misclassified", "augment_copies", "flip_left_right",
-                     "random_crop", "random_scale", "random_brightness")
+                     "random_crop", "random_scale", "random_brightness", "fine_tune", "fine_tune_from",
+                     "fine_tune_epochs", "fine_tune_learning_rate")
 _ADOPT_OPTIONS = ("output_tensor", "labels")
 
 
@@ -686,6 +715,7 @@ class RunConfig:
                 f"--validation-pct {self.validation_pct} and --test-pct {self.test_pct} must be ≥ 0 and add up to < 100"
             )
         problems += self.train.problems()
+        problems += self._fine_tune_problems()
         problems += self.augment.problems()
         unknown = [str(r) for r in self.runtimes if r not in ALL_RUNTIMES]
         if unknown:
@@ -718,6 +748,34 @@ class RunConfig:
         if folders_ok and split_ok:
             problems += folder_problems(self.images, self.test_images, self.validation_pct, self.test_pct)
         return problems
+
+    @property
+    def catalog_row(self) -> str | None:
+        """The catalog backbone this run's graph is: ``backbone``, or the row ``graph`` was
+        recognised as (None for a graph the catalog does not know)."""
+        if self.graph is None:
+            return self.backbone
+        return self.graph.recognised_as
+
+    def _fine_tune_problems(self) -> list[str]:
+        """``--fine-tune N`` needs a backbone whose blocks the catalog names, and N of them."""
+
+        n = self.train.fine_tune
+        if not n or self.adopt is not None or (self.graph is None and self.backbone not in load_catalog()):
+            return []
+        try:
+            row = self.resolved().catalog_row if self.graph is not None else self.backbone
+        except PipelineError:
+            return []  # the graph's own problem is reported
+        blocks = fine_tune_blocks(row)
+        if not blocks:
+            what = f"catalog backbone {row}" if row else f"{self.graph_flag} {self.graph.path.name} (not a catalog architecture)"
+            return [f"--fine-tune {n}: the catalog names no blocks for {what}; cut the graph at a tensor with "
+                    "--fine-tune-from TENSOR instead"]
+        if n > len(blocks):
+            return [f"--fine-tune {n}: {row} has {len(blocks)} blocks to fine-tune; give 1..{len(blocks)}, or "
+                    "--fine-tune-from TENSOR"]
+        return []
 
     def _adoption_contradictions(self, given: Collection[str]) -> list[str]:
         """Options given explicitly that contradict adopting a graph, or need it."""

@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import io
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
@@ -25,53 +26,13 @@ from pipeline.console import log
 from pipeline.console import progress as progress_bar
 from pipeline.dataset import Dataset, Example, leakage_warnings, normalise_class_name
 from pipeline.errors import DatasetError
+from pipeline.head import Head, class_weight_vector, forward, loss
 from pipeline.rundir import atomic_write_bytes, atomic_write_json, atomic_write_text
 from pipeline.testhook import pause_point
-from pipeline.types import BackboneSpec, ClassWeights
+from pipeline.types import BackboneSpec
 
 MAX_WARNING_LINES = 20
 FEW_IMAGES = 20  # per class: fewer training images rarely give a usable head
-
-
-@dataclass
-class Head:
-    """Dense layers, ReLU between them, softmax on the last: ``[(weights, bias), ...]``."""
-
-    layers: list[tuple[np.ndarray, np.ndarray]]
-    history: dict = field(default_factory=dict)
-
-    def logits(self, features: np.ndarray) -> np.ndarray:
-        x = features
-        for i, (w, b) in enumerate(self.layers):
-            x = x @ w + b
-            if i < len(self.layers) - 1:
-                x = np.maximum(x, 0)
-        return x
-
-    def probabilities(self, features: np.ndarray) -> np.ndarray:
-        z = self.logits(features)
-        z = z - z.max(axis=1, keepdims=True)
-        e = np.exp(z)
-        return e / e.sum(axis=1, keepdims=True)
-
-    def to_npz(self) -> dict[str, np.ndarray]:
-        out = {}
-        for i, (w, b) in enumerate(self.layers):
-            out[f"w{i}"], out[f"b{i}"] = w, b
-        return out
-
-    @classmethod
-    def from_npz(cls, data) -> "Head":
-        n = len([k for k in data.keys() if k.startswith("w")])
-        return cls([(data[f"w{i}"], data[f"b{i}"]) for i in range(n)])
-
-
-def class_weight_vector(y: np.ndarray, num_classes: int, mode: str) -> np.ndarray:
-    """Per-class loss weights: ones, or ``n / (classes * count)`` for ``"balanced"``."""
-    if ClassWeights(mode) is ClassWeights.NONE:
-        return np.ones(num_classes, np.float32)
-    counts = np.bincount(y, minlength=num_classes).astype(np.float64)
-    return (len(y) / (num_classes * np.maximum(counts, 1))).astype(np.float32)
 
 
 def train_head(
@@ -105,26 +66,13 @@ def train_head(
     weights = tf.constant(class_weight_vector(y_train, num_classes, cfg.class_weights))
     dropout_seed = tf.random.Generator.from_seed(cfg.seed)
 
-    def forward(x, training):
-        for i in range(0, len(variables), 2):
-            x = tf.matmul(x, variables[i]) + variables[i + 1]
-            if i + 2 < len(variables):
-                x = tf.nn.relu(x)
-                if training and cfg.dropout > 0:
-                    seed = dropout_seed.make_seeds(1)[:, 0]
-                    x = tf.nn.experimental.stateless_dropout(x, cfg.dropout, seed=seed)
-        return x
-
     @tf.function
     def step(x, y):
         with tf.GradientTape() as tape:
-            logits = forward(x, training=True)
-            target = tf.one_hot(y, num_classes) * (1 - cfg.label_smoothing) + cfg.label_smoothing / num_classes
-            per_example = tf.nn.softmax_cross_entropy_with_logits(labels=target, logits=logits)
-            loss = tf.reduce_sum(per_example * tf.gather(weights, y)) / tf.reduce_sum(tf.gather(weights, y))
-            loss += cfg.l2 * tf.add_n([tf.nn.l2_loss(v) for v in variables[0::2]])
-        opt.apply_gradients(zip(tape.gradient(loss, variables), variables))
-        return loss
+            logits = forward(variables, x, cfg.dropout, dropout_seed)
+            value = loss(logits, y, num_classes, weights, cfg.label_smoothing, cfg.l2, variables)
+        opt.apply_gradients(zip(tape.gradient(value, variables), variables))
+        return value
 
     def snapshot() -> Head:
         vs = [v.numpy() for v in variables]
@@ -234,10 +182,13 @@ class RetrainResult:
     misclassified: list[dict]
     bottlenecks: dict
     augmented_training_examples: int
+    fine_tune: dict | None = None
+    tail: dict[str, np.ndarray] | None = None
 
     def save(self, folder: Path) -> dict[str, Path]:
-        """Writes split.json, labels.txt, head.npz, metrics.json and the two pictures; returns
-        the files later stages read, by name."""
+        """Writes split.json, labels.txt, head.npz, metrics.json and the two pictures, and with
+        fine-tuning tail.npz (the trained constants of the backbone, by node name); returns the
+        files later stages read, by name."""
         from pipeline.report import plot_confusion_matrices, plot_training
 
         folder = Path(folder)
@@ -247,25 +198,33 @@ class RetrainResult:
         buf = io.BytesIO()
         np.savez(buf, **self.head.to_npz())
         atomic_write_bytes(folder / "head.npz", buf.getvalue())
+        if self.tail is not None:
+            buf = io.BytesIO()
+            # Node names hold "/", which np.savez keeps as they are (the npz is a zip of names).
+            np.savez(buf, **self.tail)
+            atomic_write_bytes(folder / "tail.npz", buf.getvalue())
+        else:
+            (folder / "tail.npz").unlink(missing_ok=True)  # a fine-tuned run's, before this one
         atomic_write_json(folder / "metrics.json", {
             "counts": self.counts, "skipped": self.skipped, "warnings": self.warnings,
             "bottlenecks": self.bottlenecks, "history": self.head.history,
             "misclassified": self.misclassified,
-            "augmented_training_examples": self.augmented_training_examples, **self.metrics,
+            "augmented_training_examples": self.augmented_training_examples,
+            **({"fine_tune": self.fine_tune} if self.fine_tune else {}), **self.metrics,
         })
         plot_training(folder / "training.png", self.head.history)
         plot_confusion_matrices(folder / "confusion_matrix.png",
                                 [{"artifact": "head", "runtime": "test split", **self.metrics["test"]}],
                                 list(self.dataset.classes))
-        return {k: folder / f for k, f in (("split", "split.json"), ("labels", "labels.txt"),
-                                            ("head", "head.npz"), ("metrics", "metrics.json"))}
+        files = (("split", "split.json"), ("labels", "labels.txt"), ("head", "head.npz"), ("metrics", "metrics.json"))
+        return {k: folder / f for k, f in files + ((("tail", "tail.npz"),) if self.tail is not None else ())}
 
 
 def retrain(
     dataset: Dataset, graph_path: Path, spec: BackboneSpec, graph_sha256: str, cache_root: Path,
     train: TrainConfig = TrainConfig(), augment: AugmentConfig = AugmentConfig(), *,
     progress: bool = True, summaries_dir: Path | None = None, checkpoint_dir: Path | None = None,
-    images_dir: Path | None = None, beam: BeamConfig | None = None,
+    images_dir: Path | None = None, beam: BeamConfig | None = None, fine_tune_blocks: Sequence[str] = (),
 ) -> RetrainResult:
     """Extracts (or reads from the cache) every image's bottleneck and trains the head.
 
@@ -279,12 +238,16 @@ def retrain(
         images_dir: the training folder, named in errors.
         beam: extract on Apache Beam with these runner settings (:func:`pipeline.beam.extract`:
             the same entries and features); None: this process.
+        fine_tune_blocks: the catalog's blocks of this backbone, for ``train.fine_tune``
+            (``pipeline/finetune.py``: the activations at the cut are cached instead of the
+            bottlenecks, and the blocks after it train with the head).
 
     Returns:
         The trained head, its metrics on every split and what was skipped on the way.
 
     Raises:
         DatasetError: a class is left without a readable training image.
+        ConfigError: the fine-tuning cut is not in the graph or not before the bottleneck.
     """
     from pipeline.bottlenecks import extract
 
@@ -295,14 +258,27 @@ def retrain(
     t0 = time.perf_counter()
     train_rows = [i for i, e in enumerate(dataset.examples) if e.split == "train"]
     paths = [e.path for e in dataset.examples]
+    cut, graph_def, cached_spec = None, None, spec
+    if train.fine_tunes:
+        from pipeline.bottlenecks import variants
+        from pipeline.finetune import resolve_cut
+        from pipeline.graph import load_graph_def
+
+        graph_def = load_graph_def(graph_path)
+        cut = resolve_cut(graph_def, spec, fine_tune_blocks, train.fine_tune, train.fine_tune_from)
+        cached_spec = cut.spec(spec)
+        items = len(paths) + len(train_rows) * variants(augment)
+        log.info(f"retrain: {cut.asked} trains the graph after {cut.tensor}; its activations "
+                 f"({'x'.join(map(str, cut.shape))}, {cut.bytes_per_image / 1024:,.0f} KB an image) are cached for "
+                 f"{items} images and copies ({items * cut.bytes_per_image / 1e9:.2f} GB) and streamed from the cache")
     if beam is not None:
         import pipeline.beam as beam_engine
 
-        ext = beam_engine.extract(paths, graph_path, spec, graph_sha256, cache_root, beam, augment=augment,
-                                  augment_indices=train_rows, progress=progress)
+        ext = beam_engine.extract(paths, graph_path, cached_spec, graph_sha256, cache_root, beam, augment=augment,
+                                  augment_indices=train_rows, progress=progress, keep=cut is None)
     else:
-        ext = extract(paths, graph_path, spec, graph_sha256, cache_root, progress=progress, augment=augment,
-                      augment_indices=train_rows)
+        ext = extract(paths, graph_path, cached_spec, graph_sha256, cache_root, progress=progress, augment=augment,
+                      augment_indices=train_rows, keep=cut is None)
     extract_s = time.perf_counter() - t0
     skipped = {dataset.examples[i].path: why for i, why in sorted(ext.skipped.items())}
     for path, why in skipped.items():
@@ -326,15 +302,23 @@ def retrain(
             f"({len(skipped)} image(s) skipped, listed above); add readable images or remove the folder"
         )
     pause_point("train")
-    x_train, y_train = feats[is_train], y[is_train]
-    if ext.augmented is not None:
-        # Augmented copies join the training set only; validation and test stay untouched.
-        extra = ext.augmented[is_train]
-        x_train = np.concatenate([x_train, extra.reshape(-1, extra.shape[-1])])
-        y_train = np.concatenate([y_train, np.repeat(y[is_train], extra.shape[1])])
     val = split == "validation"
-    head = train_head(x_train, y_train, len(ds.classes), train, feats[val], y[val], progress=progress,
-                      summaries_dir=summaries_dir, checkpoint_dir=checkpoint_dir)
+    tuned = None
+    if cut is not None:
+        tuned, feats = _fine_tune(graph_def, spec, cut, ext, augment, y, is_train, val, len(ds.classes), train,
+                                  progress, summaries_dir, checkpoint_dir)
+        head = tuned.head
+        n_train = int(is_train.sum()) * (1 + (ext.augmented.shape[1] if ext.augmented is not None else 0))
+    else:
+        x_train, y_train = feats[is_train], y[is_train]
+        if ext.augmented is not None:
+            # Augmented copies join the training set only; validation and test stay untouched.
+            extra = ext.augmented[is_train]
+            x_train = np.concatenate([x_train, extra.reshape(-1, extra.shape[-1])])
+            y_train = np.concatenate([y_train, np.repeat(y[is_train], extra.shape[1])])
+        n_train = len(x_train)
+        head = train_head(x_train, y_train, len(ds.classes), train, feats[val], y[val], progress=progress,
+                          summaries_dir=summaries_dir, checkpoint_dir=checkpoint_dir)
     metrics = {s: evaluate_head(head, feats[split == s], y[split == s], len(ds.classes))
                for s in ("train", "validation", "test")}
     test_idx = np.nonzero(split == "test")[0]
@@ -347,8 +331,46 @@ def retrain(
         dataset=ds, head=head, counts=counts, metrics=metrics, skipped=skipped, warnings=warnings,
         misclassified=misclassified,
         bottlenecks={"computed": ext.computed, "cached": ext.cached, "seconds": round(extract_s, 2)},
-        augmented_training_examples=int(len(x_train) - is_train.sum()),
+        augmented_training_examples=int(n_train - is_train.sum()),
+        fine_tune=None if tuned is None else {
+            **cut.to_dict(), "trained_weights": tuned.tail.parameters, "tensors": len(tuned.tail.names),
+            "epochs": train.fine_tune_epochs, "learning_rate": train.fine_tune_learning_rate,
+            "head_only_validation": tuned.head_only, "seconds": round(tuned.seconds, 2)},
+        tail=None if tuned is None else tuned.tail.values(),
     )
+
+
+def _fine_tune(graph_def, spec: BackboneSpec, cut, ext, augment: AugmentConfig, y: np.ndarray, is_train: np.ndarray,
+               val: np.ndarray, num_classes: int, train: TrainConfig, progress: bool, summaries_dir, checkpoint_dir):
+    """Trains the blocks after ``cut`` with the head on the cached activations (``finetune.fine_tune``).
+
+    Returns:
+        The result and every kept example's features through the trained blocks, in ``ext.ok`` order.
+    """
+    from pipeline.bottlenecks import entry_name
+    from pipeline.finetune import Tail, features_of, fine_tune
+
+    plain = [entry_name(ext.hashes[i], 0, augment) for i in ext.ok]
+    copies = ext.augmented.shape[1] if ext.augmented is not None else 0
+    rows = np.nonzero(is_train)[0]
+    # Augmented copies join the training set only; validation and test stay untouched.
+    names = [plain[k] for k in rows] + [entry_name(ext.hashes[ext.ok[k]], v, augment)
+                                        for k in rows for v in range(1, copies + 1)]
+    labels = np.concatenate([y[rows], np.repeat(y[rows], copies)])
+
+    def read(entries) -> np.ndarray:
+        out = np.empty((len(entries), cut.values), np.float32)
+        for k, name in enumerate(entries):
+            got = ext.cache.get(name)
+            if got is None:  # removed since the extraction wrote it
+                raise DatasetError(f"{ext.cache.dir}: cached activations {name} vanished during training; run again")
+            out[k] = got
+        return out
+
+    tail = Tail(graph_def, spec, cut)
+    tuned = fine_tune(tail, read, (names, labels), ([plain[k] for k in np.nonzero(val)[0]], y[val]), num_classes,
+                      train, train_head, progress=progress, summaries_dir=summaries_dir, checkpoint_dir=checkpoint_dir)
+    return tuned, features_of(tail, read, plain, progress, desc="fine-tuned features")
 
 
 # --- adopting a graph that has its head -----------------------------------------------------------

@@ -23,6 +23,7 @@ from typing import Callable
 
 import numpy as np
 
+from pipeline.catalog import fine_tune_blocks
 from pipeline.config import ADOPTED_SAVEDMODEL_GATE, DEFAULT_GATES, RunConfig
 from pipeline.console import library_output, log
 from pipeline.dataset import Dataset, build_dataset
@@ -159,11 +160,14 @@ def _retrain_fingerprint(ctx: Context) -> dict:
                 "images": _folder_key(c.images), "test_images": _folder_key(c.test_images),
                 "split": [c.validation_pct, c.test_pct],
                 "labels": None if labels is None else [str(Path(labels).resolve()), _file_digest(labels)]}
-    return {
+    fp = {
         "fetch": _upstream(ctx, "fetch"), "spec": ctx.spec().to_dict(),
         "images": _folder_key(c.images), "test_images": _folder_key(c.test_images),
         "split": [c.validation_pct, c.test_pct], "train": c.train.to_dict(), "augment": c.augment.to_dict(),
     }
+    if c.train.fine_tune:
+        fp["fine_tune_blocks"] = list(fine_tune_blocks(c.catalog_row))
+    return fp
 
 
 def _file_digest(path: Path) -> str | None:
@@ -220,11 +224,16 @@ def _retrain_run(ctx: Context) -> tuple[dict[str, Path], dict]:
         ctx.stage_info("fetch")["outputs"]["graph"]["sha256"],
         c.bottleneck_cache or Path(c.cache_dir or default_cache_dir()) / "bottlenecks",
         c.train, c.augment, progress=c.progress, summaries_dir=summaries, images_dir=c.images, beam=c.beam,
-        checkpoint_dir=out / "checkpoints" if c.train.checkpoint_every else None)
+        checkpoint_dir=out / "checkpoints" if c.train.checkpoint_every else None,
+        fine_tune_blocks=fine_tune_blocks(c.catalog_row))
     if c.print_misclassified:
         for m in result.misclassified:
             log.info(f"misclassified: {m['path']} (true {m['true']!r}, predicted {m['predicted']!r})")
     outputs = result.save(out)
+    if result.fine_tune:
+        ft = result.fine_tune
+        log.info(f"retrain: fine-tuned {ft['trained_weights']:,} weights after {ft['tensor']} in {ft['seconds']:.1f} s "
+                 f"(head alone: validation accuracy {ft['head_only_validation']['accuracy'] or 0:.4f})")
     for s in ("validation", "test"):
         m = result.metrics[s]
         if m["n"]:
@@ -248,7 +257,16 @@ def _export_run(ctx: Context) -> tuple[dict[str, Path], dict]:
 
     out, model = ctx.run.stage("export"), ctx.model()
     layers = None if model else Head.from_npz(np.load(ctx.run.stage("retrain") / "head.npz")).layers
-    sm = export_savedmodel(load_graph_def(ctx.graph_path()), ctx.spec(), layers, ctx.labels(), out, outputs=model)
+    graph_def = load_graph_def(ctx.graph_path())
+    tail = ctx.outputs("retrain").get("tail")
+    if tail is not None:
+        from pipeline.finetune import with_constants
+
+        # The fine-tuned blocks' weights go into the graph's constants: a frozen graph like any other.
+        with np.load(tail) as values:
+            graph_def = with_constants(graph_def, dict(values))
+        log.info(f"export: the backbone carries the {len(values.files)} fine-tuned constants of {tail}")
+    sm = export_savedmodel(graph_def, ctx.spec(), layers, ctx.labels(), out, outputs=model)
     if model:
         log.info(f"export: {ctx.graph_path().name} wrapped as the SavedModel: (images - {ctx.spec().preprocessing.mean:g}) "
                  f"/ {ctx.spec().preprocessing.std:g} → {model.probabilities} as probabilities"
