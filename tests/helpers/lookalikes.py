@@ -230,14 +230,14 @@ def inception_v3_2015_graph(seed: int = 0) -> bytes:
     h = g.pool("pool", "MaxPool", h, 3, 2)                        # [1,37,37,8]
     h = _v3_conv(g, "conv_1", h, 3, 8, 8, stride=2)               # [1,18,18,8]
     h = g.pool("pool_1", "MaxPool", h, 3, 2)                      # [1,8,8,8]
-    branch = g.unary("mixed/conv", "Relu", g.bias_add(
-        "mixed/conv/batchnorm", g.conv("mixed/conv/Conv2D", h, 1, 8, 1024, 1,
-                                       weights="mixed/conv/conv2d_params"), 1024))
-    tower = g.unary("mixed/tower/conv", "Relu", g.bias_add(
-        "mixed/tower/conv/batchnorm", g.conv("mixed/tower/conv/Conv2D", h, 1, 8, 1024, 1,
-                                             weights="mixed/tower/conv/conv2d_params"), 1024))
+    branch = g.unary("mixed_10/conv", "Relu", g.bias_add(
+        "mixed_10/conv/batchnorm", g.conv("mixed_10/conv/Conv2D", h, 1, 8, 1024, 1,
+                                       weights="mixed_10/conv/conv2d_params"), 1024))
+    tower = g.unary("mixed_10/tower/conv", "Relu", g.bias_add(
+        "mixed_10/tower/conv/batchnorm", g.conv("mixed_10/tower/conv/Conv2D", h, 1, 8, 1024, 1,
+                                             weights="mixed_10/tower/conv/conv2d_params"), 1024))
     # The old Concat takes its axis first (ConcatV2 takes it last).
-    h = g.node("mixed/join", "Concat", [g.const("mixed/join/concat_dim", 3, np.int32), branch, tower],
+    h = g.node("mixed_10/join", "Concat", [g.const("mixed_10/join/concat_dim", 3, np.int32), branch, tower],
                N=2, T=f)                                          # [1,8,8,2048]
     pool = g.pool("pool_3", "AvgPool", h, 8, 1)                   # [1,1,1,2048]
     flat = g.node("pool_3/_reshape", "Reshape",
