@@ -487,7 +487,7 @@ class CompareResult:
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         png = out / "confusion_matrices.png"
-        panels = [{"artifact": r.name, "runtime": "head, test split", "accuracy": r.accuracy,
+        panels = [{"artifact": r.name, "runtime": "test split", "accuracy": r.accuracy,
                    "confusion_matrix": r.confusion_matrix} for r in self.rows]
         drawn = plot_confusion_matrices(png, panels, self.classes)
         atomic_write_json(out / "compare.json", self.to_dict())
