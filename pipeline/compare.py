@@ -168,7 +168,8 @@ def plan(settings: CompareSettings) -> list[PlannedRow]:
     if problems:
         raise ConfigError("; ".join(problems))
 
-    given = settings.given - set(NOT_OPTIONS)
+    # A graph's options are given to its own row only, so only that row counts them as given.
+    given = settings.given - set(NOT_OPTIONS) - (set(graph_options) if graph_options else set())
     backbones = [(name, name, {**common, "backbone": name}, {"backbone"}) for name in settings.backbones]
     if graph_options:
         name, column = _graph_name(graph_options, settings.out)
