@@ -9,6 +9,8 @@ The Python API, what the ``edgepipe`` command does::
     pipeline.run(cfg, until="quantize")                 # only what the change touches re-runs
     pipeline.check(pipeline.CheckSettings(reference="model.keras", candidates=("model.tflite",),
                                           images="photos/test", out="check"))  # anyone's conversion
+    pipeline.compare(pipeline.CompareSettings(out="cmp", backbones=("mobilenet_v1_0.25_224", "mobilenet_v1_0.25_128"),
+                                              options={"images": "photos/train"}))  # one table, a row each
 
 Importing this package imports neither TensorFlow nor scikit-learn; the stages import them.
 """
@@ -21,10 +23,11 @@ from pipeline.version import __version__
 __all__ = [
     "__version__", "run", "resume", "load_config", "validate", "RunConfig", "TrainConfig", "AugmentConfig",
     "AppPreprocessing", "CustomGraph", "PipelineError", "ConfigError", "VerificationFailed", "STAGE_NAMES",
-    "check", "CheckSettings", "PrepFlags", "Classifier", "ClassifySettings",
+    "check", "CheckSettings", "PrepFlags", "Classifier", "ClassifySettings", "compare", "CompareSettings",
 ]
 
 if TYPE_CHECKING:
+    from pipeline.compare import CompareSettings, compare  # noqa: F401
     from pipeline.config import (  # noqa: F401
         AppPreprocessing,
         AugmentConfig,
@@ -44,6 +47,7 @@ _LAZY = {
     "STAGE_NAMES": "pipeline.stages",
     **{name: "pipeline.check" for name in ("check", "CheckSettings", "PrepFlags")},
     **{name: "pipeline.classify" for name in ("Classifier", "ClassifySettings")},
+    **{name: "pipeline.compare" for name in ("compare", "CompareSettings")},
 }
 
 
@@ -53,7 +57,11 @@ def __getattr__(name: str) -> Any:
     if name in _LAZY:
         import importlib
 
-        return getattr(importlib.import_module(_LAZY[name]), name)
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        # Kept as the package's attribute: importing pipeline.check (or pipeline.compare) has just
+        # bound the module under the same name, which would shadow the function from now on.
+        globals()[name] = value
+        return value
     raise AttributeError(f"module 'pipeline' has no attribute {name!r}")
 
 

@@ -220,6 +220,70 @@ app.command("verify")(_stage_command("verify", "verify", "Run the reference and 
 app.command("deploy")(_stage_command("deploy", "deploy", "Write RUN/deploy/raspberry-pi/: the TFLite file, labels, contract, a "
                                      "classify.py with --self-test, pinned requirements, a README."))
 
+# --- compare: several backbones (and fine-tuning settings) on the same images -----------------
+
+# `run`'s options, but for those that name a row: a row per backbone and fine-tuning setting, so
+# both repeat; an adopted --model-graph is not trained, so it has no backbone to compare.
+COMPARE_ROWS: dict[str, tuple[object, object]] = {
+    "out": (_opt(Path, "The comparison's folder: a run directory per row (OUT/<row>/), compare.md, compare.json, "
+                       "compare.html, confusion_matrices.png.", OUTPUT, "--out"), ...),
+    "backbones": (_opt(Optional[list[str]], "A catalog backbone to compare (repeat: one row each; see `edgepipe fetch "
+                                            "--list`). --graph adds your own graph as one more row.", BACKBONE,
+                       "--backbone"), None),
+    "fine_tunes": (_opt(Optional[list[int]], "Backbone blocks to fine-tune (repeat: one row per backbone and setting, "
+                                             "named BACKBONE+ftN; default 0, the head only).", TRAINING, "--fine-tune"),
+                   None),
+}
+COMPARE_OPTIONS = tuple(n for n in COMMAND_OPTIONS["run"]
+                        if n not in ("backbone", "fine_tune", "model_graph", "output_tensor", "labels"))
+
+
+def _compare(out: Path, quiet: bool, offline: bool, verbose: bool, backbones: list[str] | None,
+             fine_tunes: list[int] | None, **opts) -> None:
+    from pipeline.compare import CompareSettings, compare
+    from pipeline.errors import VerificationFailed
+
+    opts = {RENAMED.get(k, k): v for k, v in opts.items()}
+    try:
+        settings = CompareSettings(out=out, backbones=tuple(backbones or ()), fine_tune=tuple(fine_tunes or (0,)),
+                                   options={**opts, "offline": offline or None, "progress": False if quiet else None},
+                                   verbose=verbose)
+        result = compare(settings)
+        typer.echo(result.files["compare_md"].read_text(encoding="utf-8"))
+        if result.failed:
+            names = ", ".join(r.name for r in result.failed)
+            raise VerificationFailed(f"verification failed in {len(result.failed)} row(s): {names}; see "
+                                     f"{out}/<row>/report.md (the comparison is written: {result.files['compare_md']})")
+    except PipelineError as err:
+        _fail(err)
+    except OSError as err:
+        mapped = disk_error(err, str(out))
+        if mapped is None:
+            raise
+        _fail(mapped)
+
+
+def _compare_command() -> Callable[..., None]:
+    """``edgepipe compare``: ``out``, ``run``'s options (the backbone and fine-tuning repeatable)."""
+    table = {**OPTIONS, **COMPARE_ROWS}
+    names = ("out", "backbones", "fine_tunes", *COMPARE_OPTIONS, *_COMMON)
+
+    def callback(**kwargs) -> None:
+        _compare(**kwargs)
+
+    callback.__signature__ = inspect.Signature([
+        inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, annotation=table[n][0], default=table[n][1])
+        for n in names
+    ])
+    callback.__annotations__ = {}
+    callback.__doc__ = ("Run every backbone (and fine-tuning setting) on the same images, each in OUT/<row>/, and "
+                        "compare them in one table: OUT/compare.md, compare.json, compare.html.")
+    callback.__name__ = "compare"
+    return callback
+
+
+app.command("compare")(_compare_command())
+
 Backbone = OPTIONS["backbone"][0]
 Mirror, CacheDir, Offline = OPTIONS["mirror"][0], OPTIONS["cache_dir"][0], OPTIONS["offline"][0]
 Quiet, Verbose = OPTIONS["quiet"][0], OPTIONS["verbose"][0]

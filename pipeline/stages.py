@@ -472,11 +472,10 @@ def _deploy_choice(ctx: Context) -> tuple[str | None, str]:
     that passed every gate in every runtime verify ran it in."""
     if ctx.cfg.deploy_artifact:
         return ctx.cfg.deploy_artifact, "--deploy-artifact"
-    from pipeline.verify import recommend
+    from pipeline.verify import recommend_tflite
 
     results = (read_json(ctx.run.root / "report.json", default={}) or {}).get("results") or []
-    # verify's own recommendation, among the TFLite files only (results[0] is the reference).
-    best = recommend(results[:1] + [r for r in results[1:] if r["artifact"].startswith("tflite-")])
+    best = recommend_tflite(results)
     if best is None:
         return None, "no TFLite file passed every gate"
     ran = [r["runtime"] for r in results[1:] if r["artifact"] == best["artifact"]]

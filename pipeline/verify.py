@@ -765,3 +765,10 @@ def recommend(rows: list[dict]) -> dict | None:
         "fastest": {"artifact": fastest["artifact"], "runtime": fastest["runtime"], "latency_ms": fastest["latency_ms"]},
         "why": f"smallest of {len(passing)} artifacts that pass every gate in every runtime",
     }
+
+
+def recommend_tflite(results: list[dict]) -> dict | None:
+    """:func:`recommend` among the TFLite files only: the smallest that passed every gate in every
+    runtime verify ran it in (what the deploy stage ships, and what ``edgepipe compare`` lists);
+    None when none passed. ``results`` as in report.json, the reference first."""
+    return recommend(results[:1] + [r for r in results[1:] if r["artifact"].startswith("tflite-")])
