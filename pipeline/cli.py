@@ -69,7 +69,7 @@ OPTIONS: dict[str, tuple[object, object]] = {
                                       "the activations before them are cached.", TRAINING), None),
     "fine_tune_from": (_opt(Optional[str], "Fine-tune everything after this tensor (instead of --fine-tune N), "
                                            "e.g. MobilenetV1/MobilenetV1/Conv2d_11_pointwise/Relu6:0.", TRAINING), None),
-    "fine_tune_epochs": (_opt(Optional[int], "Epochs of fine-tuning, after the head alone (default 10).", TRAINING), None),
+    "fine_tune_epochs": (_opt(Optional[int], "Epochs of fine-tuning, after the head alone (default 20).", TRAINING), None),
     "fine_tune_learning_rate": (_opt(Optional[float], "Adam learning rate of the fine-tuned blocks (default 1e-4; the "
                                                       "head then trains at a tenth of --learning-rate).", TRAINING), None),
     "summaries_dir": (_opt(Optional[Path], "TensorBoard summaries; one sub-folder per run.", TRAINING), None),

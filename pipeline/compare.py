@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from pipeline.config import RunConfig, TrainConfig, load_config
+from pipeline.config import RunConfig, load_config
 from pipeline.console import log
 from pipeline.errors import ConfigError, PipelineError, VerificationFailed
 from pipeline.types import Runtime
@@ -44,11 +44,6 @@ ONE_POINT = 0.01  # "within one accuracy point" of the most accurate row
 # The runtime whose agreement and latency the table shows: the Pi's and Android's TFLite runtime.
 TABLE_RUNTIME = Runtime.LITERT
 NOT_RUN = "not run"
-
-
-def can_fine_tune() -> bool:
-    """Whether this edgepipe's training has fine-tuning (``TrainConfig.fine_tune``)."""
-    return "fine_tune" in {f.name for f in dataclasses.fields(TrainConfig)}
 
 
 @dataclass(frozen=True)
@@ -119,9 +114,7 @@ def row_name(backbone: str, fine_tune: int) -> str:
 def _row_config(out: Path, options: Mapping[str, Any], fine_tune: int) -> RunConfig:
     """What ``edgepipe run --out OUT ...`` would run: the saved configuration with ``options`` over it."""
     cfg = (load_config(out) or RunConfig(out=out)).with_options(**options)
-    if can_fine_tune():
-        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, fine_tune=fine_tune))
-    return cfg
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, fine_tune=fine_tune))
 
 
 def _graph_name(options: Mapping[str, Any], out: Path) -> tuple[str, str]:
@@ -159,9 +152,6 @@ def plan(settings: CompareSettings) -> list[PlannedRow]:
                         "only) or more")
     if len(set(settings.fine_tune)) < len(settings.fine_tune):
         problems.append(f"--fine-tune {' '.join(map(str, settings.fine_tune))}: a setting is given twice")
-    if any(n for n in settings.fine_tune if n not in bad_ft) and not can_fine_tune():
-        problems.append("--fine-tune N > 0: this edgepipe trains the head only (TrainConfig has no fine_tune); "
-                        "compare with --fine-tune 0")
     if not settings.backbones and not graph_options:
         problems.append("nothing to compare: give the backbones with --backbone NAME (repeat) and/or your own "
                         "frozen graph with --graph FILE.pb")

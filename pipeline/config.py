@@ -93,7 +93,7 @@ class TrainConfig:
     seed: int = 0
     fine_tune: int = 0
     fine_tune_from: str | None = None
-    fine_tune_epochs: int = 10
+    fine_tune_epochs: int = 20
     fine_tune_learning_rate: float = 1e-4
 
     def __post_init__(self):
