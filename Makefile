@@ -9,7 +9,7 @@ NODE_STAMP := $(NODE_DIR)/node_modules/.package-lock.json
 CHROMIUM := /usr/bin/chromium
 PYTEST_ARGS ?=
 
-.PHONY: setup browser setup-arm64 setup-beam demo test bench bench-chain bench-beam clean
+.PHONY: setup browser setup-arm64 setup-beam demo test bench bench-chain bench-beam bench-compare clean
 
 # Python and Node dependencies: all `make demo` needs (no root, no browser).
 setup: $(STAMP) $(NODE_STAMP)
@@ -65,6 +65,11 @@ bench-chain: setup
 # Beam DirectRunner vs the local engine on caltech101 (README "Measured").
 bench-beam: $(BEAM_STAMP)
 	$(PY) scripts/bench_beam.py
+
+# A cold `edgepipe compare` of mobilenet_v1_0.25_224 and 0.25_128 on flowers8 against the two cold
+# runs one after the other, then the same compare again, every stage skipped (about 4 minutes).
+bench-compare: setup
+	$(PY) scripts/bench_compare.py
 
 clean:
 	rm -rf runs/demo .pytest_cache

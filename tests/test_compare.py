@@ -254,3 +254,29 @@ def test_two_real_backbones_compared_then_compared_again_computing_nothing(tmp_p
     assert len(skipped) == 2 * len(STAGES) and "running" not in proc.stderr
     assert proc.stdout.startswith("# edgepipe compare: 2 rows") and "| mobilenet_v1_0.25_128 |" in proc.stdout
     assert read_json(out / "compare.json")["rows"] == saved["rows"]
+
+
+@pytest.mark.slow
+def test_the_compare_benchmark_runs_and_prints_every_figure(tmp_path, tiny_images, tiny_holdout):
+    """scripts/bench_compare.py on the tiny photos (speed itself is not asserted)."""
+    import re
+    import subprocess
+    import sys
+
+    from tests.helpers.world import REPO
+
+    needs_shared(MIRROR)
+    done = subprocess.run(
+        [sys.executable, "scripts/bench_compare.py", "--images", str(tiny_images), "--test-images", str(tiny_holdout),
+         "--backbone", "mobilenet_v1_0.25_128", "--backbone", "mobilenet_v1_0.25_224", "--runtime", "ai-edge-litert",
+         "--quant", "float32", "--epochs", "5", "--mirror", str(MIRROR), "--tmp", str(tmp_path)],
+        cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, (done.stdout[-3000:], done.stderr[-3000:])
+    out = done.stdout
+    for label in ("edgepipe run --backbone mobilenet_v1_0.25_128, cold", "edgepipe run --backbone "
+                  "mobilenet_v1_0.25_224, cold", "the runs one after the other", "edgepipe compare, cold"):
+        assert re.search(rf"\| {re.escape(label)} \| \d+\.\d\d \| \d+\.\d\d \| (6|12) \| 0 \|", out), (label, out)
+    assert re.search(r"\| edgepipe compare again, warm \| \d+\.\d\d \| \d+\.\d\d \| 0 \| 12 \|", out), out
+    assert re.search(r"compare cold / \(run \+ run\): \d+\.\d\d× \(\d+\.\d\d s / \d+\.\d\d s", out), out
+    assert "stages skipped: 12 of 12: met" in out
+    assert list(tmp_path.iterdir()) == []  # its scratch folder is removed
