@@ -20,7 +20,7 @@ from pipeline.images import load_image
 from tests.helpers.chain import edgepipe_log, report_rows, run_chain
 from tests.helpers.cli import edgepipe
 from tests.helpers.lookalikes import LOOKALIKES, lookalike_graph
-from tests.helpers.world import FLOWERS, MIRROR, needs_shared
+from tests.helpers.world import FLOWERS, MIRROR, needs_shared, tiny_graph_options
 
 V1 = "mobilenet_v1_0.25_224"
 LAST_BLOCK_CUT = "MobilenetV1/MobilenetV1/Conv2d_12_pointwise/Relu6:0"
@@ -205,3 +205,47 @@ def test_a_fine_tuned_model_passes_every_converter_and_runtime(tmp_path):
         run_chain(out, until="export", fine_tune=0)
     assert not (out / "retrain" / "tail.npz").exists()
     assert "fine_tune" not in json.loads((out / "retrain" / "metrics.json").read_text())
+
+
+def test_fine_tuning_a_users_own_graph_from_a_tensor(tiny_graph, tiny_images, tiny_holdout, tmp_path):
+    """--graph with --fine-tune-from: the first convolution's output is cached, the second
+    convolution trains, and the exported SavedModel is the trained graph."""
+    out = tmp_path / "run"
+    run_chain(out, until="export", images=tiny_images, test_images=tiny_holdout, cache_dir=tmp_path / "cache",
+              fine_tune_from="Relu6:0", fine_tune_epochs=3, epochs=20, **tiny_graph_options(tiny_graph))
+    metrics = json.loads((out / "retrain" / "metrics.json").read_text())
+    assert metrics["fine_tune"]["tensor"] == "Relu6:0" and metrics["fine_tune"]["shape"] == [16, 16, 16]
+    assert metrics["bottlenecks"]["computed"] > 0
+    with np.load(out / "retrain" / "tail.npz") as tail:
+        assert sorted(tail.files) == ["Const_2"]  # the second convolution's kernel (its bias-free ReLU6)
+        trained = tail["Const_2"]
+    frozen = load_graph_def(tiny_graph)
+    before = trainable_constants(frozen)["Const_2"]
+    assert np.abs(trained - before).max() > 0
+    # The SavedModel computes the trained graph: its features are the patched graph's.
+    import tensorflow as tf
+
+    from pipeline.export import SIGNATURE_KEY
+
+    serve = tf.saved_model.load(str(out / "export" / "savedmodel")).signatures[SIGNATURE_KEY]
+    images = np.random.default_rng(1).uniform(0, 255, (3, 32, 32, 3)).astype(np.float32)
+    patched = tmp_path / "patched.pb"
+    patched.write_bytes(with_constants(frozen, {"Const_2": trained}).SerializeToString())
+    spec = resolve_spec(load_graph_def(patched), RunConfig(out=out).with_options(**tiny_graph_options(tiny_graph)).backbone_spec())
+    from pipeline.head import Head
+
+    head = Head.from_npz(np.load(out / "retrain" / "head.npz"))
+    np.testing.assert_allclose(serve(images=tf.constant(images))["probabilities"].numpy(),
+                               head.probabilities(FeatureExtractor(patched, spec)(images)), atol=1e-5)
+
+
+@pytest.mark.slow
+def test_fine_tuning_on_beam_trains_the_same_blocks_from_the_same_entries(tiny_graph, tiny_images, tiny_holdout,
+                                                                          tmp_path):
+    options = dict(until="retrain", images=tiny_images, test_images=tiny_holdout, fine_tune_from="Relu6:0",
+                   fine_tune_epochs=3, epochs=20, **tiny_graph_options(tiny_graph))
+    run_chain(tmp_path / "local", cache_dir=tmp_path / "c1", **options)
+    run_chain(tmp_path / "beam", cache_dir=tmp_path / "c2", engine="beam",
+              beam_options=["--direct_running_mode=multi_processing", "--direct_num_workers=2"], **options)
+    for name in ("tail.npz", "head.npz", "split.json"):
+        assert (tmp_path / "local" / "retrain" / name).read_bytes() == (tmp_path / "beam" / "retrain" / name).read_bytes()
