@@ -7,6 +7,7 @@ panels); ``run`` lists them all, and earlier stages keep the run directory's sav
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 from pathlib import Path
 from typing import Annotated, Callable, Optional
@@ -158,13 +159,28 @@ def _fail(err: PipelineError) -> None:
     raise typer.Exit(code=err.exit_code) from None
 
 
+@contextlib.contextmanager
+def _one_line_errors(out: Path):
+    """A :class:`PipelineError`, or a full or read-only disk outside a stage (the manifest, the run
+    folder itself), as one line and its exit code."""
+    try:
+        yield
+    except PipelineError as err:
+        _fail(err)
+    except OSError as err:
+        mapped = disk_error(err, str(out))
+        if mapped is None:
+            raise
+        _fail(mapped)
+
+
 def _run(command: str, until: str, out: Path, quiet: bool, offline: bool, verbose: bool, **opts) -> None:
     import pipeline
     from pipeline.config import RunConfig, load_config
 
     opts = {RENAMED.get(k, k): v for k, v in opts.items()}
     given = {k for k, v in opts.items() if v not in (None, [], ())}
-    try:
+    with _one_line_errors(out):
         saved = load_config(out)
         if saved is None and command in NEEDS_SAVED_CONFIG:
             raise PipelineError(f"{out} holds no run yet; start it with `edgepipe run --images DIR --out {out}` "
@@ -173,14 +189,6 @@ def _run(command: str, until: str, out: Path, quiet: bool, offline: bool, verbos
         cfg = (saved or RunConfig(out=out)).with_options(offline=offline or None,
                                                          progress=False if quiet else None, **opts)
         pipeline.run(cfg, until=until, verbose=verbose, explicit=given)
-    except PipelineError as err:
-        _fail(err)
-    except OSError as err:
-        # A full or read-only disk outside a stage (the manifest, the run folder itself).
-        mapped = disk_error(err, str(out))
-        if mapped is None:
-            raise
-        _fail(mapped)
     if until == "verify":
         typer.echo((out / "report.md").read_text(encoding="utf-8"))
     elif until == "deploy":
@@ -244,7 +252,7 @@ def _compare(out: Path, quiet: bool, offline: bool, verbose: bool, backbones: li
     from pipeline.errors import VerificationFailed
 
     opts = {RENAMED.get(k, k): v for k, v in opts.items()}
-    try:
+    with _one_line_errors(out):
         settings = CompareSettings(out=out, backbones=tuple(backbones or ()), fine_tune=tuple(fine_tunes or (0,)),
                                    options={**opts, "offline": offline or None, "progress": False if quiet else None},
                                    verbose=verbose)
@@ -254,13 +262,6 @@ def _compare(out: Path, quiet: bool, offline: bool, verbose: bool, backbones: li
             names = ", ".join(r.name for r in result.failed)
             raise VerificationFailed(f"verification failed in {len(result.failed)} row(s): {names}; see "
                                      f"{out}/<row>/report.md (the comparison is written: {result.files['compare_md']})")
-    except PipelineError as err:
-        _fail(err)
-    except OSError as err:
-        mapped = disk_error(err, str(out))
-        if mapped is None:
-            raise
-        _fail(mapped)
 
 
 def _compare_command() -> Callable[..., None]:

@@ -31,7 +31,7 @@ from pipeline.console import progress as progress_bar
 from pipeline.errors import ConfigError
 from pipeline.graph import node_name
 from pipeline.graphfix import feature_subgraph
-from pipeline.head import Head, class_weight_vector, forward, loss
+from pipeline.head import Head, Patience, class_weight_vector, forward, loss
 from pipeline.types import BackboneSpec
 
 # Batch-norm statistics stay constants, so batch norm stays in inference mode: a minibatch of a
@@ -398,7 +398,7 @@ def fine_tune(tail: Tail, read: Reader, train: tuple[Sequence[str], np.ndarray],
 
     history: dict = {"epoch": [], "train_loss": [], "train_accuracy": [], "val_loss": [], "val_accuracy": [],
                      "head_only": {"epochs": head.history.get("epoch", [])[-1:] or [cfg.epochs], **head_only}}
-    best, waited, stopped_early = (np.inf, None, 0), 0, False
+    patience = Patience(cfg.early_stopping)
     bar = progress_bar(total=cfg.fine_tune_epochs, desc="fine-tuning", unit="epoch", disable=not progress)
     with ThreadPoolExecutor(1) as pool:
         for epoch in range(1, cfg.fine_tune_epochs + 1):
@@ -422,23 +422,17 @@ def fine_tune(tail: Tail, read: Reader, train: tuple[Sequence[str], np.ndarray],
                 m = _evaluate(tuned, features_of(tail, read, val_names), y_val)
                 history["val_loss"].append(m["loss"])
                 history["val_accuracy"].append(m["accuracy"])
-                if cfg.early_stopping:
-                    if m["loss"] < best[0] - 1e-6:
-                        best, waited = (m["loss"], snapshot(), epoch), 0
-                    else:
-                        waited += 1
-                        if waited >= cfg.early_stopping:
-                            stopped_early = True
-                            break
+                if cfg.early_stopping and patience.update(m["loss"], epoch, snapshot):
+                    break
     bar.close()
-    if cfg.early_stopping and best[1] is not None:
-        final, values = best[1]
+    if cfg.early_stopping and patience.best is not None:
+        final, values = patience.best
         for v, k in zip(tail.variables, tail.names):
             v.assign(values[k])
     else:
         final, _ = snapshot()
-    final.history = {**history, "best_epoch": best[2] if cfg.early_stopping else len(history["epoch"]),
-                     "stopped_early": stopped_early, "head_history": head.history}
+    final.history = {**history, "best_epoch": patience.epoch if cfg.early_stopping else len(history["epoch"]),
+                     "stopped_early": patience.stopped, "head_history": head.history}
     return FineTuned(final, tail, head_only, time.perf_counter() - started)
 
 

@@ -8,6 +8,7 @@ the head alone (``retrain.train_head``) and the head trained with the backbone's
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any, Callable
 
 import numpy as np
 
@@ -78,3 +79,24 @@ def loss(logits, y, num_classes: int, weights, label_smoothing: float, l2: float
     per_example = tf.nn.softmax_cross_entropy_with_logits(labels=target, logits=logits)
     w = tf.gather(weights, y)
     return tf.reduce_sum(per_example * w) / tf.reduce_sum(w) + l2 * tf.add_n([tf.nn.l2_loss(v) for v in variables[0::2]])
+
+
+class Patience:
+    """Early stopping on the validation loss: the best snapshot so far, and when to stop.
+
+    Args:
+        patience: evaluations without a lower loss before :meth:`update` says stop.
+    """
+
+    def __init__(self, patience: int):
+        self.patience, self.waited, self.stopped = patience, 0, False
+        self.loss, self.best, self.epoch = np.inf, None, 0
+
+    def update(self, loss: float, epoch: int, take: Callable[[], Any]) -> bool:
+        """Records an evaluation (``take`` makes the snapshot, only when it is the best); True: stop."""
+        if loss < self.loss - 1e-6:
+            self.loss, self.best, self.epoch, self.waited = loss, take(), epoch, 0
+            return False
+        self.waited += 1
+        self.stopped = self.waited >= self.patience
+        return self.stopped

@@ -26,7 +26,7 @@ from pipeline.console import log
 from pipeline.console import progress as progress_bar
 from pipeline.dataset import Dataset, Example, leakage_warnings, normalise_class_name
 from pipeline.errors import DatasetError
-from pipeline.head import Head, class_weight_vector, forward, loss
+from pipeline.head import Head, Patience, class_weight_vector, forward, loss
 from pipeline.rundir import atomic_write_bytes, atomic_write_json, atomic_write_text
 from pipeline.testhook import pause_point
 from pipeline.types import BackboneSpec
@@ -97,8 +97,8 @@ def train_head(
     total_steps = cfg.steps or epochs * steps_per_epoch
     writer = tf.summary.create_file_writer(str(summaries_dir)) if summaries_dir else None
     history: dict = {"epoch": [], "train_loss": [], "train_accuracy": [], "val_loss": [], "val_accuracy": []}
-    best = (np.inf, None, 0)
-    waited, done_steps, stopped_early = 0, 0, False
+    patience = Patience(cfg.early_stopping)
+    done_steps = 0
     bar = progress_bar(total=epochs, desc="training", unit="epoch", disable=not progress)
     for epoch in range(1, epochs + 1):
         order = rng.permutation(len(x_train))
@@ -132,20 +132,14 @@ def train_head(
                 if has_val:
                     tf.summary.scalar("loss/validation", vl)
                     tf.summary.scalar("accuracy/validation", va)
-        if cfg.early_stopping and has_val:
-            if vl < best[0] - 1e-6:
-                best, waited = (vl, head, epoch), 0
-            else:
-                waited += 1
-                if waited >= cfg.early_stopping:
-                    stopped_early = True
-                    break
+        if cfg.early_stopping and has_val and patience.update(vl, epoch, lambda: head):
+            break
     bar.close()
     if writer:
         writer.close()
-    final = best[1] if (cfg.early_stopping and has_val and best[1] is not None) else snapshot()
-    final.history = {**history, "best_epoch": best[2] if cfg.early_stopping else epochs,
-                     "stopped_early": stopped_early, "steps": done_steps}
+    final = patience.best if (cfg.early_stopping and has_val and patience.best is not None) else snapshot()
+    final.history = {**history, "best_epoch": patience.epoch if cfg.early_stopping else epochs,
+                     "stopped_early": patience.stopped, "steps": done_steps}
     return final
 
 
