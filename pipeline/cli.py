@@ -83,6 +83,11 @@ OPTIONS: dict[str, tuple[object, object]] = {
     "quant": (_opt(Optional[list[QuantMode]], "TFLite variants (repeat; default all).", CONVERSION, "--quant"), None),
     "calibration_images": (_opt(Optional[int], "Training images that calibrate the integer variants (default 100).",
                                 CONVERSION), None),
+    "int8_repair": (_opt(Optional[bool], "Keep the int8 file's most drifting layers in float until it meets its target on "
+                                         "the validation split, as tflite-int8-repaired (default: only when plain int8 "
+                                         "misses its gate there).", CONVERSION, "--int8-repair/--no-int8-repair"), None),
+    "int8_repair_max_size": (_opt(Optional[float], "Stop the int8 repair when a file would pass PCT percent of the "
+                                                   "float32 file's size (default 100).", CONVERSION), None),
     "tfjs": (_opt(Optional[list[TfjsMode]], "TF.js variants (repeat; default float32, float16).", CONVERSION, "--tfjs"), None),
     "tfjs_shard_mb": (_opt(Optional[float], "TF.js weight shard size in MB (default 4).", CONVERSION), None),
     "runtime": (_opt(Optional[list[str]], "Runtimes to verify in (repeat): tflite-runtime, ai-edge-litert, tfjs-wasm "
@@ -90,6 +95,9 @@ OPTIONS: dict[str, tuple[object, object]] = {
                                           "chromium-wasm, chromium-webgl, chromium-webgl-f16, chromium-webgpu (see "
                                           "`edgepipe runtimes`).", VERIFICATION, "--runtime"), None),
     "gate": (_opt(Optional[list[str]], "Minimum top-1 agreement, ARTIFACT=VALUE (repeat).", VERIFICATION, "--gate"), None),
+    "max_accuracy_drop": (_opt(Optional[float], "Points of test accuracy the int8 and dynamic-range variants may "
+                                                "lose against the reference and still pass (default 1).",
+                               VERIFICATION), None),
     "runtime_timeout": (_opt(Optional[float], "Seconds one runtime may take on one artifact before verify reports "
                                               "it failed.", VERIFICATION), None),
     "latency_runs": (_opt(Optional[int], "Single-image calls timed per artifact and runtime, on one thread after a "
@@ -134,9 +142,9 @@ _TRAINING = ("epochs", "steps", "learning_rate", "batch_size", "validation_batch
              "fine_tune", "fine_tune_from", "fine_tune_epochs", "fine_tune_learning_rate",
              "summaries_dir", "print_misclassified")
 _AUGMENT = ("augment_copies", "flip_left_right", "random_crop", "random_scale", "random_brightness")
-_QUANTIZE = ("quant", "calibration_images")
+_QUANTIZE = ("quant", "calibration_images", "int8_repair", "int8_repair_max_size", "gate", "max_accuracy_drop")
 _TFJS = ("tfjs", "tfjs_shard_mb")
-_VERIFY = ("runtime", "gate", "runtime_timeout", "latency_runs", "arm64_cpu", "arm64_sample", "stress",
+_VERIFY = ("runtime", "gate", "max_accuracy_drop", "runtime_timeout", "latency_runs", "arm64_cpu", "arm64_sample", "stress",
            "app_preprocessing")
 _ENGINE = ("engine", "beam_runner", "beam_option")
 _COMMON = ("mirror", "cache_dir", "offline", "quiet", "verbose")

@@ -38,6 +38,7 @@ DEFAULT_GATES: dict[str, float] = {
     "tflite-int8-int8": 0.90,
     "tflite-int8-uint8": 0.90,
     "tflite-int16x8": 0.95,
+    "tflite-int8-repaired": 0.90,
     "tfjs-float32": 0.99,
     "tfjs-float16": 0.98,
     "tfjs-uint8": 0.90,
@@ -602,6 +603,9 @@ class RunConfig:
     runtimes: tuple[Runtime, ...] = DEFAULT_RUNTIMES
     gates: dict[str, float] = field(default_factory=dict)  # overrides of DEFAULT_GATES only
     calibration_images: int = 100
+    int8_repair: bool | None = None  # None: repair only when plain int8 misses its gate on validation
+    int8_repair_max_size: float = 100.0  # percent of the float32 file's size a repaired file may reach
+    max_accuracy_drop: float = 1.0  # points of accuracy int8 and dynamic variants may lose against the reference
     runtime_timeout_s: float = 600.0
     latency_runs: int = 30
     arm64_cpu: str = ARM64_CPUS[0]
@@ -725,6 +729,13 @@ class RunConfig:
             problems.append(f"--tfjs-shard-mb {self.tfjs_shard_mb}: must be positive (4 is the converter's default)")
         if self.calibration_images < 1:
             problems.append(f"--calibration-images {self.calibration_images}: must be at least 1")
+        if not 0 < self.int8_repair_max_size <= 100:
+            problems.append(f"--int8-repair-max-size {self.int8_repair_max_size:g}: a percentage of the float32 "
+                            "file's size, more than 0 and at most 100")
+        if not 0 <= self.max_accuracy_drop <= 100:
+            problems.append(f"--max-accuracy-drop {self.max_accuracy_drop:g}: points of accuracy, 0 to 100")
+        if self.int8_repair and QuantMode.INT8 not in self.quant_modes:
+            problems.append("--int8-repair repairs the int8 file: add --quant int8")
         if self.latency_runs < 0:
             problems.append(f"--latency-runs {self.latency_runs}: must be 0 (no latency figures) or more")
         if self.arm64_cpu not in ARM64_CPUS:

@@ -122,6 +122,17 @@ def _fmt(key: str, fmt: str, value, row: dict) -> str:
     return fmt.format(value)
 
 
+def why_failed(r: dict) -> str:
+    """Why a row that ran failed: its agreement under the gate, its accuracy too far below the reference's, or both."""
+    reasons = []
+    if r["top1_agreement"] is not None and r["top1_agreement"] < r["gate"]:
+        reasons.append(f"top-1 agreement {r['top1_agreement']:.4f} < gate {r['gate']:.2f}")
+    if r.get("accuracy_drop") is not None and r["accuracy_drop"] > r["max_accuracy_drop"] + 1e-9:
+        reasons.append(f"accuracy {r['accuracy']:.4f} is {r['accuracy_drop']:.1f} points below the reference's "
+                       f"(at most {r['max_accuracy_drop']:g}, --max-accuracy-drop)")
+    return "; ".join(reasons) or "failed"
+
+
 def markdown_table(results: list[dict], labelled: bool = True) -> str:
     """The results table; unlabelled, without the accuracy, P, R and F1 columns (left out, not
     filled with dashes: there is nothing they could hold)."""
@@ -454,7 +465,7 @@ def write_reports(root: Path, report: dict) -> None:
     if failures:
         lines.append("## Failed")
         for r in failures:
-            why = r.get("error") or f"top-1 agreement {r['top1_agreement']:.4f} < gate {r['gate']:.2f}"
+            why = r.get("error") or why_failed(r)
             lines.append(f"- {r['artifact']} in {r['runtime']}: {why}")
     else:
         lines.append("Every artifact passed its gate in every runtime.")

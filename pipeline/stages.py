@@ -30,7 +30,7 @@ from pipeline.dataset import Dataset, build_dataset
 from pipeline.errors import ConfigError, PipelineError, VerificationFailed, disk_error
 from pipeline.graph import ModelOutputs
 from pipeline.rundir import RunDir, read_json, sha256_tree
-from pipeline.types import ArtifactKind, BackboneSpec
+from pipeline.types import ArtifactKind, BackboneSpec, QuantMode
 from pipeline.version import __version__
 
 VERSIONED_PACKAGES = (
@@ -290,9 +290,90 @@ def _golden_source(ctx: Context) -> list[str]:
 def _quantize_fingerprint(ctx: Context) -> dict:
     from pipeline.quantize import DYNAMIC_BATCH
 
-    return {"export": _upstream(ctx, "export"), "modes": [m.value for m in ctx.cfg.quant_modes],
-            "calibration": _calibration_paths(ctx), "golden": _golden_source(ctx),
-            "dynamic_batch": sorted(m.value for m in DYNAMIC_BATCH)}
+    fp = {"export": _upstream(ctx, "export"), "modes": [m.value for m in ctx.cfg.quant_modes],
+          "calibration": _calibration_paths(ctx), "golden": _golden_source(ctx),
+          "dynamic_batch": sorted(m.value for m in DYNAMIC_BATCH)}
+    if QuantMode.INT8 in ctx.cfg.quant_modes and ctx.cfg.int8_repair is not False and ctx.cfg.adopt is None:
+        c = ctx.cfg
+        fp["repair"] = {"mode": "auto" if c.int8_repair is None else "on", "max_size": c.int8_repair_max_size,
+                        "max_accuracy_drop": c.max_accuracy_drop, "gate": c.gate("tflite-int8"),
+                        "target": c.gates.get("tflite-int8-repaired"), "validation": _split_paths(ctx, "validation"),
+                        "more_calibration": _more_calibration(ctx)}
+    return fp
+
+
+def _split_paths(ctx: Context, split: str) -> list[str]:
+    return sorted(e.path for e in ctx.dataset().split(split))
+
+
+def _more_calibration(ctx: Context) -> list[str]:
+    from pipeline.quantize import calibration_sample
+    from pipeline.repair import MORE_CALIBRATION
+
+    return calibration_sample(ctx.dataset().split("train"), MORE_CALIBRATION * ctx.cfg.calibration_images)
+
+
+def _repair_int8(ctx: Context, files: dict, calibration: list[str], contract: dict) -> tuple[Path | None, dict]:
+    """The quantize stage's int8 repair (``pipeline.repair``): when asked, or (by default) when the
+    plain int8 file misses its gate on the validation split. Returns the repaired file (None when
+    not needed or not reached) and what the manifest records."""
+    import tempfile
+
+    import pipeline.repair as repair
+    from pipeline.metadata import with_metadata
+    from pipeline.quantize import Source, _images, calibrate, convert_tflite, write_tflite
+
+    c, ds, spec, out = ctx.cfg, ctx.dataset(), ctx.spec(), ctx.run.stage("quantize")
+    validation = ds.split("validation")
+    if not validation:
+        log.info("repair: no validation images (--validation-pct 0), so int8 is not repaired")
+        return None, {"skipped": "no validation images"}
+    prep, classes = spec.preprocessing, len(ctx.labels())
+    labelled = list(ds.classes) == ctx.labels()
+    drop = c.max_accuracy_drop / 100 if labelled else None
+    with tempfile.TemporaryDirectory(prefix="edgepipe-repair-") as tmp:
+        judge = repair.Judge(ctx.savedmodel(), validation, prep, Path(tmp) / "validation", classes, labelled)
+        test_judge = None
+        try:
+            plain, _ = judge.score(files[QuantMode.INT8].read_bytes())
+            gate = c.gate("tflite-int8")
+            missed = not plain.meets(repair.Goal(gate, drop, 0))
+            if c.int8_repair is None and not missed:
+                log.info(f"repair: int8 meets its gate on the {len(judge)} validation images (agreement "
+                         f"{plain.agreement:.4f} ≥ {gate:.2f}), not repaired (--int8-repair to repair it anyway)")
+                return None, {"needed": False, "validation_agreement": plain.agreement}
+            target = c.gates.get("tflite-int8-repaired")
+            if target is None:
+                target = repair.DEFAULT_TARGET
+                if QuantMode.FLOAT16 in files:
+                    f16, _ = judge.score(files[QuantMode.FLOAT16].read_bytes())
+                    target = min(target, f16.agreement)
+            source = Source(ctx.savedmodel())
+            f32 = files.get(QuantMode.FLOAT32)
+            f32_size = f32.stat().st_size if f32 else len(convert_tflite(source, QuantMode.FLOAT32))
+            goal = repair.Goal(target, drop, int(f32_size * c.int8_repair_max_size / 100))
+            log.info(f"repair: int8 {'misses its gate' if missed else 'repair asked'}; target agreement "
+                     f"{target:.4f} on {len(judge)} validation images, files up to {goal.max_size_bytes / 1e3:.0f} KB")
+            test_judge = repair.Judge(ctx.savedmodel(), ds.split("test"), prep, Path(tmp) / "test", classes, labelled)
+            calibrated = calibrate(source, _images(calibration, prep))
+            result = repair.repair_int8(source, calibrated, calibration, _more_calibration(ctx), prep, judge, goal,
+                                        test_judge)
+        finally:
+            judge.close()
+            if test_judge is not None:
+                test_judge.close()
+    report = repair.write_report(result, out / "repair.json")
+    info = {"needed": True, "reached": result.reached, "reason": result.reason, "report": str(report),
+            "attempts": len(result.attempts)}
+    if not result.reached:
+        return None, info
+    name = repair.REPAIRED[QuantMode.INT8]
+    path = out / f"{name}.tflite"
+    about = (f"{spec.name} + retrained head, {classes} classes, TFLite int8 with {len(result.chosen.float_layers)} "
+             f"layer(s) kept in float, by edgepipe. Input float32 RGB 0..255 at {contract['size']}x{contract['size']}, "
+             "batch 1; see preprocessing.json.")
+    write_tflite(path, with_metadata(result.model, ctx.labels(), contract, f"edgepipe {spec.name} {name}", about))
+    return path, info
 
 
 def _quantize_run(ctx: Context) -> tuple[dict[str, Path], dict]:
@@ -306,12 +387,17 @@ def _quantize_run(ctx: Context) -> tuple[dict[str, Path], dict]:
     files = quantize(ctx.savedmodel(), ctx.cfg.quant_modes, calibration, spec.preprocessing, ctx.labels(),
                      contract, spec.name, out)
     outputs = {f"tflite-{mode.value}": path for mode, path in files.items()}
+    extra = {"calibration_images": len(calibration)}
+    if QuantMode.INT8 in files and ctx.cfg.int8_repair is not False and ctx.cfg.adopt is None:
+        repaired, extra["repair"] = _repair_int8(ctx, files, calibration, contract)
+        if repaired is not None:
+            outputs["tflite-int8-repaired"] = repaired
     # The golden self-test set, built once per run: tfjs copies it into every bundle.
     labels = ctx.labels()
     golden = build_golden(ctx.savedmodel(), ds.split("test"), labels, spec.preprocessing,
                           true_classes=None if list(ds.classes) == labels else ds.classes)
     outputs["golden"] = write_golden(out / GOLDEN_DIR, golden).parent
-    return outputs, {"calibration_images": len(calibration)}
+    return outputs, extra
 
 
 # --- tfjs --------------------------------------------------------------------------------------
@@ -357,7 +443,7 @@ def _verify_fingerprint(ctx: Context) -> dict:
     fp = {"upstream": _upstream(ctx, "retrain", "export", "quantize", "tfjs"),
           "runtimes": list(c.runtimes), "gates": {k: c.gate(k) for k in DEFAULT_GATES} | _verify_gates(ctx),
           "stress": c.stress, "app_preprocessing": c.app_preprocessing.to_dict(), "latency_runs": c.latency_runs,
-          **_arm64_key(c)}
+          "max_accuracy_drop": c.max_accuracy_drop, **_arm64_key(c)}
     if ctx.model() is not None:
         fp["reference"] = {"fetch": _upstream(ctx, "fetch"), "model": ctx.model().to_dict()}
     return fp
@@ -434,7 +520,8 @@ def _verify_run(ctx: Context) -> tuple[dict[str, Path], dict]:
                               timeout_s=c.runtime_timeout_s, run=RunSettings(latency_runs=c.latency_runs),
                               unlabelled_reason=unlabelled,
                               reference_input=None if model is None else spec.preprocessing,
-                              runner_options={"arm64_cpu": c.arm64_cpu, "cache_dir": c.cache_dir}, sample=c.arm64_sample)
+                              runner_options={"arm64_cpu": c.arm64_cpu, "cache_dir": c.cache_dir}, sample=c.arm64_sample,
+                              max_accuracy_drop=c.max_accuracy_drop)
     # The prepared test images live in a temporary folder for the length of the stage.
     with tempfile.TemporaryDirectory(prefix="edgepipe-holdout-") as tmp:
         passes = None
@@ -609,11 +696,15 @@ def run_stages(cfg: RunConfig, until: str = "verify", verbose: bool = False) -> 
         run.save_manifest(manifest)
         log.info(f"{stage.name}: done in {entry['seconds']:.1f} s")
     verify = manifest["stages"].get("verify")
+    failures = []
     if until == "verify" and verify and verify.get("status") == "failed":
         cause = ""
         if verify["info"].get("app_differences"):
             cause = f"; the app preprocessing differs from the contract: {', '.join(verify['info']['app_differences'])}"
-        raise VerificationFailed(
-            f"verification failed for {', '.join(verify['info']['failed'])}{cause}; see {run.root / 'report.md'}"
-        )
+        failures.append(f"verification failed for {', '.join(verify['info']['failed'])}{cause}; see {run.root / 'report.md'}")
+    repaired = (manifest["stages"].get("quantize") or {}).get("info", {}).get("repair") or {}
+    if STAGE_NAMES.index(until) >= STAGE_NAMES.index("quantize") and repaired.get("needed") and not repaired.get("reached"):
+        failures.append(f"int8 repair {repaired['reason']} (see {repaired['report']})")
+    if failures:
+        raise VerificationFailed("; ".join(failures))
     return manifest

@@ -89,6 +89,8 @@ class Result:
     twin_max_abs_diff: float | None = None
     twin_max_lsb: float | None = None  # twin_max_abs_diff in steps of the file's quantised output
     ran_on: dict = field(default_factory=dict)  # what ran it, as the runner saw it (machine, versions, backend)
+    accuracy_drop: float | None = None  # points of accuracy below the reference's on the same images
+    max_accuracy_drop: float | None = None  # the bound this row was gated on (int8 and dynamic variants)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -225,6 +227,22 @@ def load_holdout(examples: Sequence, contract: Preprocessing, folder: Path,
     return Holdout(np.array(labels) if labelled else None, paths, skipped, feed, app_feed, extra)
 
 
+# The variants whose gate also bounds the accuracy they lose against the reference
+# (VerifySettings.max_accuracy_drop): a file that agrees 0.93 may still lose 2.5 points.
+ACCURACY_BOUNDED = frozenset({"tflite-dynamic", "tflite-int8", "tflite-int8-int8", "tflite-int8-uint8",
+                              "tflite-int8-repaired"})
+
+
+def bound_accuracy(row: Result, reference_accuracy: float | None, bound: float | None) -> None:
+    """Fails ``row`` when its accuracy is more than ``bound`` points below the reference's."""
+    if bound is None or reference_accuracy is None or row.accuracy is None:
+        return
+    row.accuracy_drop = round(100 * (reference_accuracy - row.accuracy), 4)
+    row.max_accuracy_drop = bound
+    if row.accuracy_drop > bound + 1e-9:
+        row.passed = False
+
+
 @dataclass(frozen=True)
 class VerifySettings:
     """How to verify.
@@ -257,6 +275,12 @@ class VerifySettings:
     reference_input: Preprocessing | None = None
     runner_options: Mapping[str, object] = field(default_factory=dict)
     sample: int = 64
+    max_accuracy_drop: float | None = None
+
+    def accuracy_bound(self, artifact: str, key: str | None = None) -> float | None:
+        """The points of accuracy the row may lose against the reference: ``max_accuracy_drop``
+        for the int8 and dynamic-range variants (:data:`ACCURACY_BOUNDED`), else None."""
+        return self.max_accuracy_drop if (key or artifact) in ACCURACY_BOUNDED else None
 
     def gate(self, artifact: str, key: str | None = None) -> float:
         """The gate of the row named ``artifact``: its own override, else that of its kind
@@ -677,6 +701,9 @@ def verify(reference: Artifact, artifacts: Sequence[Artifact], holdout: Holdout,
                 row = evaluate(art, info.runtime.value, pred, ref[index], None if y is None else y[index], n_cls,
                                min(settings.gate(art.name, art.gate_key), RUNTIME_GATES.get(info.runtime, 1.0)), err)
                 row.ran_on = ran_on.get((art.name, info.runtime), {})
+                if y is not None:
+                    bound_accuracy(row, float((ref[index].argmax(1) == y[index]).mean()),
+                                   settings.accuracy_bound(art.name, art.gate_key))
                 if info.sampled and len(sample) < len(holdout):
                     row.sample_size = len(sample)
                     row.flipped = [int(sample[i]) for i in row.flipped]  # as test-image indices
@@ -691,6 +718,8 @@ def verify(reference: Artifact, artifacts: Sequence[Artifact], holdout: Holdout,
                 results.append(row)
                 status = "ok" if row.passed else "FAILED"
                 acc = "" if row.accuracy is None else f"acc {row.accuracy:.4f}, "
+                if row.accuracy_drop is not None and row.accuracy_drop > row.max_accuracy_drop:
+                    acc += f"{row.accuracy_drop:.1f} points below the reference (at most {row.max_accuracy_drop:g}), "
                 detail = row.error or f"agreement {row.top1_agreement:.4f}, {acc}{_latency_text(row)}"
                 log.info(f"verify: {art.name:15s} {info.runtime.value:15s} {status}: {detail}")
     finally:

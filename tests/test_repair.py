@@ -1,0 +1,143 @@
+"""The int8 repair (pipeline/repair.py) on a model built to drift: one convolution whose every
+output channel has an outlier weight on an input channel that is always zero. In float the
+outlier costs nothing; in int8 each channel's weight scale is set by it, so the channel's real
+weights round to zero. Keeping that one layer in float is the repair."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import pipeline.repair as repair
+from pipeline.dataset import Example
+from pipeline.quantize import Source, _images, calibrate, calibration_sample
+from pipeline.types import Preprocessing, QuantMode
+from tests.helpers.world import make_image_folders
+
+SIZE = 32
+PREP = Preprocessing(size=SIZE, mean=127.5, std=127.5)
+DRIFTING = "drifting_conv"
+
+
+def drifting_savedmodel(folder: Path) -> Path:
+    """A SavedModel (0..255 pixels in, 4 probabilities out) whose layer ``drifting_conv`` drifts in int8."""
+    import tensorflow as tf
+
+    tf.keras.utils.set_random_seed(0)
+    inp = tf.keras.Input((SIZE, SIZE, 3))
+    x = tf.keras.layers.Rescaling(1 / 127.5, offset=-1)(inp)
+    first = tf.keras.layers.Conv2D(8, 3, activation="relu", name="first_conv")
+    x = first(x)
+    drifting = tf.keras.layers.Conv2D(16, 3, activation="relu", name=DRIFTING)
+    x = drifting(x)
+    x = tf.keras.layers.Conv2D(16, 3, activation="relu", name="third_conv")(x)
+    x = tf.keras.layers.GlobalAveragePooling2D()(x)
+    out = tf.keras.layers.Dense(4, activation="softmax", name="head")(x)
+    model = tf.keras.Model(inp, out)
+    w, b = first.get_weights()
+    b[7] = -1e4  # channel 7 of the first conv is always 0 after its ReLU
+    first.set_weights([w, b])
+    w, b = drifting.get_weights()
+    w[:, :, 7, :] = 300.0  # the outlier weights, on the dead channel: harmless in float
+    drifting.set_weights([w, b])
+    head_w, head_b = model.get_layer("head").get_weights()
+    model.get_layer("head").set_weights([head_w * 20, head_b])  # confident enough to have a top-1 to keep
+    model.export(str(folder), verbose=False)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("repair")
+    sm = drifting_savedmodel(root / "savedmodel")
+    images = make_image_folders(root / "images", per_class=24, size=40, seed=3)
+    examples = [Example(str(p), k, "") for k, d in enumerate(sorted(images.iterdir())) for p in sorted(d.iterdir())]
+    train, validation, test = examples[0::3], examples[1::3], examples[2::3]
+    source = Source(sm)
+    calibration = calibration_sample(train, 16)
+    calibrated = calibrate(source, _images(calibration, PREP))
+    judge = repair.Judge(sm, validation, PREP, root / "val", 4, labelled=False)
+    test_judge = repair.Judge(sm, test, PREP, root / "test", 4, labelled=False)
+    yield dict(source=source, calibrated=calibrated, calibration=calibration, train=train, judge=judge,
+               test_judge=test_judge, root=root)
+    judge.close()
+    test_judge.close()
+
+
+def _repair(world, goal, test_judge="real"):
+    return repair.repair_int8(world["source"], world["calibrated"], world["calibration"],
+                              calibration_sample(world["train"], 32), PREP, world["judge"], goal,
+                              world["test_judge"] if test_judge == "real" else test_judge)
+
+
+def test_the_drifting_layer_is_kept_in_float_and_the_file_agrees_again(world):
+    plain = repair.quantize_int8(world["calibrated"])
+    plain_score, _ = world["judge"].score(plain)
+    assert plain_score.agreement < 0.9  # built to drift: the plain int8 file changes answers
+
+    result = _repair(world, repair.Goal(0.99, None, 10_000_000))
+    assert result.reached, result.reason
+    more = len(calibration_sample(world["train"], 32))
+    assert [a.step for a in result.attempts[:3]] == ["plain int8", f"calibration on {more} images", "per-tensor weights"]
+    kept = result.chosen.float_layers
+    assert len(kept) == 1 and DRIFTING in kept[0], kept
+    assert result.chosen.validation_agreement >= 0.99
+    assert result.chosen.test_agreement >= 0.95  # on images the search never chose by
+    assert DRIFTING in result.layers[0]["tensor"]  # ranked worst, by the debugger too
+    assert max(result.layers, key=lambda r: r["rmse_per_scale"])["tensor"] == result.layers[0]["tensor"]
+    # The repaired file is the same quantiser's output with that layer in float, and it loads and runs.
+    again, _ = world["judge"].score(result.model)
+    assert again.agreement == result.chosen.validation_agreement
+    assert len(result.model) > len(plain)
+
+
+def test_the_choice_is_made_on_the_validation_split_only(world):
+    """A test split that says the opposite of everything changes no choice."""
+
+    class Contrary:
+        def score(self, data, latency_runs=0):
+            return repair.Score(0.0, None, 99.0, None), 1.0
+
+    honest = _repair(world, repair.Goal(0.99, None, 10_000_000))
+    contrary = _repair(world, repair.Goal(0.99, None, 10_000_000), test_judge=Contrary())
+    assert [a.float_layers for a in contrary.attempts] == [a.float_layers for a in honest.attempts]
+    assert contrary.chosen.float_layers == honest.chosen.float_layers
+    assert contrary.model == honest.model
+    assert all(a.test_agreement == 0.0 for a in contrary.attempts)  # reported, never used
+
+
+def test_the_size_limit_stops_the_search_with_the_reason(world):
+    plain = repair.quantize_int8(world["calibrated"])
+    result = _repair(world, repair.Goal(0.99, None, len(plain) + 16))
+    assert not result.reached and result.model is None
+    assert result.reason.startswith("stopped at the size limit: 1 layer(s) in float make")
+    assert "raise --int8-repair-max-size" in result.reason
+    assert result.chosen.size_bytes <= len(plain) + 16  # the best file within the limit
+
+
+def test_a_plain_file_that_meets_the_goal_is_kept_as_it_is(world):
+    result = _repair(world, repair.Goal(0.0, None, 10_000_000))
+    assert result.reached and [a.step for a in result.attempts] == ["plain int8"]
+    assert result.chosen.float_layers == [] and result.model == repair.quantize_int8(world["calibrated"])
+
+
+def test_the_accuracy_bound_fails_a_row_that_agrees_but_loses_points():
+    from pipeline.report import why_failed
+    from pipeline.verify import Result, bound_accuracy
+
+    row = Result("tflite-int8", "ai-edge-litert", 0.96, 0.865, None, None, None, 0.0, 0.0, 0.0, 1, None, 0.9, True)
+    bound_accuracy(row, 0.890, 1.0)
+    assert not row.passed and row.accuracy_drop == 2.5
+    assert why_failed(row.to_dict()) == ("accuracy 0.8650 is 2.5 points below the reference's (at most 1, "
+                                        "--max-accuracy-drop)")
+    ok = Result("tflite-int8", "ai-edge-litert", 0.96, 0.885, None, None, None, 0.0, 0.0, 0.0, 1, None, 0.9, True)
+    bound_accuracy(ok, 0.890, 1.0)
+    assert ok.passed and ok.accuracy_drop == 0.5
+    unbounded = Result("tflite-float16", "x", 0.99, 0.80, None, None, None, 0.0, 0.0, 0.0, 1, None, 0.9, True)
+    bound_accuracy(unbounded, 0.890, None)
+    assert unbounded.passed and unbounded.accuracy_drop is None
+
+
+def test_repaired_variant_mode_names():
+    assert repair.REPAIRED == {QuantMode.INT8: "int8-repaired"}
