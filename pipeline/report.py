@@ -450,6 +450,34 @@ def drift_markdown(results: list[dict]) -> list[str]:
     return lines + [""]
 
 
+def repair_markdown(repaired: dict | None) -> list[str]:
+    """The int8 repair's attempts (``quantize/repair.json``) as a table, with its picture."""
+    if not repaired:
+        return []
+    goal = repaired["goal"]
+    lines = ["", "## int8 repair", "",
+             f"Target: top-1 agreement ≥ {goal['agreement']:.4f} on the {repaired['validation_images']} validation images"
+             + ("" if goal["max_accuracy_drop"] is None else
+                f", accuracy at most {100 * goal['max_accuracy_drop']:g} point(s) below the SavedModel's")
+             + f", files up to {goal['max_size_bytes'] / 1e3:.0f} KB. Chosen on validation only; test figures are "
+             f"for the record. Result: {'reached' if repaired['reached'] else 'NOT reached'}: {repaired['reason']}.", "",
+             "| attempt | layers in float | size | validation agreement | validation accuracy | test agreement | "
+             "test accuracy | p50 ms (ai-edge-litert) | |", "|:---|---:|---:|---:|---:|---:|---:|---:|:---|"]
+
+    def f(v, fmt="{:.4f}"):
+        return "–" if v is None else fmt.format(v)
+
+    for a in repaired["attempts"]:
+        mark = "chosen" if a["kept"] and repaired["reached"] else ("best within the limit" if a["kept"] else "")
+        lines.append(f"| {a['step']} | {len(a['float_layers'])} | {a['size_bytes'] / 1e3:.0f} KB | "
+                     f"{f(a['validation_agreement'])} | {f(a['validation_accuracy'])} | {f(a['test_agreement'])} | "
+                     f"{f(a['test_accuracy'])} | {f(a['latency_ms'], '{:.2f}')} | {mark} |")
+    chosen = repaired.get("chosen") or {}
+    if chosen.get("float_layers"):
+        lines += ["", "Layers kept in float: " + ", ".join(f"`{t}`" for t in chosen["float_layers"]) + "."]
+    return lines + ["", "![int8 repair](quantize/repair.png)"]
+
+
 def write_reports(root: Path, report: dict) -> None:
     """Writes report.json and report.md at the run-directory root, and the per-class agreement
     picture report.md points to (``verify/class_agreement.png``)."""
@@ -472,6 +500,7 @@ def write_reports(root: Path, report: dict) -> None:
     if report.get("findings"):
         lines += ["", "## Findings"] + [f"- {f}" for f in report["findings"]]
     lines += ["", *drift_markdown(results)]
+    lines += repair_markdown(report.get("int8_repair"))
     lines += ["", *models_markdown(report.get("models") or [])]
     lines += class_agreement_markdown(results, classes, reference_top1)
     skipped, warnings = report.get("skipped_images") or [], report.get("warnings") or []

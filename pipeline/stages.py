@@ -352,6 +352,10 @@ def _repair_int8(ctx: Context, files: dict, calibration: list[str], contract: di
             f32 = files.get(QuantMode.FLOAT32)
             f32_size = f32.stat().st_size if f32 else len(convert_tflite(source, QuantMode.FLOAT32))
             goal = repair.Goal(target, drop, int(f32_size * c.int8_repair_max_size / 100))
+            if len(judge) * (1 - target) < repair.FLIPS_TO_SEE:
+                log.warning(f"warning: repair: one flip is {1 / len(judge):.1%} of the {len(judge)} validation images, "
+                            f"too few to tell agreement {target:.2f} from less; raise --validation-pct for a search "
+                            "that can see the drift")
             log.info(f"repair: int8 {'misses its gate' if missed else 'repair asked'}; target agreement "
                      f"{target:.4f} on {len(judge)} validation images, files up to {goal.max_size_bytes / 1e3:.0f} KB")
             test_judge = repair.Judge(ctx.savedmodel(), ds.split("test"), prep, Path(tmp) / "test", classes, labelled)
@@ -363,10 +367,13 @@ def _repair_int8(ctx: Context, files: dict, calibration: list[str], contract: di
             if test_judge is not None:
                 test_judge.close()
     report = repair.write_report(result, out / "repair.json")
+    repair.plot_attempts(result, out / "repair.png")
     info = {"needed": True, "reached": result.reached, "reason": result.reason, "report": str(report),
             "attempts": len(result.attempts)}
     if not result.reached:
         return None, info
+    if result.chosen is result.attempts[0]:
+        return None, info  # the plain file meets the target: no second copy of it
     name = repair.REPAIRED[QuantMode.INT8]
     path = out / f"{name}.tflite"
     about = (f"{spec.name} + retrained head, {classes} classes, TFLite int8 with {len(result.chosen.float_layers)} "
@@ -388,6 +395,9 @@ def _quantize_run(ctx: Context) -> tuple[dict[str, Path], dict]:
                      contract, spec.name, out)
     outputs = {f"tflite-{mode.value}": path for mode, path in files.items()}
     extra = {"calibration_images": len(calibration)}
+    (out / "repair.json").unlink(missing_ok=True)
+    (out / "int8-repaired.tflite").unlink(missing_ok=True)
+    (out / "repair.png").unlink(missing_ok=True)
     if QuantMode.INT8 in files and ctx.cfg.int8_repair is not False and ctx.cfg.adopt is None:
         repaired, extra["repair"] = _repair_int8(ctx, files, calibration, contract)
         if repaired is not None:
@@ -537,6 +547,9 @@ def _verify_run(ctx: Context) -> tuple[dict[str, Path], dict]:
     # Images dropped by retrain (train, validation and test alike) belong in the report as well.
     extra = None if model is None else {"models": [_graph_card(ctx, reference, retrain_metrics)],
                                         "reference": reference.name}
+    repaired = read_json(ctx.run.stage("quantize") / "repair.json", default=None)
+    if repaired and ((ctx.stage_info("quantize").get("info") or {}).get("repair") or {}).get("needed"):
+        extra = (extra or {}) | {"int8_repair": repaired}
     outputs = report.save(ctx.run.root, spec.name,
                           [{"path": p, "reason": r} for p, r in retrain_metrics.get("skipped", {}).items()],
                           retrain_metrics.get("warnings", []), extra)
