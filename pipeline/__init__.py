@@ -92,6 +92,10 @@ def run(config: "RunConfig", until: str = "verify", *, verbose: bool = False,
 
     if until not in STAGE_NAMES:
         raise _ConfigError(f"until={until!r}: choose one of {', '.join(STAGE_NAMES)}")
+    if config.graph is not None:  # reading the graph imports TensorFlow
+        from pipeline.console import import_tensorflow_quietly
+
+        import_tensorflow_quietly(verbose)
     _validate(config, needs_images=until != "fetch", given=explicit)
     if until in ("verify", "deploy"):
         from pipeline.runners import not_ready

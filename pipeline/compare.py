@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from pipeline.config import RunConfig, load_config
-from pipeline.console import log
+from pipeline.console import import_tensorflow_quietly, log
 from pipeline.errors import ConfigError, PipelineError, VerificationFailed
 from pipeline.types import Runtime
 
@@ -162,6 +162,7 @@ def plan(settings: CompareSettings) -> list[PlannedRow]:
     given = settings.given - set(NOT_OPTIONS) - (set(graph_options) if graph_options else set())
     backbones = [(name, name, {**common, "backbone": name}, {"backbone"}) for name in settings.backbones]
     if graph_options:
+        import_tensorflow_quietly(settings.verbose)  # recognising the graph reads it with TensorFlow
         name, column = _graph_name(graph_options, settings.out)
         if name in settings.backbones:
             problems.append(f"--graph {graph_options['graph']} is recognised as catalog backbone {name}, which "

@@ -168,3 +168,12 @@ def library_output(log_path: Path | None, verbose: bool = False) -> Iterator[Non
         if results_stream is not sys.stdout:
             with contextlib.suppress(OSError):
                 results_stream.close()
+
+
+def import_tensorflow_quietly(verbose: bool = False) -> None:
+    """Imports TensorFlow with its import-time C++ lines (CUDA factories, oneDNN) kept off the
+    console, for work that reads a graph before any stage diverts the library output."""
+    if "tensorflow" in sys.modules:
+        return
+    with library_output(None, verbose):
+        import tensorflow  # noqa: F401

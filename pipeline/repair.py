@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import csv
 import io
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
@@ -312,8 +311,9 @@ def repair_int8(
         a, s = attempt(f"{short_name(layer)} back to int8", data, trial, n_cal, per_channel)
         if a.met:
             kept_float, met = trial, a
-    return finish(met, f"{len(kept_float)} layer(s) in float meet the target: "
-                       + ", ".join(short_name(t) for t in kept_float), True)
+    names = [short_name(t) for t in kept_float]
+    listed = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+    return finish(met, f"{len(kept_float)} layer(s) in float meet the target: {listed}", True)
 
 
 def plot_attempts(result: RepairResult, path: Path) -> Path:
@@ -345,8 +345,9 @@ def plot_attempts(result: RepairResult, path: Path) -> Path:
 
 
 def write_report(result: RepairResult, path: Path) -> Path:
-    from pipeline.rundir import atomic_write_text
     import json
+
+    from pipeline.rundir import atomic_write_text
 
     atomic_write_text(path, json.dumps(result.to_dict(), indent=2))
     return path
