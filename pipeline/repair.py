@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import csv
 import io
+import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
@@ -342,6 +343,86 @@ def plot_attempts(result: RepairResult, path: Path) -> Path:
 
     atomic_write_bytes(path, buf.getvalue())
     return path
+
+
+@dataclass(frozen=True)
+class RepairSettings:
+    """When and toward what a run repairs its int8 file.
+
+    Attributes:
+        asked: repair even when the plain file meets its gate (``--int8-repair``).
+        gate: the plain int8 file's agreement gate; missing it on validation starts a repair.
+        target: the repaired file's agreement target; None: float16's on validation, at most
+            :data:`DEFAULT_TARGET`.
+        max_accuracy_drop: accuracy the files may lose (a fraction); None with no labels.
+        max_size_pct: percent of the float32 file's size a repaired file may reach.
+    """
+
+    asked: bool = False
+    gate: float = 0.90
+    target: float | None = None
+    max_accuracy_drop: float | None = 0.01
+    max_size_pct: float = 100.0
+
+
+def repair_run(savedmodel: Path, files: dict, calibration: Sequence[str], more_calibration: Sequence[str],
+               validation: Sequence, test: Sequence, prep: Preprocessing, num_classes: int,
+               settings: RepairSettings) -> tuple[RepairResult | None, dict]:
+    """The quantize stage's repair of ``files[QuantMode.INT8]`` (see :func:`repair_int8`), when asked
+    or when the plain file misses its gate on ``validation``.
+
+    Returns:
+        The search's result (None when no search ran) and what the manifest records of it.
+    """
+    if not validation:
+        log.info("repair: no validation images (--validation-pct 0), so int8 is not repaired")
+        return None, {"skipped": "no validation images"}
+    labelled = settings.max_accuracy_drop is not None
+    with tempfile.TemporaryDirectory(prefix="edgepipe-repair-") as tmp:
+        judge = Judge(savedmodel, validation, prep, Path(tmp) / "validation", num_classes, labelled)
+        test_judge = None
+        try:
+            plain, _ = judge.score(Path(files[QuantMode.INT8]).read_bytes())
+            why = _missed(plain, settings)
+            if why is None and not settings.asked:
+                log.info(f"repair: int8 meets its gate on the {len(judge)} validation images (agreement "
+                         f"{plain.agreement:.4f}), not repaired (--int8-repair repairs it anyway)")
+                return None, {"needed": False, "validation_agreement": plain.agreement}
+            target = settings.target
+            if target is None:
+                target = DEFAULT_TARGET
+                if QuantMode.FLOAT16 in files:
+                    target = min(target, judge.score(Path(files[QuantMode.FLOAT16]).read_bytes())[0].agreement)
+            source = quantize.Source(savedmodel)
+            f32 = files.get(QuantMode.FLOAT32)
+            f32_size = Path(f32).stat().st_size if f32 else len(quantize.convert_tflite(source, QuantMode.FLOAT32))
+            goal = Goal(target, settings.max_accuracy_drop, int(f32_size * settings.max_size_pct / 100))
+            if len(judge) * (1 - target) < FLIPS_TO_SEE:
+                log.warning(f"warning: repair: one flip is {1 / len(judge):.1%} of the {len(judge)} validation images, "
+                            f"too few to tell agreement {target:.2f} from less; raise --validation-pct for a search "
+                            "that can see the drift")
+            log.info(f"repair: int8 {why or 'repair asked'}; target agreement {target:.4f} on {len(judge)} "
+                     f"validation images, files up to {goal.max_size_bytes / 1e3:.0f} KB")
+            test_judge = Judge(savedmodel, test, prep, Path(tmp) / "test", num_classes, labelled) if test else None
+            calibrated = quantize.calibrate(source, quantize._images(calibration, prep))
+            result = repair_int8(source, calibrated, calibration, more_calibration, prep, judge, goal, test_judge)
+        finally:
+            judge.close()
+            if test_judge is not None:
+                test_judge.close()
+    return result, {"needed": True, "reached": result.reached, "reason": result.reason,
+                    "attempts": len(result.attempts)}
+
+
+def _missed(plain: Score, settings: RepairSettings) -> str | None:
+    """How the plain int8 file misses its gate on validation, or None."""
+    if plain.agreement < settings.gate:
+        return f"misses its gate on validation (agreement {plain.agreement:.4f} < {settings.gate:.2f})"
+    drop = None if plain.accuracy is None or plain.reference_accuracy is None else plain.reference_accuracy - plain.accuracy
+    if settings.max_accuracy_drop is not None and drop is not None and drop > settings.max_accuracy_drop + 1e-9:
+        return (f"loses {100 * drop:.1f} points of validation accuracy (at most "
+                f"{100 * settings.max_accuracy_drop:g})")
+    return None
 
 
 def write_report(result: RepairResult, path: Path) -> Path:

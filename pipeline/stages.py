@@ -314,72 +314,31 @@ def _more_calibration(ctx: Context) -> list[str]:
 
 
 def _repair_int8(ctx: Context, files: dict, calibration: list[str], contract: dict) -> tuple[Path | None, dict]:
-    """The quantize stage's int8 repair (``pipeline.repair``): when asked, or (by default) when the
-    plain int8 file misses its gate on the validation split. Returns the repaired file (None when
-    not needed or not reached) and what the manifest records."""
-    import tempfile
-
+    """The quantize stage's int8 repair (:func:`pipeline.repair.repair_run`); writes the repaired file
+    with its metadata. Returns it (None when not needed or not reached) and what the manifest records."""
     import pipeline.repair as repair
     from pipeline.metadata import with_metadata
-    from pipeline.quantize import Source, _images, calibrate, convert_tflite, write_tflite
+    from pipeline.quantize import write_tflite
 
     c, ds, spec, out = ctx.cfg, ctx.dataset(), ctx.spec(), ctx.run.stage("quantize")
-    validation = ds.split("validation")
-    if not validation:
-        log.info("repair: no validation images (--validation-pct 0), so int8 is not repaired")
-        return None, {"skipped": "no validation images"}
-    prep, classes = spec.preprocessing, len(ctx.labels())
-    labelled = list(ds.classes) == ctx.labels()
-    drop = c.max_accuracy_drop / 100 if labelled else None
-    with tempfile.TemporaryDirectory(prefix="edgepipe-repair-") as tmp:
-        judge = repair.Judge(ctx.savedmodel(), validation, prep, Path(tmp) / "validation", classes, labelled)
-        test_judge = None
-        try:
-            plain, _ = judge.score(files[QuantMode.INT8].read_bytes())
-            gate = c.gate("tflite-int8")
-            missed = not plain.meets(repair.Goal(gate, drop, 0))
-            if c.int8_repair is None and not missed:
-                log.info(f"repair: int8 meets its gate on the {len(judge)} validation images (agreement "
-                         f"{plain.agreement:.4f} ≥ {gate:.2f}), not repaired (--int8-repair to repair it anyway)")
-                return None, {"needed": False, "validation_agreement": plain.agreement}
-            target = c.gates.get("tflite-int8-repaired")
-            if target is None:
-                target = repair.DEFAULT_TARGET
-                if QuantMode.FLOAT16 in files:
-                    f16, _ = judge.score(files[QuantMode.FLOAT16].read_bytes())
-                    target = min(target, f16.agreement)
-            source = Source(ctx.savedmodel())
-            f32 = files.get(QuantMode.FLOAT32)
-            f32_size = f32.stat().st_size if f32 else len(convert_tflite(source, QuantMode.FLOAT32))
-            goal = repair.Goal(target, drop, int(f32_size * c.int8_repair_max_size / 100))
-            if len(judge) * (1 - target) < repair.FLIPS_TO_SEE:
-                log.warning(f"warning: repair: one flip is {1 / len(judge):.1%} of the {len(judge)} validation images, "
-                            f"too few to tell agreement {target:.2f} from less; raise --validation-pct for a search "
-                            "that can see the drift")
-            log.info(f"repair: int8 {'misses its gate' if missed else 'repair asked'}; target agreement "
-                     f"{target:.4f} on {len(judge)} validation images, files up to {goal.max_size_bytes / 1e3:.0f} KB")
-            test_judge = repair.Judge(ctx.savedmodel(), ds.split("test"), prep, Path(tmp) / "test", classes, labelled)
-            calibrated = calibrate(source, _images(calibration, prep))
-            result = repair.repair_int8(source, calibrated, calibration, _more_calibration(ctx), prep, judge, goal,
-                                        test_judge)
-        finally:
-            judge.close()
-            if test_judge is not None:
-                test_judge.close()
-    report = repair.write_report(result, out / "repair.json")
-    repair.plot_attempts(result, out / "repair.png")
-    info = {"needed": True, "reached": result.reached, "reason": result.reason, "report": str(report),
-            "attempts": len(result.attempts)}
-    if not result.reached:
-        return None, info
-    if result.chosen is result.attempts[0]:
-        return None, info  # the plain file meets the target: no second copy of it
+    labels = ctx.labels()
+    settings = repair.RepairSettings(
+        asked=bool(c.int8_repair), gate=c.gate("tflite-int8"), target=c.gates.get("tflite-int8-repaired"),
+        max_accuracy_drop=c.max_accuracy_drop / 100 if list(ds.classes) == labels else None,
+        max_size_pct=c.int8_repair_max_size)
+    result, info = repair.repair_run(ctx.savedmodel(), files, calibration, _more_calibration(ctx), ds.split("validation"),
+                                     ds.split("test"), spec.preprocessing, len(labels), settings)
+    if result is not None:
+        info["report"] = str(repair.write_report(result, out / "repair.json"))
+        repair.plot_attempts(result, out / "repair.png")
+    if result is None or not result.reached or result.chosen is result.attempts[0]:
+        return None, info  # not needed, not reached, or the plain file itself: no second copy of it
     name = repair.REPAIRED[QuantMode.INT8]
     path = out / f"{name}.tflite"
-    about = (f"{spec.name} + retrained head, {classes} classes, TFLite int8 with {len(result.chosen.float_layers)} "
+    about = (f"{spec.name} + retrained head, {len(labels)} classes, TFLite int8 with {len(result.chosen.float_layers)} "
              f"layer(s) kept in float, by edgepipe. Input float32 RGB 0..255 at {contract['size']}x{contract['size']}, "
              "batch 1; see preprocessing.json.")
-    write_tflite(path, with_metadata(result.model, ctx.labels(), contract, f"edgepipe {spec.name} {name}", about))
+    write_tflite(path, with_metadata(result.model, labels, contract, f"edgepipe {spec.name} {name}", about))
     return path, info
 
 
