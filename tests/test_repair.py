@@ -175,6 +175,12 @@ def test_a_missed_size_limit_exits_3_with_one_line_and_writes_no_repaired_file(c
     repaired = json.loads((q / "repair.json").read_text())
     assert repaired["reached"] and len(repaired["chosen"]["float_layers"]) == 1
     assert (q / "int8-repaired.tflite").exists()
+    r = edgepipe("verify", "--out", str(out), "--runtime", "ai-edge-litert", "--runtime", "tflite-runtime",
+                 "--offline", "--quiet", env=env)
+    rows = {(x["artifact"], x["runtime"]): x for x in json.loads((out / "report.json").read_text())["results"]}
+    for runtime in ("ai-edge-litert", "tflite-runtime"):  # verified like every other file
+        assert rows["tflite-int8-repaired", runtime]["top1_agreement"] > rows["tflite-int8", runtime]["top1_agreement"]
+    assert "## int8 repair" in (out / "report.md").read_text()
     plain, fixed = repaired["attempts"][0]["size_bytes"], repaired["chosen"]["size_bytes"]
     pct = 100 * (plain + fixed) / 2 / (q / "float32.tflite").stat().st_size  # room for no float layer
 
