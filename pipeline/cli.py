@@ -83,10 +83,10 @@ OPTIONS: dict[str, tuple[object, object]] = {
     "quant": (_opt(Optional[list[QuantMode]], "TFLite variants (repeat; default all).", CONVERSION, "--quant"), None),
     "calibration_images": (_opt(Optional[int], "Training images that calibrate the integer variants (default 100).",
                                 CONVERSION), None),
-    "int8_repair": (_opt(Optional[bool], "Keep the int8 file's most drifting layers in float until it meets its target on "
-                                         "the validation split, as tflite-int8-repaired (default: only when plain int8 "
-                                         "misses its gate there).", CONVERSION, "--int8-repair/--no-int8-repair"), None),
-    "int8_repair_max_size": (_opt(Optional[float], "Stop the int8 repair when a file would pass PCT percent of the "
+    "int8_repair": (_opt(Optional[bool], "Keep the int8 and dynamic-range files' most drifting layers in float until they "
+                                         "meet their target on the validation split, as tflite-int8-repaired and "
+                                         "tflite-dynamic-repaired (default: only for a file that misses its gate there).", CONVERSION, "--int8-repair/--no-int8-repair"), None),
+    "int8_repair_max_size": (_opt(Optional[float], "Stop a repair when a file would pass PCT percent of the "
                                                    "float32 file's size (default 100).", CONVERSION), None),
     "tfjs": (_opt(Optional[list[TfjsMode]], "TF.js variants (repeat; default float32, float16).", CONVERSION, "--tfjs"), None),
     "tfjs_shard_mb": (_opt(Optional[float], "TF.js weight shard size in MB (default 4).", CONVERSION), None),

@@ -39,6 +39,7 @@ DEFAULT_GATES: dict[str, float] = {
     "tflite-int8-uint8": 0.90,
     "tflite-int16x8": 0.95,
     "tflite-int8-repaired": 0.90,
+    "tflite-dynamic-repaired": 0.95,
     "tfjs-float32": 0.99,
     "tfjs-float16": 0.98,
     "tfjs-uint8": 0.90,

@@ -30,7 +30,7 @@ import io
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -43,7 +43,8 @@ MORE_CALIBRATION = 4      # the "more calibration images" attempt: this many tim
 DEBUG_IMAGES = 100        # calibration images the debugger runs for its per-layer errors
 FLIPS_TO_SEE = 3          # validation flips the target allows, below which the split is too small to tell
 LATENCY_RUNS = 20         # single-image calls timed per attempt (one thread, after a warm-up)
-REPAIRED = {QuantMode.INT8: "int8-repaired"}  # the repaired variant of each repairable mode
+REPAIRED = {QuantMode.INT8: "int8-repaired", QuantMode.DYNAMIC: "dynamic-repaired"}  # each repairable mode's variant
+WEIGHTED_OPS = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED")  # what dynamic-range quantisation touches
 
 
 @dataclass(frozen=True)
@@ -216,6 +217,80 @@ def short_name(tensor: str) -> str:
     return tensor.split(";")[0]
 
 
+class _Search:
+    """The attempts of one repair, scored as they are made, and the float-layer search they share."""
+
+    def __init__(self, mode: QuantMode, judge: Judge, goal: Goal, test_judge: Judge | None):
+        self.judge, self.goal, self.test_judge = judge, goal, test_judge
+        self.result = RepairResult(mode, goal, [], None, None, "", len(judge),
+                                   {"validation_accuracy": judge.reference_accuracy})
+        self.files: dict[int, bytes] = {}
+
+    @property
+    def attempts(self) -> list[Attempt]:
+        return self.result.attempts
+
+    def attempt(self, step: str, data: bytes, float_layers: Sequence[str], n_cal: int = 0,
+                per_channel: bool = True) -> tuple[Attempt, Score]:
+        score, _ = self.judge.score(data)
+        a = Attempt(step, [short_name(t) for t in float_layers], n_cal, per_channel, len(data), score.agreement,
+                    score.accuracy, score.kl, score.meets(self.goal))
+        if self.test_judge is not None:
+            test, latency = self.test_judge.score(data, LATENCY_RUNS)
+            a.test_agreement, a.test_accuracy, a.latency_ms = test.agreement, test.accuracy, latency
+        self.attempts.append(a)
+        self.files[id(a)] = data
+        log.info(f"repair: {self.result.mode.value}: {step}: {len(data) / 1e3:.0f} KB, validation agreement "
+                 f"{score.agreement:.4f}" + (f", accuracy {score.accuracy:.4f}" if score.accuracy is not None else "")
+                 + (" (target met)" if a.met else ""))
+        return a, score
+
+    def finish(self, chosen: Attempt, reason: str, reached: bool) -> RepairResult:
+        chosen.kept = True
+        self.result.chosen, self.result.reason = chosen, reason
+        self.result.model = self.files[id(chosen)] if reached else None
+        log.info(f"repair: {self.result.mode.value}: {reason}")
+        return self.result
+
+    def float_layers(self, make: Callable[[Sequence[str]], bytes], ranking: Sequence[str], best: Attempt,
+                     best_score: Score, n_cal: int = 0, per_channel: bool = True) -> RepairResult:
+        """Layers of ``ranking`` (worst first) left in float one at a time until the goal, then each
+        put back while the goal still holds; stops at the size limit."""
+        goal, plain = self.goal, self.attempts[0]
+        kept_float: list[str] = []
+        met = None
+        for layer in ranking:
+            kept_float.append(layer)
+            data = make(kept_float)
+            a, s = self.attempt(f"{len(kept_float)} layer(s) in float", data, kept_float, n_cal, per_channel)
+            if len(data) > goal.max_size_bytes:
+                within = max((x for x in self.attempts if x.size_bytes <= goal.max_size_bytes),
+                             key=lambda x: (x.met, x.validation_agreement, -x.validation_kl), default=plain)
+                return self.finish(within, f"stopped at the size limit: {len(kept_float)} layer(s) in float make "
+                                           f"{len(data) / 1e3:.0f} KB, over {goal.max_size_bytes / 1e3:.0f} KB, and "
+                                           f"the best file within it agrees {within.validation_agreement:.4f} on "
+                                           f"validation (target {goal.agreement:.4f}); raise --int8-repair-max-size "
+                                           "or use the float16 file", False)
+            if s.key(goal) > best_score.key(goal):
+                best, best_score = a, s
+            if a.met:
+                met = a
+                break
+        if met is None:
+            return self.finish(best, f"missed the target with every layer in float ({best.validation_agreement:.4f} "
+                                     f"< {goal.agreement:.4f}); use the float16 or float32 file", False)
+        # Put back each float layer the target does not need (the last one added is needed).
+        for layer in list(kept_float[:-1]):
+            trial = [t for t in kept_float if t != layer]
+            a, s = self.attempt(f"{short_name(layer)} back to {self.result.mode.value}", make(trial), trial, n_cal,
+                                per_channel)
+            if a.met:
+                kept_float, met = trial, a
+        names = [short_name(t) for t in kept_float]
+        listed = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+        return self.finish(met, f"{len(kept_float)} layer(s) in float meet the target: {listed}", True)
+
+
 def repair_int8(
     source: "quantize.Source", calibrated: bytes, calibration: Sequence[str], more_calibration: Sequence[str],
     prep: Preprocessing, judge: Judge, goal: Goal, test_judge: Judge | None = None,
@@ -229,49 +304,24 @@ def repair_int8(
         more_calibration: a larger sample of the training split, for the second attempt.
         test_judge: scores each attempt on the test split for the report (never for a choice).
     """
-    attempts: list[Attempt] = []
-    files: dict[int, bytes] = {}
-
-    def attempt(step: str, data: bytes, float_layers: Sequence[str], n_cal: int, per_channel: bool) -> tuple[Attempt, Score]:
-        score, _ = judge.score(data)
-        a = Attempt(step, [short_name(t) for t in float_layers], n_cal, per_channel, len(data), score.agreement,
-                    score.accuracy, score.kl, score.meets(goal))
-        if test_judge is not None:
-            test, latency = test_judge.score(data, LATENCY_RUNS)
-            a.test_agreement, a.test_accuracy, a.latency_ms = test.agreement, test.accuracy, latency
-        attempts.append(a)
-        files[id(a)] = data
-        log.info(f"repair: {step}: {len(data) / 1e3:.0f} KB, validation agreement {score.agreement:.4f}"
-                 + (f", accuracy {score.accuracy:.4f}" if score.accuracy is not None else "")
-                 + (" (target met)" if a.met else ""))
-        return a, score
-
-    plain, best_score = attempt("plain int8", quantize_int8(calibrated), [], len(calibration), True)
+    search = _Search(QuantMode.INT8, judge, goal, test_judge)
+    plain, best_score = search.attempt("plain int8", quantize_int8(calibrated), [], len(calibration), True)
     best, cal, per_channel = plain, calibrated, True
-    result = RepairResult(QuantMode.INT8, goal, attempts, None, None, "", len(judge),
-                          {"validation_accuracy": judge.reference_accuracy})
-
-    def finish(chosen: Attempt, reason: str, reached: bool) -> RepairResult:
-        chosen.kept = True
-        result.chosen, result.reason = chosen, reason
-        result.model = files[id(chosen)] if reached else None
-        log.info(f"repair: {reason}")
-        return result
-
     if plain.met:
-        return finish(plain, "the plain int8 file already meets the target", True)
+        return search.finish(plain, "the plain int8 file already meets the target", True)
 
     # Attempts that cost no float layers; each is kept only when it scores better.
     if len(more_calibration) > len(calibration):
         more = quantize.calibrate(source, quantize._images(more_calibration, prep))
-        a, s = attempt(f"calibration on {len(more_calibration)} images", quantize_int8(more), [], len(more_calibration), True)
+        a, s = search.attempt(f"calibration on {len(more_calibration)} images", quantize_int8(more), [],
+                              len(more_calibration), True)
         if s.key(goal) > best_score.key(goal):
             best, best_score, cal = a, s, more
-    a, s = attempt("per-tensor weights", quantize_int8(cal, per_channel=False), [], best.calibration_images, False)
+    a, s = search.attempt("per-tensor weights", quantize_int8(cal, per_channel=False), [], best.calibration_images, False)
     if s.key(goal) > best_score.key(goal):
         best, best_score, per_channel = a, s, False
     if best.met:
-        return finish(best, f"{best.step} meets the target with every layer in int8", True)
+        return search.finish(best, f"{best.step} meets the target with every layer in int8", True)
 
     # Layers left in float, worst first by the debugger's RMSE in steps of each layer's scale.
     # (Ranking by what each layer alone in float does to the validation drift was tried too: on
@@ -280,41 +330,69 @@ def repair_int8(
     n_cal = best.calibration_images
     debug_images = (more_calibration if n_cal > len(calibration) else calibration)[:DEBUG_IMAGES]
     ranking = layer_errors(cal, quantize._images(debug_images, prep))
-    result.layers = [{**r, "tensor": short_name(r["tensor"])} for r in ranking]
-    log.info(f"repair: the quantization debugger ranked {len(ranking)} layers; worst: "
+    search.result.layers = [{**r, "tensor": short_name(r["tensor"])} for r in ranking]
+    log.info(f"repair: int8: the quantization debugger ranked {len(ranking)} layers; worst: "
              + ", ".join(f"{short_name(r['tensor'])} ({r['rmse_per_scale']:.2f} steps RMSE)" for r in ranking[:3]))
-    kept_float: list[str] = []
-    met = None
-    for layer in ranking:
-        kept_float.append(layer["tensor"])
-        data = quantize_int8(cal, kept_float, per_channel)
-        a, s = attempt(f"{len(kept_float)} layer(s) in float", data, kept_float, n_cal, per_channel)
-        if len(data) > goal.max_size_bytes:
-            within = max((x for x in attempts if x.size_bytes <= goal.max_size_bytes),
-                         key=lambda x: (x.met, x.validation_agreement, -x.validation_kl), default=plain)
-            return finish(within, f"stopped at the size limit: {len(kept_float)} layer(s) in float make "
-                                  f"{len(data) / 1e3:.0f} KB, over {goal.max_size_bytes / 1e3:.0f} KB, and the best "
-                                  f"file within it agrees {within.validation_agreement:.4f} on validation (target "
-                                  f"{goal.agreement:.4f}); raise --int8-repair-max-size or use the float16 file", False)
-        if s.key(goal) > best_score.key(goal):
-            best, best_score = a, s
-        if a.met:
-            met = a
-            break
-    if met is None:
-        return finish(best, f"missed the target with every layer in float ({best.validation_agreement:.4f} < "
-                            f"{goal.agreement:.4f}); use the float16 or float32 file", False)
+    return search.float_layers(lambda layers: quantize_int8(cal, layers, per_channel), [r["tensor"] for r in ranking],
+                               best, best_score, n_cal, per_channel)
 
-    # Put back to int8 each float layer the target does not need (the last one added is needed).
-    for layer in list(kept_float[:-1]):
-        trial = [t for t in kept_float if t != layer]
-        data = quantize_int8(cal, trial, per_channel)
-        a, s = attempt(f"{short_name(layer)} back to int8", data, trial, n_cal, per_channel)
-        if a.met:
-            kept_float, met = trial, a
-    names = [short_name(t) for t in kept_float]
-    listed = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
-    return finish(met, f"{len(kept_float)} layer(s) in float meet the target: {listed}", True)
+
+def dynamic_layers(float32: bytes) -> list[str]:
+    """The output tensors of the ops with weights in a float .tflite file, in graph order."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    interpreter = Interpreter(model_content=float32)
+    names = {t["index"]: t["name"] for t in interpreter.get_tensor_details()}
+    return [names[op["outputs"][0]] for op in interpreter._get_ops_details() if op["op_name"] in WEIGHTED_OPS]
+
+
+def quantize_dynamic(float32: bytes, float_layers: Sequence[str] = ()) -> bytes:
+    """The dynamic-range file from the float32 one, by ai-edge-quantizer's legacy recipe (int8
+    weights per channel for ops with at least 1,024 weights, as TensorFlow's converter does), the
+    named layers left in float."""
+    import contextlib
+    import re
+
+    from ai_edge_quantizer import quantizer, recipe
+
+    qt = quantizer.Quantizer(bytearray(float32))
+    qt.load_quantization_recipe(recipe.dynamic_legacy_wi8_afp32())
+    for layer in float_layers:
+        # An op's scope is its output tensors' names, each followed by ";".
+        qt.update_quantization_recipe(regex=f"^{re.escape(layer)};$", operation_name="*", algorithm_key="no_quantize")
+    with contextlib.redirect_stdout(io.StringIO()):  # it prints its size ratios
+        return bytes(qt.quantize().quantized_model)
+
+
+def repair_dynamic(float32: bytes, plain: bytes, judge: Judge, goal: Goal, test_judge: Judge | None = None) -> RepairResult:
+    """Searches for a dynamic-range file that meets ``goal`` on ``judge``'s (validation) images.
+
+    TensorFlow's converter cannot leave single layers of a dynamic-range model in float, so the
+    files come from ai-edge-quantizer: its legacy recipe first (no float layer), then layers left in
+    float one at a time, worst first. There is no quantization debugger for dynamic range (nothing
+    is calibrated): the layers are ranked by the validation drift (KL divergence) left when each one
+    alone is in float.
+    """
+    search = _Search(QuantMode.DYNAMIC, judge, goal, test_judge)
+    first, best_score = search.attempt("plain dynamic-range", plain, [])
+    if first.met:
+        return search.finish(first, "the plain dynamic-range file already meets the target", True)
+    best = first
+    a, s = search.attempt("ai-edge-quantizer's dynamic-range recipe", quantize_dynamic(float32), [])
+    if s.key(goal) > best_score.key(goal):
+        best, best_score = a, s
+    if best.met:
+        return search.finish(best, f"{best.step} meets the target with every layer quantised", True)
+    ranking = []
+    for layer in dynamic_layers(float32):
+        alone, _ = judge.score(quantize_dynamic(float32, [layer]))
+        ranking.append({"tensor": layer, "float_alone_kl": alone.kl, "float_alone_agreement": alone.agreement})
+    ranking.sort(key=lambda r: r["float_alone_kl"])
+    search.result.layers = [{**r, "tensor": short_name(r["tensor"])} for r in ranking]
+    log.info(f"repair: dynamic: ranked {len(ranking)} layers by the validation drift with each alone in float; worst: "
+             + ", ".join(f"{short_name(r['tensor'])} (KL {r['float_alone_kl']:.4f})" for r in ranking[:3]))
+    return search.float_layers(lambda layers: quantize_dynamic(float32, layers), [r["tensor"] for r in ranking],
+                               best, best_score)
 
 
 def plot_attempts(result: RepairResult, path: Path) -> Path:
@@ -333,7 +411,7 @@ def plot_attempts(result: RepairResult, path: Path) -> Path:
     ax.axvline(result.goal.max_size_bytes / 1e3, color="tab:red", ls=":", lw=1, label="size limit")
     ax.set_xlabel("file size (KB)")
     ax.set_ylabel("top-1 agreement, validation")
-    ax.set_title("int8 repair: layers kept in float until the target")
+    ax.set_title(f"{result.mode.value} repair: layers kept in float until the target")
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     buf = io.BytesIO()
@@ -367,51 +445,65 @@ class RepairSettings:
 
 def repair_run(savedmodel: Path, files: dict, calibration: Sequence[str], more_calibration: Sequence[str],
                validation: Sequence, test: Sequence, prep: Preprocessing, num_classes: int,
-               settings: RepairSettings) -> tuple[RepairResult | None, dict]:
-    """The quantize stage's repair of ``files[QuantMode.INT8]`` (see :func:`repair_int8`), when asked
-    or when the plain file misses its gate on ``validation``.
+               settings: Mapping[QuantMode, RepairSettings]) -> dict[QuantMode, tuple[RepairResult | None, dict]]:
+    """The quantize stage's repair of each of ``files``' int8 and dynamic-range files (see
+    :func:`repair_int8`, :func:`repair_dynamic`), when asked or when the plain file misses its
+    gate on ``validation``.
 
     Returns:
-        The search's result (None when no search ran) and what the manifest records of it.
+        For each repairable mode in ``files``: the search's result (None when no search ran) and what
+        the manifest records of it.
     """
+    modes = [m for m in REPAIRED if m in files and m in settings]
     if not validation:
-        log.info("repair: no validation images (--validation-pct 0), so int8 is not repaired")
-        return None, {"skipped": "no validation images"}
-    labelled = settings.max_accuracy_drop is not None
+        log.info("repair: no validation images (--validation-pct 0), so nothing is repaired")
+        return {m: (None, {"skipped": "no validation images"}) for m in modes}
+    out: dict[QuantMode, tuple[RepairResult | None, dict]] = {}
     with tempfile.TemporaryDirectory(prefix="edgepipe-repair-") as tmp:
-        judge = Judge(savedmodel, validation, prep, Path(tmp) / "validation", num_classes, labelled)
-        test_judge = None
+        judge = Judge(savedmodel, validation, prep, Path(tmp) / "validation", num_classes,
+                      any(settings[m].max_accuracy_drop is not None for m in modes))
+        test_judge, source, f32, f16 = None, None, None, None
         try:
-            plain, _ = judge.score(Path(files[QuantMode.INT8]).read_bytes())
-            why = _missed(plain, settings)
-            if why is None and not settings.asked:
-                log.info(f"repair: int8 meets its gate on the {len(judge)} validation images (agreement "
-                         f"{plain.agreement:.4f}), not repaired (--int8-repair repairs it anyway)")
-                return None, {"needed": False, "validation_agreement": plain.agreement}
-            target = settings.target
-            if target is None:
-                target = DEFAULT_TARGET
-                if QuantMode.FLOAT16 in files:
-                    target = min(target, judge.score(Path(files[QuantMode.FLOAT16]).read_bytes())[0].agreement)
-            source = quantize.Source(savedmodel)
-            f32 = files.get(QuantMode.FLOAT32)
-            f32_size = Path(f32).stat().st_size if f32 else len(quantize.convert_tflite(source, QuantMode.FLOAT32))
-            goal = Goal(target, settings.max_accuracy_drop, int(f32_size * settings.max_size_pct / 100))
-            if len(judge) * (1 - target) < FLIPS_TO_SEE:
-                log.warning(f"warning: repair: one flip is {1 / len(judge):.1%} of the {len(judge)} validation images, "
-                            f"too few to tell agreement {target:.2f} from less; raise --validation-pct for a search "
-                            "that can see the drift")
-            log.info(f"repair: int8 {why or 'repair asked'}; target agreement {target:.4f} on {len(judge)} "
-                     f"validation images, files up to {goal.max_size_bytes / 1e3:.0f} KB")
-            test_judge = Judge(savedmodel, test, prep, Path(tmp) / "test", num_classes, labelled) if test else None
-            calibrated = quantize.calibrate(source, quantize._images(calibration, prep))
-            result = repair_int8(source, calibrated, calibration, more_calibration, prep, judge, goal, test_judge)
+            for mode in modes:
+                c = settings[mode]
+                plain, _ = judge.score(Path(files[mode]).read_bytes())
+                why = _missed(plain, c)
+                if why is None and not c.asked:
+                    log.info(f"repair: {mode.value} meets its gate on the {len(judge)} validation images (agreement "
+                             f"{plain.agreement:.4f}), not repaired (--int8-repair repairs it anyway)")
+                    out[mode] = (None, {"needed": False, "validation_agreement": plain.agreement})
+                    continue
+                source = source or quantize.Source(savedmodel)
+                if f32 is None:
+                    f32 = Path(files[QuantMode.FLOAT32]).read_bytes() if QuantMode.FLOAT32 in files else \
+                        quantize.convert_tflite(source, QuantMode.FLOAT32)
+                target = c.target
+                if target is None:
+                    target = DEFAULT_TARGET
+                    if QuantMode.FLOAT16 in files:
+                        f16 = f16 if f16 is not None else judge.score(Path(files[QuantMode.FLOAT16]).read_bytes())[0]
+                        target = min(target, f16.agreement)
+                goal = Goal(target, c.max_accuracy_drop, int(len(f32) * c.max_size_pct / 100))
+                if len(judge) * (1 - target) < FLIPS_TO_SEE:
+                    log.warning(f"warning: repair: one flip is {1 / len(judge):.1%} of the {len(judge)} validation "
+                                f"images, too few to tell agreement {target:.2f} from less; raise --validation-pct "
+                                "for a search that can see the drift")
+                log.info(f"repair: {mode.value} {why or 'repair asked'}; target agreement {target:.4f} on {len(judge)} "
+                         f"validation images, files up to {goal.max_size_bytes / 1e3:.0f} KB")
+                if test_judge is None and test:
+                    test_judge = Judge(savedmodel, test, prep, Path(tmp) / "test", num_classes, judge.holdout.labels is not None)
+                if mode is QuantMode.INT8:
+                    calibrated = quantize.calibrate(source, quantize._images(calibration, prep))
+                    result = repair_int8(source, calibrated, calibration, more_calibration, prep, judge, goal, test_judge)
+                else:
+                    result = repair_dynamic(f32, Path(files[mode]).read_bytes(), judge, goal, test_judge)
+                out[mode] = (result, {"needed": True, "reached": result.reached, "reason": result.reason,
+                                      "attempts": len(result.attempts)})
         finally:
             judge.close()
             if test_judge is not None:
                 test_judge.close()
-    return result, {"needed": True, "reached": result.reached, "reason": result.reason,
-                    "attempts": len(result.attempts)}
+    return out
 
 
 def _missed(plain: Score, settings: RepairSettings) -> str | None:

@@ -451,11 +451,11 @@ def drift_markdown(results: list[dict]) -> list[str]:
 
 
 def repair_markdown(repaired: dict | None) -> list[str]:
-    """The int8 repair's attempts (``quantize/repair.json``) as a table, with its picture."""
+    """A repair's attempts (``quantize/repair-<mode>.json``) as a table, with its picture."""
     if not repaired:
         return []
     goal = repaired["goal"]
-    lines = ["", "## int8 repair", "",
+    lines = ["", f"## {repaired['mode']} repair", "",
              f"Target: top-1 agreement ≥ {goal['agreement']:.4f} on the {repaired['validation_images']} validation images"
              + ("" if goal["max_accuracy_drop"] is None else
                 f", accuracy at most {100 * goal['max_accuracy_drop']:g} point(s) below the SavedModel's")
@@ -475,7 +475,7 @@ def repair_markdown(repaired: dict | None) -> list[str]:
     chosen = repaired.get("chosen") or {}
     if chosen.get("float_layers"):
         lines += ["", "Layers kept in float: " + ", ".join(f"`{t}`" for t in chosen["float_layers"]) + "."]
-    return lines + ["", "![int8 repair](quantize/repair.png)"]
+    return lines + ["", f"![{repaired['mode']} repair](quantize/repair-{repaired['mode']}.png)"]
 
 
 def write_reports(root: Path, report: dict) -> None:
@@ -500,7 +500,8 @@ def write_reports(root: Path, report: dict) -> None:
     if report.get("findings"):
         lines += ["", "## Findings"] + [f"- {f}" for f in report["findings"]]
     lines += ["", *drift_markdown(results)]
-    lines += repair_markdown(report.get("int8_repair"))
+    for repaired in report.get("repairs") or []:
+        lines += repair_markdown(repaired)
     lines += ["", *models_markdown(report.get("models") or [])]
     lines += class_agreement_markdown(results, classes, reference_top1)
     skipped, warnings = report.get("skipped_images") or [], report.get("warnings") or []

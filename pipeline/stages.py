@@ -293,13 +293,21 @@ def _quantize_fingerprint(ctx: Context) -> dict:
     fp = {"export": _upstream(ctx, "export"), "modes": [m.value for m in ctx.cfg.quant_modes],
           "calibration": _calibration_paths(ctx), "golden": _golden_source(ctx),
           "dynamic_batch": sorted(m.value for m in DYNAMIC_BATCH)}
-    if QuantMode.INT8 in ctx.cfg.quant_modes and ctx.cfg.int8_repair is not False and ctx.cfg.adopt is None:
+    if _repairs(ctx.cfg):
+        import pipeline.repair as repair
+
         c = ctx.cfg
         fp["repair"] = {"mode": "auto" if c.int8_repair is None else "on", "max_size": c.int8_repair_max_size,
-                        "max_accuracy_drop": c.max_accuracy_drop, "gate": c.gate("tflite-int8"),
-                        "target": c.gates.get("tflite-int8-repaired"), "validation": _split_paths(ctx, "validation"),
-                        "more_calibration": _more_calibration(ctx)}
+                        "max_accuracy_drop": c.max_accuracy_drop,
+                        "gates": {m.value: [c.gate(f"tflite-{m.value}"), c.gates.get(f"tflite-{n}")]
+                                  for m, n in repair.REPAIRED.items()},
+                        "validation": _split_paths(ctx, "validation"), "more_calibration": _more_calibration(ctx)}
     return fp
+
+
+def _repairs(c: RunConfig) -> bool:
+    """The quantize stage may repair an int8 or dynamic-range file (adopted graphs are not retrained)."""
+    return c.int8_repair is not False and c.adopt is None and bool({QuantMode.INT8, QuantMode.DYNAMIC} & set(c.quant_modes))
 
 
 def _split_paths(ctx: Context, split: str) -> list[str]:
@@ -313,33 +321,40 @@ def _more_calibration(ctx: Context) -> list[str]:
     return calibration_sample(ctx.dataset().split("train"), MORE_CALIBRATION * ctx.cfg.calibration_images)
 
 
-def _repair_int8(ctx: Context, files: dict, calibration: list[str], contract: dict) -> tuple[Path | None, dict]:
-    """The quantize stage's int8 repair (:func:`pipeline.repair.repair_run`); writes the repaired file
-    with its metadata. Returns it (None when not needed or not reached) and what the manifest records."""
+def _repair(ctx: Context, files: dict, calibration: list[str], contract: dict) -> tuple[dict[str, Path], dict]:
+    """The quantize stage's repair of its int8 and dynamic-range files (:func:`pipeline.repair.repair_run`);
+    writes each repaired file with its metadata, and ``repair-<mode>.json`` / ``.png``. Returns the
+    repaired files by row name and what the manifest records, by mode."""
     import pipeline.repair as repair
     from pipeline.metadata import with_metadata
     from pipeline.quantize import write_tflite
 
     c, ds, spec, out = ctx.cfg, ctx.dataset(), ctx.spec(), ctx.run.stage("quantize")
     labels = ctx.labels()
-    settings = repair.RepairSettings(
-        asked=bool(c.int8_repair), gate=c.gate("tflite-int8"), target=c.gates.get("tflite-int8-repaired"),
-        max_accuracy_drop=c.max_accuracy_drop / 100 if list(ds.classes) == labels else None,
-        max_size_pct=c.int8_repair_max_size)
-    result, info = repair.repair_run(ctx.savedmodel(), files, calibration, _more_calibration(ctx), ds.split("validation"),
-                                     ds.split("test"), spec.preprocessing, len(labels), settings)
-    if result is not None:
-        info["report"] = str(repair.write_report(result, out / "repair.json"))
-        repair.plot_attempts(result, out / "repair.png")
-    if result is None or not result.reached or result.chosen is result.attempts[0]:
-        return None, info  # not needed, not reached, or the plain file itself: no second copy of it
-    name = repair.REPAIRED[QuantMode.INT8]
-    path = out / f"{name}.tflite"
-    about = (f"{spec.name} + retrained head, {len(labels)} classes, TFLite int8 with {len(result.chosen.float_layers)} "
-             f"layer(s) kept in float, by edgepipe. Input float32 RGB 0..255 at {contract['size']}x{contract['size']}, "
-             "batch 1; see preprocessing.json.")
-    write_tflite(path, with_metadata(result.model, labels, contract, f"edgepipe {spec.name} {name}", about))
-    return path, info
+    drop = c.max_accuracy_drop / 100 if list(ds.classes) == labels else None
+    settings = {mode: repair.RepairSettings(asked=bool(c.int8_repair), gate=c.gate(f"tflite-{mode.value}"),
+                                            target=c.gates.get(f"tflite-{name}"), max_accuracy_drop=drop,
+                                            max_size_pct=c.int8_repair_max_size)
+                for mode, name in repair.REPAIRED.items()}
+    found = repair.repair_run(ctx.savedmodel(), files, calibration, _more_calibration(ctx), ds.split("validation"),
+                              ds.split("test"), spec.preprocessing, len(labels), settings)
+    written, info = {}, {}
+    for mode, (result, record) in found.items():
+        info[mode.value] = record
+        if result is None:
+            continue
+        record["report"] = str(repair.write_report(result, out / f"repair-{mode.value}.json"))
+        repair.plot_attempts(result, out / f"repair-{mode.value}.png")
+        if not result.reached or result.chosen is result.attempts[0]:
+            continue  # not reached, or the plain file itself: no second copy of it
+        name = repair.REPAIRED[mode]
+        about = (f"{spec.name} + retrained head, {len(labels)} classes, TFLite {mode.value} with "
+                 f"{len(result.chosen.float_layers)} layer(s) kept in float, by edgepipe. Input float32 RGB 0..255 at "
+                 f"{contract['size']}x{contract['size']}, batch 1; see preprocessing.json.")
+        path = out / f"{name}.tflite"
+        write_tflite(path, with_metadata(result.model, labels, contract, f"edgepipe {spec.name} {name}", about))
+        written[f"tflite-{name}"] = path
+    return written, info
 
 
 def _quantize_run(ctx: Context) -> tuple[dict[str, Path], dict]:
@@ -354,13 +369,11 @@ def _quantize_run(ctx: Context) -> tuple[dict[str, Path], dict]:
                      contract, spec.name, out)
     outputs = {f"tflite-{mode.value}": path for mode, path in files.items()}
     extra = {"calibration_images": len(calibration)}
-    (out / "repair.json").unlink(missing_ok=True)
-    (out / "int8-repaired.tflite").unlink(missing_ok=True)
-    (out / "repair.png").unlink(missing_ok=True)
-    if QuantMode.INT8 in files and ctx.cfg.int8_repair is not False and ctx.cfg.adopt is None:
-        repaired, extra["repair"] = _repair_int8(ctx, files, calibration, contract)
-        if repaired is not None:
-            outputs["tflite-int8-repaired"] = repaired
+    for stale in [*out.glob("repair-*.json"), *out.glob("repair-*.png"), *out.glob("*-repaired.tflite")]:
+        stale.unlink()
+    if _repairs(ctx.cfg):
+        repaired, extra["repair"] = _repair(ctx, files, calibration, contract)
+        outputs.update(repaired)
     # The golden self-test set, built once per run: tfjs copies it into every bundle.
     labels = ctx.labels()
     golden = build_golden(ctx.savedmodel(), ds.split("test"), labels, spec.preprocessing,
@@ -506,9 +519,10 @@ def _verify_run(ctx: Context) -> tuple[dict[str, Path], dict]:
     # Images dropped by retrain (train, validation and test alike) belong in the report as well.
     extra = None if model is None else {"models": [_graph_card(ctx, reference, retrain_metrics)],
                                         "reference": reference.name}
-    repaired = read_json(ctx.run.stage("quantize") / "repair.json", default=None)
-    if repaired and ((ctx.stage_info("quantize").get("info") or {}).get("repair") or {}).get("needed"):
-        extra = (extra or {}) | {"int8_repair": repaired}
+    repairs = [read_json(ctx.run.stage("quantize") / f"repair-{mode}.json", default=None)
+               for mode, r in ((ctx.stage_info("quantize").get("info") or {}).get("repair") or {}).items() if r.get("needed")]
+    if any(repairs):
+        extra = (extra or {}) | {"repairs": [r for r in repairs if r]}
     outputs = report.save(ctx.run.root, spec.name,
                           [{"path": p, "reason": r} for p, r in retrain_metrics.get("skipped", {}).items()],
                           retrain_metrics.get("warnings", []), extra)
@@ -675,8 +689,9 @@ def run_stages(cfg: RunConfig, until: str = "verify", verbose: bool = False) -> 
             cause = f"; the app preprocessing differs from the contract: {', '.join(verify['info']['app_differences'])}"
         failures.append(f"verification failed for {', '.join(verify['info']['failed'])}{cause}; see {run.root / 'report.md'}")
     repaired = (manifest["stages"].get("quantize") or {}).get("info", {}).get("repair") or {}
-    if STAGE_NAMES.index(until) >= STAGE_NAMES.index("quantize") and repaired.get("needed") and not repaired.get("reached"):
-        failures.append(f"int8 repair {repaired['reason']} (see {repaired['report']})")
+    if STAGE_NAMES.index(until) >= STAGE_NAMES.index("quantize"):
+        failures += [f"{mode} repair {r['reason']} (see {r['report']})" for mode, r in repaired.items()
+                     if r.get("needed") and not r.get("reached")]
     if failures:
         raise VerificationFailed("; ".join(failures))
     return manifest

@@ -230,7 +230,7 @@ def load_holdout(examples: Sequence, contract: Preprocessing, folder: Path,
 # The variants whose gate also bounds the accuracy they lose against the reference
 # (VerifySettings.max_accuracy_drop): a file that agrees 0.93 may still lose 2.5 points.
 ACCURACY_BOUNDED = frozenset({"tflite-dynamic", "tflite-int8", "tflite-int8-int8", "tflite-int8-uint8",
-                              "tflite-int8-repaired"})
+                              "tflite-int8-repaired", "tflite-dynamic-repaired"})
 
 
 def bound_accuracy(row: Result, reference_accuracy: float | None, bound: float | None) -> None:

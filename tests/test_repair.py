@@ -144,8 +144,25 @@ def test_the_accuracy_bound_fails_a_row_that_agrees_but_loses_points():
     assert unbounded.passed and unbounded.accuracy_drop is None
 
 
+def test_a_drifting_dynamic_range_file_is_repaired_with_that_layer_in_float(world):
+    """Dynamic range has no calibration and no debugger: ai-edge-quantizer makes the files and the
+    layers are ranked by the drift left with each alone in float."""
+    from pipeline.quantize import convert_tflite
+
+    float32 = convert_tflite(world["source"], QuantMode.FLOAT32)
+    plain = convert_tflite(world["source"], QuantMode.DYNAMIC)  # TensorFlow's, as the quantize stage writes it
+    assert world["judge"].score(plain)[0].agreement < 0.9
+    result = repair.repair_dynamic(float32, plain, world["judge"], repair.Goal(0.99, None, 10_000_000),
+                                   world["test_judge"])
+    assert result.reached, result.reason
+    assert [a.step for a in result.attempts[:2]] == ["plain dynamic-range", "ai-edge-quantizer's dynamic-range recipe"]
+    assert len(result.chosen.float_layers) == 1 and DRIFTING in result.chosen.float_layers[0]
+    assert DRIFTING in result.layers[0]["tensor"]
+    assert world["judge"].score(result.model)[0].agreement >= 0.99 and result.chosen.test_agreement >= 0.95
+
+
 def test_repaired_variant_mode_names():
-    assert repair.REPAIRED == {QuantMode.INT8: "int8-repaired"}
+    assert repair.REPAIRED == {QuantMode.INT8: "int8-repaired", QuantMode.DYNAMIC: "dynamic-repaired"}
 
 
 @pytest.mark.slow
@@ -167,12 +184,12 @@ def test_a_missed_size_limit_exits_3_with_one_line_and_writes_no_repaired_file(c
     manifest["stages"]["export"]["outputs"]["savedmodel"]["sha256"] = sha256_tree(sm)
     (out / "manifest.json").write_text(json.dumps(manifest))
     env = {"EDGEPIPE_CACHE_DIR": str(chain_copy.cache)}
-    modes = ("float32", "float16", "dynamic", "int8")  # int16x8 converts from the SavedModel's variables
+    modes = ("float32", "float16", "int8")  # int16x8 converts from the SavedModel's variables
     r = edgepipe("quantize", "--out", str(out), "--int8-repair", *[a for m in modes for a in ("--quant", m)],
                  "--offline", "--quiet", env=env)
     assert r.returncode == 0, r.stderr
     q = out / "quantize"
-    repaired = json.loads((q / "repair.json").read_text())
+    repaired = json.loads((q / "repair-int8.json").read_text())
     assert repaired["reached"] and len(repaired["chosen"]["float_layers"]) == 1
     assert (q / "int8-repaired.tflite").exists()
     r = edgepipe("verify", "--out", str(out), "--runtime", "ai-edge-litert", "--runtime", "tflite-runtime",
@@ -188,8 +205,8 @@ def test_a_missed_size_limit_exits_3_with_one_line_and_writes_no_repaired_file(c
     assert r.returncode == 3, r.stderr
     errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "int8 repair stopped at the size limit" in errors[0], r.stderr
-    info = json.loads((out / "manifest.json").read_text())["stages"]["quantize"]["info"]["repair"]
+    info = json.loads((out / "manifest.json").read_text())["stages"]["quantize"]["info"]["repair"]["int8"]
     assert info["needed"] and not info["reached"]
     assert not (q / "int8-repaired.tflite").exists()  # the earlier repaired file is gone, not left stale
-    assert (q / "repair.json").exists() and (q / "repair.png").exists()
+    assert (q / "repair-int8.json").exists() and (q / "repair-int8.png").exists()
     assert all((q / f"{m}.tflite").exists() for m in modes)
