@@ -259,9 +259,13 @@ def with_metadata(tflite_bytes: bytes, labels: list[str], preprocessing: dict, n
     metadata_buf = bytes(builder.Output())
 
     model = model_fb.ModelT.InitFromObj(view)
-    if any((b.offset or 0) > 1 for b in model.buffers or []):
+    outside = [b for b in model.buffers or [] if (b.offset or 0) > 1]
+    if outside and len(tflite_bytes) > 2**31 - 2**20:  # a flatbuffer holds at most 2 GB
         raise ConversionError("the model keeps its buffers outside the flatbuffer (over 2 GB); "
                               "metadata cannot be added by repacking it")
+    for b in outside:  # ai-edge-quantizer appends buffers after the flatbuffer; they fit inside it
+        b.data = np.frombuffer(bytes(tflite_bytes[b.offset:b.offset + b.size]), np.uint8)
+        b.offset = b.size = 0
     holder = model_fb.BufferT()
     holder.data = np.frombuffer(metadata_buf, np.uint8)
     model.metadata = model.metadata or []

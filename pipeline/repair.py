@@ -353,10 +353,15 @@ def quantize_dynamic(float32: bytes, float_layers: Sequence[str] = ()) -> bytes:
     import contextlib
     import re
 
-    from ai_edge_quantizer import quantizer, recipe
+    from ai_edge_quantizer import qtyping, quantizer, recipe
 
     qt = quantizer.Quantizer(bytearray(float32))
     qt.load_quantization_recipe(recipe.dynamic_legacy_wi8_afp32())
+    # Per-tensor dense weights, as TensorFlow's dynamic-range file has them (pipeline/quantize.py):
+    # tflite-runtime 2.14 runs a per-channel hybrid FULLY_CONNECTED from this file with per-tensor
+    # kernels and wrong answers (measured: logits 13 off, another top-1).
+    qt.add_dynamic_config(regex=".*", operation_name="FULLY_CONNECTED", num_bits=8,
+                          granularity=qtyping.QuantGranularity.TENSORWISE)
     for layer in float_layers:
         # An op's scope is its output tensors' names, each followed by ";".
         qt.update_quantization_recipe(regex=f"^{re.escape(layer)};$", operation_name="*", algorithm_key="no_quantize")
