@@ -37,6 +37,7 @@ import numpy as np
 import pipeline.quantize as quantize
 from pipeline.console import log
 from pipeline.types import Preprocessing, QuantMode
+from pipeline.verify import ACCURACY_DROP_P
 
 DEFAULT_TARGET = 0.99     # the target agreement when float16 does better (or was not built)
 MORE_CALIBRATION = 4      # the "more calibration images" attempt: this many times the run's count
@@ -69,6 +70,8 @@ class Score:
     accuracy: float | None
     kl: float
     reference_accuracy: float | None
+    lost: int = 0    # images the reference gets right and this file wrong
+    gained: int = 0  # and the other way round
 
     def meets(self, goal: Goal) -> bool:
         drop_ok = (goal.max_accuracy_drop is None or self.accuracy is None
@@ -172,6 +175,10 @@ class Judge:
         probs = as_probabilities(prediction.probabilities)[0]
         figures = compare(self.reference, probs, self.holdout.labels, self.num_classes)
         score = Score(figures["top1_agreement"], figures["accuracy"], figures["kl_divergence"], self.reference_accuracy)
+        if self.holdout.labels is not None:
+            ref_right = self.reference.argmax(1) == self.holdout.labels
+            own_right = probs.argmax(1) == self.holdout.labels
+            score.lost, score.gained = int(np.sum(ref_right & ~own_right)), int(np.sum(~ref_right & own_right))
         return score, prediction.latency_ms
 
     def close(self) -> None:
@@ -515,8 +522,13 @@ def _missed(plain: Score, settings: RepairSettings) -> str | None:
     """How the plain int8 file misses its gate on validation, or None."""
     if plain.agreement < settings.gate:
         return f"misses its gate on validation (agreement {plain.agreement:.4f} < {settings.gate:.2f})"
+    from scipy.stats import binomtest
+
     drop = None if plain.accuracy is None or plain.reference_accuracy is None else plain.reference_accuracy - plain.accuracy
-    if settings.max_accuracy_drop is not None and drop is not None and drop > settings.max_accuracy_drop + 1e-9:
+    # As verify gates it (pipeline.verify.bound_accuracy): past the bound, and not by chance.
+    chance = binomtest(plain.lost, plain.lost + plain.gained, 0.5, alternative="greater").pvalue if plain.lost else 1.0
+    if settings.max_accuracy_drop is not None and drop is not None and drop > settings.max_accuracy_drop + 1e-9 \
+            and chance < ACCURACY_DROP_P:
         return (f"loses {100 * drop:.1f} points of validation accuracy (at most "
                 f"{100 * settings.max_accuracy_drop:g})")
     return None

@@ -127,9 +127,10 @@ def why_failed(r: dict) -> str:
     reasons = []
     if r["top1_agreement"] is not None and r["top1_agreement"] < r["gate"]:
         reasons.append(f"top-1 agreement {r['top1_agreement']:.4f} < gate {r['gate']:.2f}")
-    if r.get("accuracy_drop") is not None and r["accuracy_drop"] > r["max_accuracy_drop"] + 1e-9:
+    if r.get("accuracy_drop") is not None and r["accuracy_drop"] > r["max_accuracy_drop"] + 1e-9 \
+            and (r.get("accuracy_drop_p") or 0.0) < 0.05:
         reasons.append(f"accuracy {r['accuracy']:.4f} is {r['accuracy_drop']:.1f} points below the reference's "
-                       f"(at most {r['max_accuracy_drop']:g}, --max-accuracy-drop)")
+                       f"(at most {r['max_accuracy_drop']:g}, --max-accuracy-drop; McNemar p = {r['accuracy_drop_p']:.2g})")
     return "; ".join(reasons) or "failed"
 
 

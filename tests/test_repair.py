@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import pipeline.repair as repair
@@ -131,16 +132,26 @@ def test_the_accuracy_bound_fails_a_row_that_agrees_but_loses_points():
     from pipeline.report import why_failed
     from pipeline.verify import Result, bound_accuracy
 
-    row = Result("tflite-int8", "ai-edge-litert", 0.96, 0.865, None, None, None, 0.0, 0.0, 0.0, 1, None, 0.9, True)
-    bound_accuracy(row, 0.890, 1.0)
-    assert not row.passed and row.accuracy_drop == 2.5
-    assert why_failed(row.to_dict()) == ("accuracy 0.8650 is 2.5 points below the reference's (at most 1, "
-                                        "--max-accuracy-drop)")
-    ok = Result("tflite-int8", "ai-edge-litert", 0.96, 0.885, None, None, None, 0.0, 0.0, 0.0, 1, None, 0.9, True)
-    bound_accuracy(ok, 0.890, 1.0)
-    assert ok.passed and ok.accuracy_drop == 0.5
-    unbounded = Result("tflite-float16", "x", 0.99, 0.80, None, None, None, 0.0, 0.0, 0.0, 1, None, 0.9, True)
-    bound_accuracy(unbounded, 0.890, None)
+    def row(flipped, flipped_to):
+        return Result("tflite-int8", "ai-edge-litert", 0.96, 0.5, None, None, None, 0.0, 0.0, 0.0, 1, None, 0.9, True,
+                      flipped=flipped, flipped_to=flipped_to)
+
+    labels = np.zeros(1000, int)
+    reference = np.zeros(1000, int)
+    reference[:100] = 1  # the reference gets 900 right
+    lossy = row(list(range(100, 130)), [1] * 30)  # 30 more wrong: 3 points, far from chance
+    bound_accuracy(lossy, reference, labels, 1.0)
+    assert not lossy.passed and lossy.accuracy_drop == 3.0 and lossy.accuracy_drop_p < 1e-6
+    assert why_failed(lossy.to_dict()).startswith("accuracy 0.5000 is 3.0 points below the reference's (at most 1, "
+                                                  "--max-accuracy-drop; McNemar p = ")
+    swapped = row(list(range(100, 130)) + list(range(30)), [1] * 30 + [0] * 30)  # 30 lost, 30 gained
+    bound_accuracy(swapped, reference, labels, 1.0)
+    assert swapped.passed and swapped.accuracy_drop == 0.0
+    small = row([5], [1])  # one image of 18 is 5.6 points, and chance
+    bound_accuracy(small, np.zeros(18, int), np.zeros(18, int), 1.0)
+    assert small.passed and small.accuracy_drop == 5.5556 and small.accuracy_drop_p == 0.5
+    unbounded = row(list(range(100, 130)), [1] * 30)
+    bound_accuracy(unbounded, reference, labels, None)
     assert unbounded.passed and unbounded.accuracy_drop is None
 
 
