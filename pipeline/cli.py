@@ -96,7 +96,8 @@ OPTIONS: dict[str, tuple[object, object]] = {
                                           "`edgepipe runtimes`).", VERIFICATION, "--runtime"), None),
     "gate": (_opt(Optional[list[str]], "Minimum top-1 agreement, ARTIFACT=VALUE (repeat).", VERIFICATION, "--gate"), None),
     "max_accuracy_drop": (_opt(Optional[float], "Points of test accuracy the int8 and dynamic-range variants may "
-                                                "lose against the reference and still pass (default 1).",
+                                                "lose against the reference and still pass (default 1; a larger loss fails only "
+                                                "when McNemar's test says it is not chance).",
                                VERIFICATION), None),
     "runtime_timeout": (_opt(Optional[float], "Seconds one runtime may take on one artifact before verify reports "
                                               "it failed.", VERIFICATION), None),
