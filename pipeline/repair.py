@@ -1,7 +1,8 @@
-"""Repairing an int8 TFLite file that drifts from its SavedModel: keep the layers that drift in float.
+"""Repairing an int8 or dynamic-range TFLite file that drifts from its SavedModel: keep the layers
+that drift in float.
 
-:func:`repair_int8` is the search, one attempt after another, each a whole .tflite file scored in
-ai-edge-litert against the SavedModel on the **validation** split (never the test split):
+:func:`repair_int8` is the int8 search, one attempt after another, each a whole .tflite file scored
+in ai-edge-litert against the SavedModel on the **validation** split (never the test split):
 
 1. the plain int8 file, as the quantize stage wrote it;
 2. what costs no float layers: calibrating on :data:`MORE_CALIBRATION` times as many training
@@ -13,15 +14,19 @@ ai-edge-litert against the SavedModel on the **validation** split (never the tes
    until the file reaches its target or grows past the size limit;
 4. once there, each float layer but the last is put back to int8 if the target still holds.
 
+:func:`repair_dynamic` does the same for dynamic range, whose single layers TensorFlow's converter
+cannot leave in float: ai-edge-quantizer makes those files, and with nothing calibrated there is no
+debugger, so layers are ranked by the drift left when each one alone is in float.
+
 An attempt meets the :class:`Goal` when its top-1 agreement reaches the target and its accuracy
 is at most ``max_accuracy_drop`` below the SavedModel's. The test split is scored for the report
 only (``test_agreement``), as is the latency of single-image calls.
 
-Why the TensorFlow debugger and not ai-edge-quantizer: the repaired file comes from the same
-calibration and the same MLIR quantiser as the plain int8 one, so the only difference between them
-is the layers kept in float; ai-edge-quantizer installs beside the pinned stack, but its own int8
-(and its dynamic-range recipe: validation agreement 0.921 against TensorFlow's 0.952 on
-Caltech-101 with mobilenet_v1_0.25_224) starts further from the SavedModel.
+Why TensorFlow's debugger and quantiser for int8: the repaired file comes from the same calibration
+and the same MLIR quantiser as the plain int8 one, so the only difference between them is the layers
+kept in float. ai-edge-quantizer's own default dynamic-range recipe agreed 0.921 on validation
+against TensorFlow's 0.952 (Caltech-101, mobilenet_v1_0.25_224); its legacy recipe, used here,
+matches TensorFlow's (0.950).
 """
 from __future__ import annotations
 
