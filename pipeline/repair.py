@@ -149,16 +149,19 @@ class Judge:
     """
 
     def __init__(self, savedmodel: Path, examples: Sequence, prep: Preprocessing, folder: Path,
-                 num_classes: int, labelled: bool = True):
+                 num_classes: int, labelled: bool = True, runners: tuple | None = None):
+        """``runners``: the (TensorFlow, ai-edge-litert) runners of another judge, to share its
+        loaded SavedModel and worker process (:meth:`close` then leaves them to that judge)."""
         from pipeline.runners.savedmodel import TensorFlowRunner
         from pipeline.runners.tflite import TfliteRunner
         from pipeline.verify import as_probabilities, load_holdout
 
         Path(folder).mkdir(parents=True, exist_ok=True)
         self.holdout = load_holdout(examples, prep, folder, labelled=labelled)
-        self.folder, self.num_classes = Path(folder), num_classes
-        self.reference = as_probabilities(TensorFlowRunner().predict(savedmodel, self.holdout.contract).probabilities)[0]
-        self.runner = TfliteRunner("ai-edge-litert")
+        self.folder, self.num_classes, self.owns = Path(folder), num_classes, runners is None
+        self.runners = runners or (TensorFlowRunner(), TfliteRunner("ai-edge-litert"))
+        self.reference = as_probabilities(self.runners[0].predict(savedmodel, self.holdout.contract).probabilities)[0]
+        self.runner = self.runners[1]
 
     def __len__(self) -> int:
         return len(self.holdout)
@@ -187,7 +190,9 @@ class Judge:
         return score, prediction.latency_ms
 
     def close(self) -> None:
-        self.runner.close()
+        if self.owns:
+            for runner in self.runners:
+                runner.close()
 
 
 def layer_errors(calibrated: bytes, images: Callable[[], Iterable[np.ndarray]]) -> list[dict]:
@@ -508,7 +513,8 @@ def repair_run(savedmodel: Path, files: dict, calibration: Sequence[str], more_c
                 log.info(f"repair: {mode.value} {why or 'repair asked'}; target agreement {target:.4f} on {len(judge)} "
                          f"validation images, files up to {goal.max_size_bytes / 1e3:.0f} KB")
                 if test_judge is None and test:
-                    test_judge = Judge(savedmodel, test, prep, Path(tmp) / "test", num_classes, judge.holdout.labels is not None)
+                    test_judge = Judge(savedmodel, test, prep, Path(tmp) / "test", num_classes,
+                                       judge.holdout.labels is not None, runners=judge.runners)
                 if mode is QuantMode.INT8:
                     calibrated = quantize.calibrate(source, quantize._images(calibration, prep))
                     result = repair_int8(source, calibrated, calibration, more_calibration, prep, judge, goal, test_judge)
@@ -517,9 +523,9 @@ def repair_run(savedmodel: Path, files: dict, calibration: Sequence[str], more_c
                 out[mode] = (result, {"needed": True, "reached": result.reached, "reason": result.reason,
                                       "attempts": len(result.attempts)})
         finally:
-            judge.close()
             if test_judge is not None:
                 test_judge.close()
+            judge.close()
     return out
 
 
