@@ -42,7 +42,7 @@ import numpy as np
 import pipeline.quantize as quantize
 from pipeline.console import log
 from pipeline.types import Preprocessing, QuantMode
-from pipeline.verify import ACCURACY_DROP_P
+from pipeline.verify import ACCURACY_DROP_P, loss_p
 
 DEFAULT_TARGET = 0.99     # the target agreement when float16 does better (or was not built)
 MORE_CALIBRATION = 4      # the "more calibration images" attempt: this many times the run's count
@@ -533,11 +533,9 @@ def _missed(plain: Score, settings: RepairSettings) -> str | None:
     """How the plain int8 file misses its gate on validation, or None."""
     if plain.agreement < settings.gate:
         return f"misses its gate on validation (agreement {plain.agreement:.4f} < {settings.gate:.2f})"
-    from scipy.stats import binomtest
-
     drop = None if plain.accuracy is None or plain.reference_accuracy is None else plain.reference_accuracy - plain.accuracy
     # As verify gates it (pipeline.verify.bound_accuracy): past the bound, and not by chance.
-    chance = binomtest(plain.lost, plain.lost + plain.gained, 0.5, alternative="greater").pvalue if plain.lost else 1.0
+    chance = loss_p(plain.lost, plain.gained)
     if settings.max_accuracy_drop is not None and drop is not None and drop > settings.max_accuracy_drop + 1e-9 \
             and chance < ACCURACY_DROP_P:
         return (f"loses {100 * drop:.1f} points of validation accuracy (at most "

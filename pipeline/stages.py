@@ -284,7 +284,7 @@ def _calibration_paths(ctx: Context) -> list[str]:
 
 def _golden_source(ctx: Context) -> list[str]:
     """The test images golden vectors are picked from (``pipeline/golden.py``), for fingerprints."""
-    return sorted(e.path for e in ctx.dataset().split("test"))
+    return _split_paths(ctx, "test")
 
 
 def _quantize_fingerprint(ctx: Context) -> dict:

@@ -237,13 +237,19 @@ ACCURACY_BOUNDED = frozenset({"tflite-dynamic", "tflite-int8", "tflite-int8-int8
 ACCURACY_DROP_P = 0.05  # a drop past the bound fails the row only when it is this unlikely by chance
 
 
+def loss_p(lost: int, gained: int) -> float:
+    """The chance of losing ``lost`` images and gaining ``gained`` (those one model gets right and
+    the other wrong) from a model no worse: the exact one-sided McNemar test."""
+    from scipy.stats import binomtest
+
+    return float(binomtest(lost, lost + gained, 0.5, alternative="greater").pvalue) if lost else 1.0
+
+
 def bound_accuracy(row: Result, reference_pred: np.ndarray, labels: np.ndarray, bound: float | None) -> None:
     """Fails ``row`` when its accuracy is more than ``bound`` points below the reference's on the
     same images and the loss is not chance: an exact one-sided McNemar test on the images one of the
     two gets right and the other wrong (p < :data:`ACCURACY_DROP_P`). On 18 test images one flip is
     5.6 points; it takes several for a significant loss."""
-    from scipy.stats import binomtest
-
     if bound is None or row.accuracy is None or not len(labels):
         return
     pred = np.array(reference_pred)
@@ -252,7 +258,7 @@ def bound_accuracy(row: Result, reference_pred: np.ndarray, labels: np.ndarray, 
     lost, gained = int(np.sum(ref_right & ~row_right)), int(np.sum(~ref_right & row_right))
     row.accuracy_drop = round(100 * (lost - gained) / len(labels), 4)
     row.max_accuracy_drop = bound
-    row.accuracy_drop_p = float(binomtest(lost, lost + gained, 0.5, alternative="greater").pvalue) if lost else 1.0
+    row.accuracy_drop_p = loss_p(lost, gained)
     if row.accuracy_drop > bound + 1e-9 and row.accuracy_drop_p < ACCURACY_DROP_P:
         row.passed = False
 
