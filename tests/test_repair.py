@@ -157,7 +157,7 @@ def test_the_accuracy_bound_fails_a_row_that_agrees_but_loses_points():
 
 def test_a_drifting_dynamic_range_file_is_repaired_with_that_layer_in_float(world):
     """Dynamic range has no calibration and no debugger: ai-edge-quantizer makes the files and the
-    layers are ranked by the drift left with each alone in float."""
+    layers are ranked by the drift of each alone quantised."""
     from pipeline.quantize import convert_tflite
 
     float32 = convert_tflite(world["source"], QuantMode.FLOAT32)
