@@ -49,6 +49,8 @@ DEFAULT_TARGET = 0.99     # the target agreement when float16 does better (or wa
 MORE_CALIBRATION = 4      # the "more calibration images" attempt: this many times the run's count
 DEBUG_IMAGES = 100        # calibration images the debugger runs for its per-layer errors
 FLIPS_TO_SEE = 3          # validation flips the target allows, below which the split is too small to tell
+SEE_IMAGES = 300          # validation inputs that show a 1 % flip rate as FLIPS_TO_SEE flips
+MAX_COPIES = 15           # augmented copies of each validation image, at most, when there are fewer
 LATENCY_RUNS = 20         # single-image calls timed per attempt (one thread, after a warm-up)
 REPAIRED = {QuantMode.INT8: "int8-repaired", QuantMode.DYNAMIC: "dynamic-repaired"}  # each repairable mode's variant
 WEIGHTED_OPS = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED")  # what dynamic-range quantisation touches
@@ -151,15 +153,17 @@ class Judge:
     """
 
     def __init__(self, savedmodel: Path, examples: Sequence, prep: Preprocessing, folder: Path,
-                 num_classes: int, labelled: bool = True, runners: tuple | None = None):
+                 num_classes: int, labelled: bool = True, runners: tuple | None = None, copies: int = 0):
         """``runners``: the (TensorFlow, ai-edge-litert) runners of another judge, to share its
-        loaded SavedModel and worker process (:meth:`close` then leaves them to that judge)."""
+        loaded SavedModel and worker process (:meth:`close` then leaves them to that judge).
+        ``copies``: also judge this many augmented copies of each image (:func:`augmented_holdout`)."""
         from pipeline.runners.savedmodel import TensorFlowRunner
         from pipeline.runners.tflite import TfliteRunner
         from pipeline.verify import as_probabilities, load_holdout
 
         Path(folder).mkdir(parents=True, exist_ok=True)
-        self.holdout = load_holdout(examples, prep, folder, labelled=labelled)
+        self.holdout = augmented_holdout(examples, prep, folder, copies, labelled) if copies else \
+            load_holdout(examples, prep, folder, labelled=labelled)
         self.folder, self.num_classes, self.owns = Path(folder), num_classes, runners is None
         self.runners = runners or (TensorFlowRunner(), TfliteRunner("ai-edge-litert"))
         self.reference = as_probabilities(self.runners[0].predict(savedmodel, self.holdout.contract).probabilities)[0]
@@ -195,6 +199,48 @@ class Judge:
         if self.owns:
             for runner in self.runners:
                 runner.close()
+
+
+def augmented_holdout(examples: Sequence, prep: Preprocessing, folder: Path, copies: int, labelled: bool):
+    """Each image as the contract prepares it and ``copies`` augmented copies of it (mirrored or not,
+    cropped up to 10 %, scaled up to 10 %, brightness ±10 %; :func:`pipeline.augment.augmented_image`,
+    the same for the same photo every time), as a :class:`pipeline.verify.Holdout` whose copies carry
+    their photo's label and path. Unreadable images are skipped, as verify skips them."""
+    import hashlib
+
+    from pipeline.augment import augmented_image
+    from pipeline.config import AugmentConfig
+    from pipeline.images import ImageError, decode_rgb, read_image_file
+    from pipeline.verify import CONTRACT, FeedFile, Holdout, prepare_feed
+
+    cfg = AugmentConfig(copies=copies, flip=True, crop=10.0, scale=10.0, brightness=10.0)
+    labels, paths = [], []
+
+    def prepared():
+        for e in examples:
+            try:
+                data = read_image_file(e.path)
+                plain = prepare_feed([decode_rgb(data, e.path)], CONTRACT, prep, None, {})
+            except (ImageError, OSError):
+                continue
+            sha = hashlib.sha256(data).hexdigest()
+            batch = [plain[0], *(augmented_image(data, prep, cfg, sha, k, e.path) for k in range(copies))]
+            labels.extend([e.label] * len(batch))
+            paths.extend([e.path] * len(batch))
+            yield np.stack(batch).astype(np.float32)
+
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    feed = FeedFile.write(Path(folder) / "contract.f32", prepared(), (prep.size, prep.size, 3))
+    return Holdout(np.array(labels) if labelled else None, paths, [], feed, feed, {})
+
+
+def copies_to_see(n_images: int) -> int:
+    """Augmented copies of each validation image the repair judges with, so that a 1 % flip rate
+    shows as :data:`FLIPS_TO_SEE` flips: 0 for :data:`SEE_IMAGES` images or more, at most
+    :data:`MAX_COPIES`."""
+    if n_images <= 0 or n_images >= SEE_IMAGES:
+        return 0
+    return min(MAX_COPIES, -(-SEE_IMAGES // n_images) - 1)
 
 
 def layer_errors(calibrated: bytes, images: Callable[[], Iterable[np.ndarray]]) -> list[dict]:
@@ -495,8 +541,15 @@ def repair_run(savedmodel: Path, files: dict, calibration: Sequence[str], more_c
         return {m: (None, {"skipped": "no validation images"}) for m in modes}
     out: dict[QuantMode, tuple[RepairResult | None, dict]] = {}
     with tempfile.TemporaryDirectory(prefix="edgepipe-repair-") as tmp:
+        copies = copies_to_see(len(validation))
+        if copies:
+            # 49 validation photos (flowers8's default split) show no flip of an int8 file that flips
+            # 5 of 160 test photos; with 6 copies each it flips 4 of 392 inputs, as the test split does.
+            log.info(f"repair: {len(validation)} validation images cannot show a 1 % flip rate; each is also judged "
+                     f"in {copies} augmented copies (mirror, crop, scale, brightness), {len(validation) * (copies + 1)} "
+                     "inputs in all (--validation-pct raises the number of photos)")
         judge = Judge(savedmodel, validation, prep, Path(tmp) / "validation", num_classes,
-                      any(settings[m].max_accuracy_drop is not None for m in modes))
+                      any(settings[m].max_accuracy_drop is not None for m in modes), copies=copies)
         test_judge, source, f32, f16 = None, None, None, None
         try:
             for mode in modes:

@@ -221,3 +221,19 @@ def test_a_missed_size_limit_exits_3_with_one_line_and_writes_no_repaired_file(c
     assert not (q / "int8-repaired.tflite").exists()  # the earlier repaired file is gone, not left stale
     assert (q / "repair-int8.json").exists() and (q / "repair-int8.png").exists()
     assert all((q / f"{m}.tflite").exists() for m in modes)
+
+
+def test_a_small_validation_split_is_judged_with_augmented_copies_of_each_photo(world, tmp_path):
+    """49 photos cannot show a 1 % flip rate: the repair judges each in 6 augmented copies too, the
+    same every time, labelled as their photo, the photo itself first and as verify prepares it."""
+    assert [repair.copies_to_see(n) for n in (49, 150, 299, 300, 5000, 5)] == [6, 1, 1, 0, 0, 15]
+    validation = world["judge"].holdout
+    n = len(validation)
+    examples = [Example(p, k % 4, "") for k, p in enumerate(validation.paths)]
+    first = repair.augmented_holdout(examples, PREP, tmp_path / "a", 3, labelled=True)
+    again = repair.augmented_holdout(examples, PREP, tmp_path / "b", 3, labelled=True)
+    x, y = first.contract.read(0, len(first)), again.contract.read(0, len(again))
+    assert len(first) == 4 * n and np.array_equal(x, y)
+    assert np.array_equal(x[0::4], validation.contract.read(0, n))  # each photo as verify prepares it
+    assert all(not np.array_equal(x[k], x[k + 1]) for k in range(0, 4 * n, 4))  # then its copies
+    assert list(first.labels) == [k % 4 for k in range(n) for _ in range(4)] and first.paths[1] == validation.paths[0]
