@@ -394,7 +394,10 @@ def extract(paths: Sequence[str], graph_path, spec, graph_sha256: str, cache_roo
 
     log.info(f"bottlenecks: {len(items)} images on Beam's {beam.runner}")
     run(build, beam, "bottlenecks", items, consume, len(items) + sum(c for *_, c in items), progress)
-    return got.result(cache_at(cache_root, backbone_key(graph_sha256, here.spec, here.engine), here.spec.feature_size))
+    cache = cache_at(cache_root, backbone_key(graph_sha256, here.spec, here.engine), here.spec.feature_size)
+    if not storage.is_url(str(cache_root)):  # local: what workers killed mid-write left
+        cache.remove_orphans()
+    return got.result(cache)
 
 
 def cache_at(root, key: str, feature_size: int):

@@ -25,7 +25,7 @@ from pipeline.config import AugmentConfig
 from pipeline.console import progress as progress_bar
 from pipeline.hashindex import HashIndex
 from pipeline.images import ImageError, load_image, load_pixels, read_image_file, reason_of
-from pipeline.rundir import atomic_write_bytes
+from pipeline.rundir import atomic_write_bytes, remove_orphaned_temporaries
 from pipeline.testhook import pause_point
 from pipeline.types import BackboneSpec
 
@@ -84,6 +84,10 @@ class BottleneckCache:
         if len(data) != len(self._header) + self._size or not data.startswith(self._header):
             return None
         return np.frombuffer(data, "<f4", offset=len(self._header))
+
+    def remove_orphans(self) -> int:
+        """Removes the temporary files of writers that were killed mid-entry."""
+        return remove_orphaned_temporaries(self.dir)
 
     def put(self, image_sha: str, feature: np.ndarray) -> None:
         # Not fsynced: a torn entry after a power cut fails the check in get() and is recomputed.
@@ -206,6 +210,7 @@ def extract(
     prep = extractor.spec.preprocessing
     dim = extractor.spec.feature_size
     cache = BottleneckCache(cache_root, backbone_key(graph_sha256, extractor.spec, extractor.engine), dim)
+    cache.remove_orphans()  # what a run killed mid-write left
     index = HashIndex(Path(cache_root) / HASH_INDEX_NAME)
     copies = variants(augment)
     aug_set = set(augment_indices) if copies else set()

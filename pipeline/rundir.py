@@ -94,6 +94,30 @@ def atomic_write_bytes(path: Path, data: bytes, durable: bool = True) -> None:
         raise
 
 
+def remove_orphaned_temporaries(folder: Path) -> int:
+    """Removes the temporaries of :func:`atomic_write_bytes` under ``folder`` whose writer has died
+    (a worker killed mid-write); a live process's are left to it. Returns how many went."""
+    removed = 0
+    for tmp in Path(folder).rglob(".*.tmp") if Path(folder).is_dir() else ():
+        parts = tmp.name.rsplit(".", 3)  # .NAME . pid . thread . tmp
+        if len(parts) != 4 or not parts[1].isdigit() or _alive(int(parts[1])):
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+            removed += 1
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 

@@ -74,6 +74,24 @@ def test_cache_entries_are_plain_npy_and_a_wrong_shape_is_a_miss(tmp_path):
     assert not list(tmp_path.rglob("*.tmp"))
 
 
+def test_a_writer_killed_mid_entry_leaves_nothing_after_the_next_run(tiny_graph, tiny_images, tmp_path):
+    import subprocess
+    import sys
+
+    paths = sorted(tiny_images.rglob("*.png"))[:4]
+    spec, sha = _spec(tiny_graph), sha256_file(tiny_graph)
+    cache = extract(paths, tiny_graph, spec, sha, tmp_path, batch_size=4, progress=False).cache
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    orphan = cache.dir / "a" / f".abc.npy.{int(dead.stdout)}.1.tmp"  # a killed writer's half entry
+    live = cache.dir / "a" / f".abd.npy.{os.getpid()}.1.tmp"  # one being written now
+    for p in (orphan, live):
+        p.parent.mkdir(exist_ok=True)
+        p.write_bytes(b"half")
+    again = extract(paths, tiny_graph, spec, sha, tmp_path, batch_size=4, progress=False)
+    assert again.cached == 4
+    assert not orphan.exists() and live.exists()
+
+
 def _aged(folder: Path, n: int) -> list[Path]:
     """n image files whose last change is more than RACY_NS in the past (recorded in the index)."""
     paths = sorted(folder.rglob("*.png"))[:n]
