@@ -166,9 +166,9 @@ def test_rows_that_disagree_on_what_is_missing_are_named(tmp_path):
 
 
 def test_every_adoption_problem_is_reported_at_once(tiny_model_graph, tiny_images, tmp_path):
+    import pipeline
     from pipeline.config import RunConfig
     from pipeline.errors import ConfigError
-    import pipeline
 
     labels = tmp_path / "retrained_labels.txt"
     labels.write_text("daisy\nrose\n")

@@ -34,7 +34,6 @@ from tests.helpers.chain import edgepipe_log, run_chain
 from tests.helpers.cli import edgepipe
 from tests.helpers.world import make_image_folders, tiny_graph_options
 
-
 # --- making bad and odd images ----------------------------------------------------------------
 
 def _encode(im: Image.Image, fmt: str, **kw) -> bytes:

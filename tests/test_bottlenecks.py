@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.bottlenecks import HASH_INDEX_NAME, BottleneckCache, backbone_key, extract, features_from_bytes
-from pipeline.hashindex import RACY_NS, HashIndex
 from pipeline.catalog import custom_backbone
+from pipeline.hashindex import RACY_NS, HashIndex
 from pipeline.rundir import sha256_file
 from tests.helpers.world import TINY_BOTTLENECK, TINY_SIZE, make_image_folders
 

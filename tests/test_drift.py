@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from pipeline.runners.feed import FeedFile
-from pipeline.verify import Artifact, Result, findings, stratified_sample, subset_feed, twin_drift
 from pipeline.types import ArtifactKind
+from pipeline.verify import Artifact, Result, findings, stratified_sample, subset_feed, twin_drift
 
 
 def test_the_sample_takes_every_class_in_turn_and_keeps_file_order():

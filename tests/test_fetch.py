@@ -28,7 +28,6 @@ from pipeline.catalog import custom_backbone, get_backbone
 from pipeline.errors import ConfigError, FetchError
 from pipeline.fetch import FetchResult, cache_status, default_cache_dir, fetch
 from pipeline.types import BackboneSpec, Preprocessing
-
 from tests.helpers.lookalikes import make_tgz
 from tests.helpers.servers import FakeServer, Route, fetch_in_process
 

@@ -20,12 +20,18 @@ from pipeline.fetch import mirror_relpath
 from pipeline.graph import load_graph_def
 from pipeline.graphfix import feature_subgraph, legacy_ops_rewritten
 from pipeline.inspect import describe, inspect_graph
-from tests.helpers.lookalikes import (
-    LOOKALIKES, OLD_PRODUCER, V4_POOL_RENAMED, GraphBuilder, inception_v4_archive,
-    inception_v4_graph, lookalike_graph, write_mirror,
-)
 from tests.helpers.chain import edgepipe_log, run_chain
 from tests.helpers.cli import edgepipe
+from tests.helpers.lookalikes import (
+    LOOKALIKES,
+    OLD_PRODUCER,
+    V4_POOL_RENAMED,
+    GraphBuilder,
+    inception_v4_archive,
+    inception_v4_graph,
+    lookalike_graph,
+    write_mirror,
+)
 from tests.helpers.servers import serve_folder
 
 TFLITE_MODES = ("float32", "float16", "dynamic", "int8")

@@ -12,9 +12,9 @@ from pipeline.backbone import FeatureExtractor
 from pipeline.catalog import get_backbone
 from pipeline.fetch import fetch
 from pipeline.images import load_files
-from tests.helpers.world import FLOWERS, MIRROR, SHARED, needs_shared
 from tests.helpers.chain import run_chain
 from tests.helpers.servers import serve_folder
+from tests.helpers.world import FLOWERS, MIRROR, SHARED, needs_shared
 
 pytestmark = pytest.mark.slow
 

@@ -7,8 +7,8 @@ import re
 
 import pytest
 
-from pipeline.stress import AppPreprocessing, parse_app_preprocessing
 from pipeline.errors import ConfigError, VerificationFailed
+from pipeline.stress import AppPreprocessing, parse_app_preprocessing
 from tests.helpers.chain import edgepipe_log, run_chain
 from tests.helpers.cli import edgepipe
 
