@@ -224,9 +224,9 @@ def test_a_missed_size_limit_exits_3_with_one_line_and_writes_no_repaired_file(c
 
 
 def test_a_small_validation_split_is_judged_with_augmented_copies_of_each_photo(world, tmp_path):
-    """49 photos cannot show a 1 % flip rate: the repair judges each in 6 augmented copies too, the
+    """49 photos cannot show a 1 % flip rate: the repair judges each in 15 augmented copies too, the
     same every time, labelled as their photo, the photo itself first and as verify prepares it."""
-    assert [repair.copies_to_see(n) for n in (49, 150, 299, 300, 5000, 5)] == [6, 1, 1, 0, 0, 15]
+    assert [repair.copies_to_see(n) for n in (49, 150, 999, 1000, 5000, 5)] == [15, 6, 1, 0, 0, 15]
     validation = world["judge"].holdout
     n = len(validation)
     examples = [Example(p, k % 4, "") for k, p in enumerate(validation.paths)]
