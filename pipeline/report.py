@@ -451,28 +451,41 @@ def drift_markdown(results: list[dict]) -> list[str]:
     return lines + [""]
 
 
+REPAIR_COLUMNS = ("attempt", "layers in float", "size", "validation agreement", "validation accuracy", "test agreement",
+                  "test accuracy", "p50 ms (ai-edge-litert)", "")
+
+
+def repair_summary(repaired: dict) -> str:
+    """A repair's target and result, one paragraph (report.md and report.html)."""
+    goal = repaired["goal"]
+    return (f"Target: top-1 agreement ≥ {goal['agreement']:.4f} on the {repaired['validation_images']} validation images"
+            + ("" if goal["max_accuracy_drop"] is None else
+               f", accuracy at most {100 * goal['max_accuracy_drop']:g} point(s) below the SavedModel's")
+            + f", files up to {goal['max_size_bytes'] / 1e3:.0f} KB. Chosen on validation only; test figures are "
+            f"for the record. Result: {'reached' if repaired['reached'] else 'NOT reached'}: {repaired['reason']}.")
+
+
+def repair_rows(repaired: dict) -> list[list[str]]:
+    """A repair's attempts as table cells, in :data:`REPAIR_COLUMNS`' order."""
+    def f(v, fmt="{:.4f}"):
+        return "–" if v is None else fmt.format(v)
+
+    rows = []
+    for a in repaired["attempts"]:
+        mark = "chosen" if a["kept"] and repaired["reached"] else ("best within the limit" if a["kept"] else "")
+        rows.append([a["step"], str(len(a["float_layers"])), f"{a['size_bytes'] / 1e3:.0f} KB",
+                     f(a["validation_agreement"]), f(a["validation_accuracy"]), f(a["test_agreement"]),
+                     f(a["test_accuracy"]), f(a["latency_ms"], "{:.2f}"), mark])
+    return rows
+
+
 def repair_markdown(repaired: dict | None) -> list[str]:
     """A repair's attempts (``quantize/repair-<mode>.json``) as a table, with its picture."""
     if not repaired:
         return []
-    goal = repaired["goal"]
-    lines = ["", f"## {repaired['mode']} repair", "",
-             f"Target: top-1 agreement ≥ {goal['agreement']:.4f} on the {repaired['validation_images']} validation images"
-             + ("" if goal["max_accuracy_drop"] is None else
-                f", accuracy at most {100 * goal['max_accuracy_drop']:g} point(s) below the SavedModel's")
-             + f", files up to {goal['max_size_bytes'] / 1e3:.0f} KB. Chosen on validation only; test figures are "
-             f"for the record. Result: {'reached' if repaired['reached'] else 'NOT reached'}: {repaired['reason']}.", "",
-             "| attempt | layers in float | size | validation agreement | validation accuracy | test agreement | "
-             "test accuracy | p50 ms (ai-edge-litert) | |", "|:---|---:|---:|---:|---:|---:|---:|---:|:---|"]
-
-    def f(v, fmt="{:.4f}"):
-        return "–" if v is None else fmt.format(v)
-
-    for a in repaired["attempts"]:
-        mark = "chosen" if a["kept"] and repaired["reached"] else ("best within the limit" if a["kept"] else "")
-        lines.append(f"| {a['step']} | {len(a['float_layers'])} | {a['size_bytes'] / 1e3:.0f} KB | "
-                     f"{f(a['validation_agreement'])} | {f(a['validation_accuracy'])} | {f(a['test_agreement'])} | "
-                     f"{f(a['test_accuracy'])} | {f(a['latency_ms'], '{:.2f}')} | {mark} |")
+    lines = ["", f"## {repaired['mode']} repair", "", repair_summary(repaired), "",
+             "| " + " | ".join(REPAIR_COLUMNS) + " |", "|:---|---:|---:|---:|---:|---:|---:|---:|:---|"]
+    lines += ["| " + " | ".join(row) + " |" for row in repair_rows(repaired)]
     chosen = repaired.get("chosen") or {}
     if chosen.get("float_layers"):
         lines += ["", "Layers kept in float: " + ", ".join(f"`{t}`" for t in chosen["float_layers"]) + "."]

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.report import (
+    REPAIR_COLUMNS,
     agreement_rows,
     annotate_cells,
     class_agreement,
@@ -27,6 +28,8 @@ from pipeline.report import (
     pyplot_agg,
     reference_counts,
     reference_text,
+    repair_rows,
+    repair_summary,
     report_title,
     unlabelled_text,
     unused_classes,
@@ -254,6 +257,26 @@ def _drift_section(results: list[dict]) -> list[str]:
     return out + ["</table>"]
 
 
+def _repair_section(repaired: dict, run_root: Path) -> list[str]:
+    """A repair's attempts as report.md shows them (:func:`pipeline.report.repair_rows`), with its
+    picture (``quantize/repair-<mode>.png``) inlined when it is there."""
+    e = html.escape
+    heads = "".join(f"<th{' class=l' if k in (0, len(REPAIR_COLUMNS) - 1) else ''}>{e(c)}</th>"
+                    for k, c in enumerate(REPAIR_COLUMNS))
+    out = [f"<h2>{e(repaired['mode'])} repair</h2><p>{e(repair_summary(repaired))}</p><table><tr>{heads}</tr>"]
+    for row in repair_rows(repaired):
+        cells = "".join(f"<td{' class=l' if k in (0, len(row) - 1) else ''}>{e(v)}</td>" for k, v in enumerate(row))
+        out.append(f"<tr>{cells}</tr>")
+    out.append("</table>")
+    layers = (repaired.get("chosen") or {}).get("float_layers")
+    if layers:
+        out.append("<p>Layers kept in float: " + ", ".join(f"<code>{e(t)}</code>" for t in layers) + ".</p>")
+    png = Path(run_root) / "quantize" / f"repair-{repaired['mode']}.png"
+    if png.is_file():
+        out.append(f"<img class=plot src='data:image/png;base64,{base64.b64encode(png.read_bytes()).decode()}'>")
+    return out
+
+
 def write_html_report(path: Path, report: dict, images: list[np.ndarray],
                       tradeoffs_png: Path | None = None) -> None:
     """Writes the page; ``images`` are the decoded test images in report order (for thumbnails),
@@ -287,6 +310,8 @@ def write_html_report(path: Path, report: dict, images: list[np.ndarray],
     if report.get("findings"):
         parts.append("<h2>Findings</h2><ul>" + "".join(f"<li>{e(f)}</li>" for f in report["findings"]) + "</ul>")
     parts += _drift_section(results)
+    for repaired in report.get("repairs") or []:
+        parts += _repair_section(repaired, Path(path).parent)
     parts += _models_section(report.get("models") or [])
     if tradeoffs_png is not None and Path(tradeoffs_png).is_file():
         # The same picture as verify/tradeoffs.png (pipeline.report.plot_tradeoffs), inlined.

@@ -209,6 +209,9 @@ def test_a_missed_size_limit_exits_3_with_one_line_and_writes_no_repaired_file(c
     for runtime in ("ai-edge-litert", "tflite-runtime"):  # verified like every other file
         assert rows["tflite-int8-repaired", runtime]["top1_agreement"] > rows["tflite-int8", runtime]["top1_agreement"]
     assert "## int8 repair" in (out / "report.md").read_text()
+    page = (out / "report.html").read_text()  # the page shows the same attempts, and the picture inlined
+    assert "<h2>int8 repair</h2>" in page and page.count("<tr><td class=l>") >= len(repaired["attempts"])
+    assert f"<td class=l>{repaired['chosen']['step']}</td>" in page and "data:image/png;base64," in page.split("int8 repair")[1]
     plain, fixed = repaired["attempts"][0]["size_bytes"], repaired["chosen"]["size_bytes"]
     pct = 100 * (plain + fixed) / 2 / (q / "float32.tflite").stat().st_size  # room for no float layer
 
