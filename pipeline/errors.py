@@ -10,6 +10,7 @@ import errno
 EXIT_OK = 0
 EXIT_BAD_INPUT = 2
 EXIT_GATE_FAILED = 3
+EXIT_BUSY = 4
 
 
 def one_line(err: BaseException | str, limit: int = 200) -> str:
@@ -43,6 +44,12 @@ class GraphError(PipelineError):
 
 class ConversionError(PipelineError):
     """A converter refused the model."""
+
+
+class RunBusy(PipelineError):
+    """Another edgepipe process is working in the same run directory."""
+
+    exit_code = EXIT_BUSY
 
 
 class VerificationFailed(PipelineError):

@@ -165,11 +165,61 @@ def read_json(path: Path, default: Any = None) -> Any:
         return default
 
 
+_HELD: dict[str, int] = {}  # run directories this process has locked, and how many times
+
+
 class RunDir:
     """Paths inside one run directory."""
 
+    LOCK = ".edgepipe.lock"
+
     def __init__(self, root: Path):
         self.root = Path(root)
+
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        """Holds the run directory for this process: a second edgepipe on the same ``--out`` gets
+        :class:`pipeline.errors.RunBusy` instead of writing the same files. The lock is the
+        kernel's (``flock``), so a killed run leaves none behind; it is re-entrant in one process."""
+        import fcntl
+
+        from pipeline.errors import RunBusy
+
+        key = str(self.root.resolve())
+        if key in _HELD:
+            _HELD[key] += 1
+            try:
+                yield
+            finally:
+                _HELD[key] -= 1
+            return
+        self.root.mkdir(parents=True, exist_ok=True)
+        path = self.root / self.LOCK
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+        except OSError as err:
+            if err.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
+                raise
+            # A folder this process cannot write to: nothing here can corrupt it, and the run's
+            # first write fails with the one line that names the file.
+            yield
+            return
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+                raise RunBusy(f"{self.root} is in use by another edgepipe (pid {holder}); wait for it to finish, "
+                              "or give this run another --out") from None
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            _HELD[key] = 1
+            try:
+                yield
+            finally:
+                del _HELD[key]
+        finally:
+            os.close(fd)  # releases the lock
 
     def stage(self, name: str) -> Path:
         return self.root / name

@@ -642,6 +642,11 @@ def run_stages(cfg: RunConfig, until: str = "verify", verbose: bool = False) -> 
         log.info(f"{cfg.graph_flag} {cfg.graph.path.name}: {cfg.graph.describe()}")
     run = RunDir(cfg.out)
     run.root.mkdir(parents=True, exist_ok=True)
+    with run.lock():  # one edgepipe per run directory
+        return _run_locked(cfg, run, until, verbose)
+
+
+def _run_locked(cfg: RunConfig, run: RunDir, until: str, verbose: bool) -> dict:
     manifest = run.load_manifest()
     manifest.update({"edgepipe": __version__, "config": cfg.to_dict(), "versions": library_versions()})
     manifest.setdefault("stages", {})

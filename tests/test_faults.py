@@ -143,7 +143,19 @@ def test_killed_during_training_resumes_to_the_same_report(world, tmp_path):
     common, reference = world.common, world.reference
     out, cache = tmp_path / "run", tmp_path / "cache"
     env = {"EDGEPIPE_CACHE_DIR": str(cache)}
-    kill_when_paused(["run", "--out", out, *common], env, "train")
+    second = []
+
+    def run_beside() -> None:  # a second edgepipe on the same --out while the first is at work
+        before = (out / "manifest.json").read_bytes()
+        second.append(edgepipe("run", "--out", out, *common, env=env))
+        assert (out / "manifest.json").read_bytes() == before
+
+    kill_when_paused(["run", "--out", out, *common], env, "train", while_paused=run_beside)
+    proc = second[0]
+    assert proc.returncode == 4, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines() == [f"error: {out} is in use by another edgepipe (pid "
+                                                 f"{(out / '.edgepipe.lock').read_text().strip()}); wait for it to "
+                                                 "finish, or give this run another --out"]
     assert assert_cache_valid(cache) == N_IMAGES
     assert_run_dir_complete(out)
     assert manifest(out)["stages"]["retrain"]["status"] == "running"

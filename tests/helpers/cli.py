@@ -12,7 +12,7 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
-from typing import Mapping
+from typing import Callable, Mapping
 
 from tests.helpers.world import REPO
 
@@ -56,8 +56,10 @@ def cli_args(options: Mapping[str, object]) -> list[str]:
     return args
 
 
-def kill_when_paused(args: list, env: Mapping[str, str], point: str, timeout: float = 240) -> str:
-    """Starts `edgepipe ARGS`, SIGKILLs it once it reports the pause point; returns its stderr.
+def kill_when_paused(args: list, env: Mapping[str, str], point: str, timeout: float = 240,
+                     while_paused: Callable[[], None] | None = None) -> str:
+    """Starts `edgepipe ARGS`, SIGKILLs it once it reports the pause point (after calling
+    ``while_paused``, with the run still alive); returns its stderr.
 
     The pause comes from ``EDGEPIPE_TEST_PAUSE_AT`` (``pipeline/testhook.py``): the run logs
     ``test hook: paused at <point>`` and sleeps, so the kill lands there and nothing in the process
@@ -73,6 +75,8 @@ def kill_when_paused(args: list, env: Mapping[str, str], point: str, timeout: fl
         for line in proc.stderr:
             lines.append(line)
             if line.strip() == f"test hook: paused at {point}":
+                if while_paused is not None:
+                    while_paused()
                 os.kill(proc.pid, signal.SIGKILL)
                 break
     finally:
