@@ -201,10 +201,10 @@ def write_pi_bundle(tflite: Path, labels: list[str], contract: dict, golden_dir:
     From a run directory (as the deploy stage, ``pipeline.stages._deploy_run``, calls it)::
 
         files = manifest["stages"]["quantize"]["outputs"]      # {"tflite-int8": {"path": ...}, "golden": ...}
-        write_pi_bundle(files["tflite-int8"]["path"],           # the TFLite variant to ship
+        write_pi_bundle(run / files["tflite-int8"]["path"],     # the TFLite variant to ship (paths are run-relative)
                         labels=(run / "export" / "labels.txt").read_text(encoding="utf-8").splitlines(),
                         contract=read_json(run / "export" / "preprocessing.json"),
-                        golden_dir=files["golden"]["path"],     # run / "quantize" / "golden"
+                        golden_dir=run / files["golden"]["path"],  # run / "quantize" / "golden"
                         out=run / "deploy" / "raspberry-pi", source="tflite-int8 (why it was chosen)")
 
     Args:

@@ -224,6 +224,20 @@ class RunDir:
     def stage(self, name: str) -> Path:
         return self.root / name
 
+    def stored(self, path: Path) -> str:
+        """How the manifest records ``path``: relative to the run directory when inside it, so a
+        run directory moved or copied elsewhere reads its own files; else absolute (the cache)."""
+        path = Path(path)
+        try:
+            return str(path.relative_to(self.root))
+        except ValueError:
+            return str(path)
+
+    def resolve(self, recorded: str) -> Path:
+        """A path the manifest records (see :meth:`stored`; older runs recorded absolute ones)."""
+        path = Path(recorded)
+        return path if path.is_absolute() else self.root / path
+
     @property
     def manifest_path(self) -> Path:
         return self.root / "manifest.json"

@@ -58,7 +58,7 @@ class Context:
         return BackboneSpec.from_dict(self.stage_info("fetch")["info"]["spec"])
 
     def graph_path(self) -> Path:
-        return Path(self.stage_info("fetch")["outputs"]["graph"]["path"])
+        return self.run.resolve(self.stage_info("fetch")["outputs"]["graph"]["path"])
 
     def dataset(self) -> Dataset:
         return Dataset.from_dict(read_json(self.run.stage("retrain") / "split.json"))
@@ -77,7 +77,7 @@ class Context:
         return self.run.stage("export") / "savedmodel"
 
     def outputs(self, stage: str) -> dict[str, Path]:
-        return {k: Path(o["path"]) for k, o in self.stage_info(stage)["outputs"].items()}
+        return {k: self.run.resolve(o["path"]) for k, o in self.stage_info(stage)["outputs"].items()}
 
 
 def _digest(obj) -> str:
@@ -343,7 +343,7 @@ def _repair(ctx: Context, files: dict, calibration: list[str], contract: dict) -
         info[mode.value] = record
         if result is None:
             continue
-        record["report"] = str(repair.write_report(result, out / f"repair-{mode.value}.json"))
+        record["report"] = ctx.run.stored(repair.write_report(result, out / f"repair-{mode.value}.json"))
         repair.plot_attempts(result, out / f"repair-{mode.value}.png")
         if not result.reached or result.chosen is result.attempts[0]:
             continue  # not reached, or the plain file itself: no second copy of it
@@ -604,11 +604,11 @@ def library_versions() -> dict[str, str | None]:
     return out
 
 
-def _up_to_date(info: dict | None, fingerprint: str) -> bool:
+def _up_to_date(info: dict | None, fingerprint: str, run: RunDir) -> bool:
     if not info or info.get("status") != "done" or info.get("fingerprint") != fingerprint:
         return False
     for o in info.get("outputs", {}).values():
-        p = Path(o["path"])
+        p = run.resolve(o["path"])
         if not p.exists() or sha256_tree(p) != o["sha256"]:
             return False
     return True
@@ -654,7 +654,7 @@ def _run_locked(cfg: RunConfig, run: RunDir, until: str, verbose: bool) -> dict:
     for stage in STAGES[: STAGE_NAMES.index(until) + 1]:
         fp = _digest(stage.fingerprint(ctx))
         info = manifest["stages"].get(stage.name)
-        if _up_to_date(info, fp):
+        if _up_to_date(info, fp, run):
             log.info(f"{stage.name}: up to date, skipped")
             continue
         log.info(f"{stage.name}: running")
@@ -678,7 +678,7 @@ def _run_locked(cfg: RunConfig, run: RunDir, until: str, verbose: bool) -> dict:
             "status": "done", "fingerprint": fp,
             "seconds": round(time.perf_counter() - started, 2),
             "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "outputs": {k: {"path": str(p), "sha256": sha256_tree(p)} for k, p in outputs.items()},
+            "outputs": {k: {"path": run.stored(p), "sha256": sha256_tree(p)} for k, p in outputs.items()},
             "info": extra,
         }
         if stage.name == "verify" and not extra.get("passed", True):
@@ -695,7 +695,7 @@ def _run_locked(cfg: RunConfig, run: RunDir, until: str, verbose: bool) -> dict:
         failures.append(f"verification failed for {', '.join(verify['info']['failed'])}{cause}; see {run.root / 'report.md'}")
     repaired = (manifest["stages"].get("quantize") or {}).get("info", {}).get("repair") or {}
     if STAGE_NAMES.index(until) >= STAGE_NAMES.index("quantize"):
-        failures += [f"{mode} repair {r['reason']} (see {r['report']})" for mode, r in repaired.items()
+        failures += [f"{mode} repair {r['reason']} (see {run.resolve(r['report'])})" for mode, r in repaired.items()
                      if r.get("needed") and not r.get("reached")]
     if failures:
         raise VerificationFailed("; ".join(failures))

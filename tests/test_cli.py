@@ -63,8 +63,10 @@ def test_tflite_metadata_free_model_has_float_0_255_input(session_chain):
 
 @pytest.mark.chain
 def test_rerun_skips_every_stage_and_prints_the_table(chain_copy):
-    """The same options on the command line as the API was given: every stage is up to date."""
-    out = chain_copy.out
+    """The same options on the command line as the API was given: every stage is up to date, in a
+    run directory moved elsewhere too (the manifest records its files relative to it)."""
+    out = chain_copy.out.parent / "moved"
+    chain_copy.out.rename(out)
     before = (out / "report.json").read_bytes()
     proc = edgepipe("run", "--out", out, *cli_args(chain_copy.options), "--quiet",
                     env={"EDGEPIPE_CACHE_DIR": str(chain_copy.cache)})

@@ -41,10 +41,10 @@ BUNDLE_FILES = {"classify.py", "labels.txt", "preprocessing.json", "requirements
 def _write_bundle(run: Path, artifact: str, out: Path) -> Path:
     """The call the deploy stage makes, as :func:`write_pi_bundle`'s docstring spells it."""
     files = read_json(run / "manifest.json")["stages"]["quantize"]["outputs"]
-    return write_pi_bundle(Path(files[artifact]["path"]),
+    return write_pi_bundle(run / files[artifact]["path"],
                            labels=(run / "export" / "labels.txt").read_text(encoding="utf-8").splitlines(),
                            contract=read_json(run / "export" / "preprocessing.json"),
-                           golden_dir=Path(files["golden"]["path"]),
+                           golden_dir=run / files["golden"]["path"],
                            out=out, source=f"{artifact} of the edgepipe run {run.name}")
 
 

@@ -92,10 +92,10 @@ def _moved(value: Any, old: str, new: str) -> Any:
 def copy_run(src: Path, dst: Path) -> Path:
     """Copies run directory ``src`` to ``dst`` so that ``dst`` stands on its own.
 
-    ``manifest.json`` records absolute paths (each stage output's ``path``, the config's ``out``);
-    in the copy every path under ``src`` is rewritten to the same place under ``dst``, so the next
-    stage reads the copy's files and the copy's stages are up to date exactly when the original's
-    are. Paths outside ``src`` (image folders, the graph, the cache) are kept.
+    ``manifest.json`` records each stage output's ``path`` relative to the run directory (so a plain
+    copy reads its own files: ``test_a_run_directory_copied_elsewhere_reads_its_own_files``); the
+    config's ``out`` and a few informational paths are absolute, and are rewritten to the same
+    place under ``dst``. Paths outside ``src`` (image folders, the graph, the cache) are kept.
     """
     src, dst = Path(src), Path(dst)
     shutil.copytree(src, dst, symlinks=True)
