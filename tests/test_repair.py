@@ -219,6 +219,7 @@ def test_a_missed_size_limit_exits_3_with_one_line_and_writes_no_repaired_file(c
     assert r.returncode == 3, r.stderr
     errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "int8 repair stopped at the size limit" in errors[0], r.stderr
+    assert errors[0].endswith(f"(see {q / 'repair-int8.json'})"), errors[0]
     info = json.loads((out / "manifest.json").read_text())["stages"]["quantize"]["info"]["repair"]["int8"]
     assert info["needed"] and not info["reached"]
     assert not (q / "int8-repaired.tflite").exists()  # the earlier repaired file is gone, not left stale
