@@ -232,8 +232,9 @@ def _retrain_run(ctx: Context) -> tuple[dict[str, Path], dict]:
     outputs = result.save(out)
     if result.fine_tune:
         ft = result.fine_tune
-        log.info(f"retrain: fine-tuned {ft['trained_weights']:,} weights after {ft['tensor']} in {ft['seconds']:.1f} s "
-                 f"(head alone: validation accuracy {ft['head_only_validation']['accuracy'] or 0:.4f})")
+        alone = ft["head_only_validation"]["accuracy"]
+        log.info(f"retrain: fine-tuned {ft['trained_weights']:,} weights after {ft['tensor']} in {ft['seconds']:.1f} s"
+                 + ("" if alone is None else f" (head alone: validation accuracy {alone:.4f})"))
     for s in ("validation", "test"):
         m = result.metrics[s]
         if m["n"]:

@@ -239,6 +239,16 @@ def test_fine_tuning_a_users_own_graph_from_a_tensor(tiny_graph, tiny_images, ti
                                head.probabilities(FeatureExtractor(patched, spec)(images)), atol=1e-5)
 
 
+def test_without_validation_images_the_log_claims_no_validation_accuracy(tiny_graph, tiny_images, tiny_holdout,
+                                                                        tmp_path):
+    with edgepipe_log() as lines:
+        run_chain(tmp_path / "run", until="retrain", images=tiny_images, test_images=tiny_holdout,
+                  cache_dir=tmp_path / "cache", validation_pct=0, fine_tune_from="Relu6:0", fine_tune_epochs=1,
+                  epochs=5, **tiny_graph_options(tiny_graph))
+    tuned = [line for line in lines if line.startswith("retrain: fine-tuned")]
+    assert len(tuned) == 1 and "validation" not in tuned[0], tuned
+
+
 @pytest.mark.slow
 def test_fine_tuning_on_beam_trains_the_same_blocks_from_the_same_entries(tiny_graph, tiny_images, tiny_holdout,
                                                                           tmp_path):
