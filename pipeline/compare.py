@@ -503,17 +503,19 @@ def compare(settings: CompareSettings) -> CompareResult:
             verification fails a gate does not stop it: the row is marked (:attr:`CompareRow.passed`).
     """
     import pipeline.stages as stages
+    from pipeline.rundir import RunDir
 
     rows = plan(settings)
     found: list[CompareRow] = []
-    for k, row in enumerate(rows, 1):
-        log.info(f"compare: row {k}/{len(rows)} {row.name}")
-        try:
-            # pipeline.run without its checks: plan() has made them for every row already.
-            stages.run_stages(row.config, until="verify", verbose=settings.verbose)
-        except VerificationFailed as err:
-            log.info(f"compare: {row.name} failed a gate, kept as a row: {err}")
-        found.append(read_row(row.config.out, row.name, row.backbone, row.fine_tune))
-    result = CompareResult(found, settings)
-    result.save(settings.out)
+    with RunDir(settings.out).lock():  # one compare per --out (each row's run directory has its own lock)
+        for k, row in enumerate(rows, 1):
+            log.info(f"compare: row {k}/{len(rows)} {row.name}")
+            try:
+                # pipeline.run without its checks: plan() has made them for every row already.
+                stages.run_stages(row.config, until="verify", verbose=settings.verbose)
+            except VerificationFailed as err:
+                log.info(f"compare: {row.name} failed a gate, kept as a row: {err}")
+            found.append(read_row(row.config.out, row.name, row.backbone, row.fine_tune))
+        result = CompareResult(found, settings)
+        result.save(settings.out)
     return result

@@ -348,3 +348,27 @@ def test_a_hanging_runtime_is_reported_failed_after_the_timeout_and_others_still
     assert "timed out after 3 s" in rows[("tfjs-float32", "tfjs-wasm")]["error"]
     assert rows[("tflite-int8", "tflite-runtime")]["passed"] and rows[("tflite-float32", "tflite-runtime")]["passed"]
     assert "tfjs-float32 in tfjs-wasm: tfjs-wasm timed out after 3 s" in (out / "report.md").read_text()
+
+
+def test_a_run_directory_is_held_by_one_process_and_a_killed_holder_releases_it(tmp_path):
+    """RunDir.lock, which run_stages and compare take: re-entrant in the holder, RunBusy (exit 4,
+    naming the holder's pid) elsewhere, and free again once the holder is SIGKILLed."""
+    from pipeline.errors import EXIT_BUSY, RunBusy
+    from pipeline.rundir import RunDir
+
+    out = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pipeline.rundir import RunDir\n"
+                               f"with RunDir({str(out)!r}).lock():\n    print('held', flush=True); time.sleep(600)"],
+                              cwd=str(REPO), stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(RunBusy) as busy:
+            with RunDir(out).lock():
+                pass
+        assert busy.value.exit_code == EXIT_BUSY and f"(pid {holder.pid})" in str(busy.value)
+    finally:
+        holder.kill()
+        holder.wait()
+        holder.stdout.close()
+    with RunDir(out).lock(), RunDir(out).lock():  # free, and re-entrant
+        pass
