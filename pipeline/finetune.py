@@ -21,6 +21,7 @@ import math
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
@@ -32,6 +33,7 @@ from pipeline.errors import ConfigError
 from pipeline.graph import node_name
 from pipeline.graphfix import feature_subgraph
 from pipeline.head import Head, Patience, class_weight_vector, forward, loss
+from pipeline.testhook import pause_point
 from pipeline.types import BackboneSpec
 
 # Batch-norm statistics stay constants, so batch norm stays in inference mode: a minibatch of a
@@ -343,10 +345,77 @@ class FineTuned:
     seconds: float
 
 
+class Progress:
+    """The joint phase's state after its last finished epoch, in one ``.npz`` file written whole
+    (:func:`pipeline.rundir.atomic_write_bytes`), for :func:`fine_tune` to resume from.
+
+    The file is used only for the same job: its key hashes the entries, labels, training
+    configuration and trained tensors, and a file with another key is ignored (and replaced).
+    """
+
+    def __init__(self, path: Path | None, job: list, variables: dict[str, list]):
+        import hashlib
+        import json
+
+        self.path, self.variables = (None if path is None else Path(path)), variables
+        self.key = hashlib.sha256(json.dumps(job, sort_keys=True, default=str).encode()).hexdigest()
+
+    def save(self, epoch: int, rng: np.random.Generator, generator, history: dict, patience: Patience) -> None:
+        import io
+        import json
+
+        from pipeline.rundir import atomic_write_bytes
+
+        if self.path is None:
+            return
+        arrays = {f"{group}/{k}": v.numpy() for group, vs in self.variables.items() for k, v in enumerate(vs)}
+        if patience.best is not None:
+            best_head, best_tail = patience.best
+            arrays |= {f"best_head/{k}": a for k, a in enumerate(a for layer in best_head.layers for a in layer)}
+            arrays |= {f"best_tail/{name}": a for name, a in best_tail.items()}
+        meta = {"key": self.key, "epoch": epoch, "rng": rng.bit_generator.state, "history": history,
+                "patience": {"loss": patience.loss, "epoch": patience.epoch, "waited": patience.waited,
+                             "stopped": patience.stopped}}
+        buf = io.BytesIO()
+        np.savez(buf, meta=np.array(json.dumps(meta, default=float)), generator=generator.state.numpy(), **arrays)
+        atomic_write_bytes(self.path, buf.getvalue(), durable=False)
+
+    def restore(self, rng: np.random.Generator, generator, history: dict, patience: Patience) -> int:
+        """Loads the file's state into the arguments and the variables; returns the epochs it had
+        finished (0: no file, or another job's)."""
+        import json
+
+        if self.path is None or not self.path.is_file():
+            return 0
+        try:
+            with np.load(self.path, allow_pickle=False) as f:
+                meta = json.loads(str(f["meta"]))
+                if meta["key"] != self.key:
+                    return 0
+                for group, vs in self.variables.items():
+                    for k, v in enumerate(vs):
+                        v.assign(f[f"{group}/{k}"])
+                generator.reset(f["generator"])
+                heads = sorted((int(n.split("/")[1]), n) for n in f.files if n.startswith("best_head/"))
+                if heads:
+                    flat = [f[n] for _, n in heads]
+                    patience.best = (Head([(flat[i], flat[i + 1]) for i in range(0, len(flat), 2)]),
+                                     {n.split("/", 1)[1]: f[n] for n in f.files if n.startswith("best_tail/")})
+        except (OSError, ValueError, KeyError) as err:  # torn or foreign: start the phase again
+            log.info(f"retrain: {self.path} cannot be resumed from ({err}); fine-tuning starts again")
+            return 0
+        rng.bit_generator.state = meta["rng"]
+        history.clear()
+        history.update(meta["history"])
+        p = meta["patience"]
+        patience.loss, patience.epoch, patience.waited, patience.stopped = p["loss"], p["epoch"], p["waited"], p["stopped"]
+        return int(meta["epoch"])
+
+
 def fine_tune(tail: Tail, read: Reader, train: tuple[Sequence[str], np.ndarray],
               validation: tuple[Sequence[str], np.ndarray], num_classes: int, cfg: TrainConfig,
               train_head: Callable[..., Head], progress: bool = True, summaries_dir=None,
-              checkpoint_dir=None) -> FineTuned:
+              checkpoint_dir=None, resume_path: Path | None = None) -> FineTuned:
     """Trains the head on the frozen features, then the tail and the head together.
 
     Args:
@@ -354,6 +423,10 @@ def fine_tune(tail: Tail, read: Reader, train: tuple[Sequence[str], np.ndarray],
         read: cached activations for entry names.
         train, validation: entry names and labels.
         train_head: the head-only trainer (``retrain.train_head``), run on the frozen features.
+        resume_path: after every epoch the joint phase's whole state (weights, both optimisers,
+            the shuffling and dropout generators, history, early stopping) is written here, and a
+            run killed mid-training continues from it (:class:`Progress`); the caller removes it
+            once the result is saved.
 
     Returns:
         The head and the tail, trained; the head's history is the joint phase's, per epoch.
@@ -377,6 +450,8 @@ def fine_tune(tail: Tail, read: Reader, train: tuple[Sequence[str], np.ndarray],
     tail_vars = list(tail.variables)
     tail_opt = tf.keras.optimizers.Adam(cfg.fine_tune_learning_rate)
     head_opt = tf.keras.optimizers.Adam(cfg.learning_rate * HEAD_RATE)
+    tail_opt.build(tail_vars)  # their slots exist now, to be restored into
+    head_opt.build(head_vars)
     weights = tf.constant(class_weight_vector(y, num_classes, cfg.class_weights))
     generator = tf.random.Generator.from_seed(cfg.seed)
 
@@ -399,9 +474,14 @@ def fine_tune(tail: Tail, read: Reader, train: tuple[Sequence[str], np.ndarray],
     history: dict = {"epoch": [], "train_loss": [], "train_accuracy": [], "val_loss": [], "val_accuracy": [],
                      "head_only": {"epochs": head.history.get("epoch", [])[-1:] or [cfg.epochs], **head_only}}
     patience = Patience(cfg.early_stopping)
-    bar = progress_bar(total=cfg.fine_tune_epochs, desc="fine-tuning", unit="epoch", disable=not progress)
+    state = Progress(resume_path, [names, y.tolist(), val_names, y_val.tolist(), cfg.to_dict(), tail.names],
+                     {"head": head_vars, "tail": tail_vars, "tail_opt": tail_opt.variables, "head_opt": head_opt.variables})
+    done = state.restore(rng, generator, history, patience)
+    if done:
+        log.info(f"retrain: fine-tuning resumes after epoch {done} of {cfg.fine_tune_epochs} ({resume_path})")
+    bar = progress_bar(total=cfg.fine_tune_epochs, initial=done, desc="fine-tuning", unit="epoch", disable=not progress)
     with ThreadPoolExecutor(1) as pool:
-        for epoch in range(1, cfg.fine_tune_epochs + 1):
+        for epoch in range(done + 1, cfg.fine_tune_epochs + 1 if not patience.stopped else 0):
             order = rng.permutation(len(names))
             batches = [order[k:k + cfg.batch_size] for k in range(0, len(order), cfg.batch_size)]
             pending = pool.submit(read, [names[i] for i in batches[0]]) if batches else None
@@ -422,8 +502,12 @@ def fine_tune(tail: Tail, read: Reader, train: tuple[Sequence[str], np.ndarray],
                 m = _evaluate(tuned, features_of(tail, read, val_names), y_val)
                 history["val_loss"].append(m["loss"])
                 history["val_accuracy"].append(m["accuracy"])
-                if cfg.early_stopping and patience.update(m["loss"], epoch, snapshot):
-                    break
+                if cfg.early_stopping:
+                    patience.update(m["loss"], epoch, snapshot)
+            state.save(epoch, rng, generator, history, patience)
+            pause_point("fine-tune")
+            if patience.stopped:
+                break
     bar.close()
     if cfg.early_stopping and patience.best is not None:
         final, values = patience.best

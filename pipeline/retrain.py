@@ -219,6 +219,7 @@ def retrain(
     train: TrainConfig = TrainConfig(), augment: AugmentConfig = AugmentConfig(), *,
     progress: bool = True, summaries_dir: Path | None = None, checkpoint_dir: Path | None = None,
     images_dir: Path | None = None, beam: BeamConfig | None = None, fine_tune_blocks: Sequence[str] = (),
+    resume_path: Path | None = None,
 ) -> RetrainResult:
     """Extracts (or reads from the cache) every image's bottleneck and trains the head.
 
@@ -235,6 +236,8 @@ def retrain(
         fine_tune_blocks: the catalog's blocks of this backbone, for ``train.fine_tune``
             (``pipeline/finetune.py``: the activations at the cut are cached instead of the
             bottlenecks, and the blocks after it train with the head).
+        resume_path: where fine-tuning keeps its state after each epoch, and resumes from
+            (:class:`pipeline.finetune.Progress`); None: not kept.
 
     Returns:
         The trained head, its metrics on every split and what was skipped on the way.
@@ -300,7 +303,7 @@ def retrain(
     tuned = None
     if cut is not None:
         tuned, feats = _fine_tune(graph_def, spec, cut, ext, augment, y, is_train, val, len(ds.classes), train,
-                                  progress, summaries_dir, checkpoint_dir)
+                                  progress, summaries_dir, checkpoint_dir, resume_path)
         head = tuned.head
         n_train = int(is_train.sum()) * (1 + (ext.augmented.shape[1] if ext.augmented is not None else 0))
     else:
@@ -335,7 +338,8 @@ def retrain(
 
 
 def _fine_tune(graph_def, spec: BackboneSpec, cut, ext, augment: AugmentConfig, y: np.ndarray, is_train: np.ndarray,
-               val: np.ndarray, num_classes: int, train: TrainConfig, progress: bool, summaries_dir, checkpoint_dir):
+               val: np.ndarray, num_classes: int, train: TrainConfig, progress: bool, summaries_dir, checkpoint_dir,
+               resume_path: Path | None = None):
     """Trains the blocks after ``cut`` with the head on the cached activations (``finetune.fine_tune``).
 
     Returns:
@@ -363,7 +367,8 @@ def _fine_tune(graph_def, spec: BackboneSpec, cut, ext, augment: AugmentConfig, 
 
     tail = Tail(graph_def, spec, cut)
     tuned = fine_tune(tail, read, (names, labels), ([plain[k] for k in np.nonzero(val)[0]], y[val]), num_classes,
-                      train, train_head, progress=progress, summaries_dir=summaries_dir, checkpoint_dir=checkpoint_dir)
+                      train, train_head, progress=progress, summaries_dir=summaries_dir, checkpoint_dir=checkpoint_dir,
+                      resume_path=resume_path)
     return tuned, features_of(tail, read, plain, progress, desc="fine-tuned features")
 
 

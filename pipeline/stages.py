@@ -205,6 +205,9 @@ def _retrain_adopted(ctx: Context) -> tuple[dict[str, Path], dict]:
                      "unlabelled_reason": result.unlabelled_reason, "skipped": len(result.skipped)}
 
 
+FINE_TUNE_PROGRESS = "fine-tune-progress.npz"  # RUN/retrain/: the joint phase's state while it trains
+
+
 def _retrain_run(ctx: Context) -> tuple[dict[str, Path], dict]:
     from pipeline.fetch import default_cache_dir
     from pipeline.retrain import retrain
@@ -225,11 +228,12 @@ def _retrain_run(ctx: Context) -> tuple[dict[str, Path], dict]:
         c.bottleneck_cache or Path(c.cache_dir or default_cache_dir()) / "bottlenecks",
         c.train, c.augment, progress=c.progress, summaries_dir=summaries, images_dir=c.images, beam=c.beam,
         checkpoint_dir=out / "checkpoints" if c.train.checkpoint_every else None,
-        fine_tune_blocks=fine_tune_blocks(c.catalog_row))
+        fine_tune_blocks=fine_tune_blocks(c.catalog_row), resume_path=out / FINE_TUNE_PROGRESS)
     if c.print_misclassified:
         for m in result.misclassified:
             log.info(f"misclassified: {m['path']} (true {m['true']!r}, predicted {m['predicted']!r})")
     outputs = result.save(out)
+    (out / FINE_TUNE_PROGRESS).unlink(missing_ok=True)  # saved: nothing left to resume
     if result.fine_tune:
         ft = result.fine_tune
         alone = ft["head_only_validation"]["accuracy"]

@@ -5,6 +5,7 @@ Never set in normal use. With ``EDGEPIPE_TEST_PAUSE_AT=<point>`` the process log
 
   bottlenecks  after the first batch of bottlenecks is in the cache
   train        every bottleneck extracted, before the head is trained and written
+  fine-tune    after the first epoch of fine-tuning, its state written (``pipeline.finetune.Progress``)
   quantize     after the first .tflite file is written
 
 and with ``EDGEPIPE_TEST_CRASH_ON=<file name>`` a verify worker crashes on that model

@@ -175,6 +175,32 @@ def test_killed_during_training_resumes_to_the_same_report(world, tmp_path):
 
 
 @pytest.mark.slow
+def test_fine_tuning_killed_after_an_epoch_resumes_from_it_to_the_same_weights(tiny_graph, tiny_images, tiny_holdout,
+                                                                                tmp_path):
+    """SIGKILL after the first of four fine-tuning epochs: the same command continues from that
+    epoch (its state in RUN/retrain/fine-tune-progress.npz) and trains what an uninterrupted run trains."""
+    options = {"images": tiny_images, "test_images": tiny_holdout, "epochs": 20, "learning_rate": 0.05,
+               "fine_tune_from": "Relu6:0", "fine_tune_epochs": 4, "hidden_units": 8, "dropout": 0.2, **tiny_graph_options(tiny_graph)}
+    reference = tmp_path / "reference"
+    run_chain(reference, until="retrain", cache_dir=tmp_path / "ref-cache", **options)
+    out, env = tmp_path / "run", {"EDGEPIPE_CACHE_DIR": str(tmp_path / "cache")}
+    args = ["retrain", "--out", out, *cli_args(options), "--quiet"]
+    kill_when_paused(args, env, "fine-tune")
+    progress = out / "retrain" / "fine-tune-progress.npz"
+    assert progress.is_file() and not (out / "retrain" / "head.npz").exists()
+
+    proc = edgepipe(*args, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"retrain: fine-tuning resumes after epoch 1 of 4 ({progress})" in proc.stderr
+    assert not progress.exists()  # the stage is done: nothing left to resume
+    for name in ("head.npz", "tail.npz"):
+        with np.load(out / "retrain" / name) as got, np.load(reference / "retrain" / name) as want:
+            assert sorted(got.files) == sorted(want.files)
+            for k in want.files:
+                np.testing.assert_allclose(got[k], want[k], rtol=1e-5, atol=1e-6, err_msg=f"{name}: {k}")
+
+
+@pytest.mark.slow
 def test_an_external_kill_at_any_moment_never_leaves_a_torn_cache_entry(tiny_graph, tmp_path):
     """No hook here: SIGKILL lands wherever extraction happens to be (often inside a write)."""
     images = make_image_folders(tmp_path / "many", per_class=150, size=48, seed=3)
