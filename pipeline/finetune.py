@@ -29,7 +29,7 @@ import numpy as np
 from pipeline.config import TrainConfig
 from pipeline.console import log
 from pipeline.console import progress as progress_bar
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, one_line
 from pipeline.graph import node_name
 from pipeline.graphfix import feature_subgraph
 from pipeline.head import Head, Patience, class_weight_vector, forward, loss
@@ -384,26 +384,32 @@ class Progress:
         """Loads the file's state into the arguments and the variables; returns the epochs it had
         finished (0: no file, or another job's)."""
         import json
+        import zipfile
 
         if self.path is None or not self.path.is_file():
             return 0
-        try:
+        try:  # everything read before anything is assigned: a bad file changes nothing
             with np.load(self.path, allow_pickle=False) as f:
                 meta = json.loads(str(f["meta"]))
                 if meta["key"] != self.key:
                     return 0
-                for group, vs in self.variables.items():
-                    for k, v in enumerate(vs):
-                        v.assign(f[f"{group}/{k}"])
-                generator.reset(f["generator"])
-                heads = sorted((int(n.split("/")[1]), n) for n in f.files if n.startswith("best_head/"))
-                if heads:
-                    flat = [f[n] for _, n in heads]
-                    patience.best = (Head([(flat[i], flat[i + 1]) for i in range(0, len(flat), 2)]),
-                                     {n.split("/", 1)[1]: f[n] for n in f.files if n.startswith("best_tail/")})
-        except (OSError, ValueError, KeyError) as err:  # torn or foreign: start the phase again
-            log.info(f"retrain: {self.path} cannot be resumed from ({err}); fine-tuning starts again")
+                values = {group: [f[f"{group}/{k}"] for k in range(len(vs))] for group, vs in self.variables.items()}
+                state = f["generator"]
+                flat = [f[n] for _, n in sorted((int(n.split("/")[1]), n) for n in f.files if n.startswith("best_head/"))]
+                best_tail = {n.split("/", 1)[1]: f[n] for n in f.files if n.startswith("best_tail/")}
+            for group, vs in self.variables.items():
+                for v, a in zip(vs, values[group]):
+                    if tuple(v.shape) != a.shape:
+                        raise ValueError(f"{group}: shape {a.shape}, not {tuple(v.shape)}")
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:  # torn or foreign: start again
+            log.info(f"retrain: {self.path} cannot be resumed from ({one_line(err)}); fine-tuning starts again")
             return 0
+        for group, vs in self.variables.items():
+            for v, a in zip(vs, values[group]):
+                v.assign(a)
+        generator.reset(state)
+        if flat:
+            patience.best = (Head([(flat[i], flat[i + 1]) for i in range(0, len(flat), 2)]), best_tail)
         rng.bit_generator.state = meta["rng"]
         history.clear()
         history.update(meta["history"])

@@ -259,3 +259,30 @@ def test_fine_tuning_on_beam_trains_the_same_blocks_from_the_same_entries(tiny_g
               beam_options=["--direct_running_mode=multi_processing", "--direct_num_workers=2"], **options)
     for name in ("tail.npz", "head.npz", "split.json"):
         assert (tmp_path / "local" / "retrain" / name).read_bytes() == (tmp_path / "beam" / "retrain" / name).read_bytes()
+
+
+def test_a_torn_or_foreign_progress_file_changes_nothing_and_training_starts_again(tmp_path):
+    import tensorflow as tf
+
+    from pipeline.finetune import Progress
+    from pipeline.head import Patience
+
+    def fresh():
+        return {"w": [tf.Variable(np.zeros((2, 3), np.float32)), tf.Variable(np.zeros(3, np.float32))]}
+
+    path = tmp_path / "progress.npz"
+    saved = fresh()
+    for v in saved["w"]:
+        v.assign(v + 1)
+    rng, gen = np.random.default_rng(1), tf.random.Generator.from_seed(1)
+    Progress(path, ["job"], saved).save(3, rng, gen, {"epoch": [1, 2, 3]}, Patience(0))
+
+    back, history = fresh(), {}
+    assert Progress(path, ["job"], back).restore(np.random.default_rng(0), gen, history, Patience(0)) == 3
+    assert all(np.array_equal(v.numpy(), w.numpy()) for v, w in zip(back["w"], saved["w"])) and history["epoch"] == [1, 2, 3]
+    other = fresh()
+    assert Progress(path, ["another job"], other).restore(rng, gen, {}, Patience(0)) == 0
+    path.write_bytes(path.read_bytes()[:200])  # torn
+    torn = fresh()
+    assert Progress(path, ["job"], torn).restore(rng, gen, {}, Patience(0)) == 0
+    assert all(not v.numpy().any() for v in [*other["w"], *torn["w"]])
