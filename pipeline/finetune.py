@@ -486,8 +486,9 @@ def fine_tune(tail: Tail, read: Reader, train: tuple[Sequence[str], np.ndarray],
     if done:
         log.info(f"retrain: fine-tuning resumes after epoch {done} of {cfg.fine_tune_epochs} ({resume_path})")
     bar = progress_bar(total=cfg.fine_tune_epochs, initial=done, desc="fine-tuning", unit="epoch", disable=not progress)
+    last = done if patience.stopped else cfg.fine_tune_epochs  # a run that had stopped early is done
     with ThreadPoolExecutor(1) as pool:
-        for epoch in range(done + 1, cfg.fine_tune_epochs + 1 if not patience.stopped else 0):
+        for epoch in range(done + 1, last + 1):
             order = rng.permutation(len(names))
             batches = [order[k:k + cfg.batch_size] for k in range(0, len(order), cfg.batch_size)]
             pending = pool.submit(read, [names[i] for i in batches[0]]) if batches else None
