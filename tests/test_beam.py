@@ -69,6 +69,7 @@ def test_records_carry_float32_values_exactly():
     assert np.array_equal(unpack(pack(values)), values)
 
 
+@pytest.mark.slow  # a process of its own: 5-8 s
 def test_the_command_line_refuses_an_unknown_runner_in_one_line(tmp_path, tiny_images, tiny_graph):
     from tests.helpers.cli import edgepipe
     from tests.helpers.world import tiny_cli_args

@@ -129,6 +129,7 @@ def test_a_crashing_runtime_fails_the_gate_with_exit_3_and_keeps_the_report(chai
     assert rows[("tflite-int8", "ai-edge-litert")]["passed"]
 
 
+@pytest.mark.slow  # a process of its own: 5-8 s
 @pytest.mark.chain
 def test_same_folders_by_another_path_still_skip(chain_copy, tmp_path):
     images = str(chain_copy.options["images"])

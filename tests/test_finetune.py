@@ -131,6 +131,7 @@ def test_a_bad_cut_is_one_line_naming_it_and_the_nearest_valid_cuts(v1, asked, w
         assert LAST_BLOCK_CUT.replace("12_pointwise", "13_pointwise") in suggested  # the last block's output
 
 
+@pytest.mark.slow  # a process of its own: 5-8 s
 def test_a_bad_cut_on_the_command_line_exits_2_before_any_extraction(tmp_path, monkeypatch):
     needs_shared(MIRROR)
     needs_shared(FLOWERS)
