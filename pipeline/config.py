@@ -10,6 +10,7 @@ import dataclasses
 import functools
 import hashlib
 import json
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Collection, Iterable, Mapping, Sequence
@@ -311,7 +312,7 @@ class CustomGraph:
     recognised_as: str | None = None
 
     def __post_init__(self):
-        object.__setattr__(self, "path", Path(self.path))
+        object.__setattr__(self, "path", _absolute(self.path))
 
     def missing(self, needs_bottleneck: bool = True) -> list[str]:
         """The flags a graph that is not recognised needs, of those not given."""
@@ -460,8 +461,8 @@ class Adoption:
     labels: Path | None = None
 
     def __post_init__(self):
-        if self.labels is not None and not isinstance(self.labels, Path):
-            object.__setattr__(self, "labels", Path(self.labels))
+        if self.labels is not None:
+            object.__setattr__(self, "labels", _absolute(self.labels))
 
     def outputs(self, graph: CustomGraph):
         """The graph's output (``graph.ModelOutputs``), read once per file.
@@ -575,6 +576,12 @@ def _is_url(value: object) -> bool:
     return "://" in str(value)
 
 
+def _absolute(value) -> Path:
+    """A path as given, made absolute against the working directory (not resolved: symlinks and
+    the user's names stay), so a run started with ``--images ../photos`` resumes from anywhere."""
+    return Path(os.path.abspath(value))
+
+
 @dataclass(frozen=True)
 class RunConfig:
     """Every option of a run. Paths may be given as strings and enums as their values.
@@ -625,8 +632,8 @@ class RunConfig:
         for key in _PATH_FIELDS:
             value = getattr(self, key)
             # Image folders may be URLs on a Beam filesystem (gs://...), which Path would mangle.
-            if value is not None and not isinstance(value, Path) and not (key in _URL_FIELDS and _is_url(value)):
-                object.__setattr__(self, key, Path(value))
+            if value is not None and not (key in _URL_FIELDS and _is_url(value)):
+                object.__setattr__(self, key, _absolute(value))
         object.__setattr__(self, "quant_modes", tuple(QuantMode(m) for m in self.quant_modes))
         object.__setattr__(self, "tfjs_modes", tuple(TfjsMode(m) for m in self.tfjs_modes))
         # Unknown runtime names stay strings so problems() can list them with the others.

@@ -141,3 +141,28 @@ def test_same_folders_by_another_path_still_skip(chain_copy, tmp_path):
     proc = edgepipe(*moved, env={"EDGEPIPE_CACHE_DIR": str(chain_copy.cache)}, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "retrain: up to date, skipped" in proc.stderr and "verify: up to date, skipped" in proc.stderr
+
+
+def test_a_run_started_with_relative_paths_resumes_from_another_directory(tiny_graph, tiny_images, tiny_holdout,
+                                                                         tmp_path, monkeypatch):
+    """Folders and the graph named relative to the working directory are saved absolute, so the
+    run resumes (every stage up to date) from anywhere."""
+    from pathlib import Path
+
+    from tests.helpers.world import tiny_graph_options
+
+    def relative(p: Path) -> str:
+        return os.path.relpath(p, tmp_path)
+
+    monkeypatch.chdir(tmp_path)
+    options = {**tiny_graph_options(tiny_graph), "graph": relative(tiny_graph)}
+    run_chain(Path("run"), until="retrain", images=relative(tiny_images), test_images=relative(tiny_holdout),
+              cache_dir="cache", epochs=5, **options)
+    config = pipeline.resume(tmp_path / "run").to_dict()
+    assert config["images"] == str(tiny_images) and config["graph"]["path"] == str(tiny_graph)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    with edgepipe_log() as lines:
+        run_chain(tmp_path / "run", until="retrain")
+    assert "fetch: up to date, skipped" in lines and "retrain: up to date, skipped" in lines, lines
