@@ -634,6 +634,8 @@ class RunConfig:
             # Image folders may be URLs on a Beam filesystem (gs://...), which Path would mangle.
             if value is not None and not (key in _URL_FIELDS and _is_url(value)):
                 object.__setattr__(self, key, _absolute(value))
+        if self.bottleneck_cache is not None and not _is_url(self.bottleneck_cache):
+            object.__setattr__(self, "bottleneck_cache", str(_absolute(self.bottleneck_cache)))
         object.__setattr__(self, "quant_modes", tuple(QuantMode(m) for m in self.quant_modes))
         object.__setattr__(self, "tfjs_modes", tuple(TfjsMode(m) for m in self.tfjs_modes))
         # Unknown runtime names stay strings so problems() can list them with the others.

@@ -157,9 +157,10 @@ def test_a_run_started_with_relative_paths_resumes_from_another_directory(tiny_g
     monkeypatch.chdir(tmp_path)
     options = {**tiny_graph_options(tiny_graph), "graph": relative(tiny_graph)}
     run_chain(Path("run"), until="retrain", images=relative(tiny_images), test_images=relative(tiny_holdout),
-              cache_dir="cache", epochs=5, **options)
+              cache_dir="cache", bottleneck_cache="features", epochs=5, **options)
     config = pipeline.resume(tmp_path / "run").to_dict()
     assert config["images"] == str(tiny_images) and config["graph"]["path"] == str(tiny_graph)
+    assert config["bottleneck_cache"] == str(tmp_path / "features")
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)
