@@ -6,7 +6,10 @@ in ai-edge-litert against the SavedModel on the **validation** split (never the 
 
 1. the plain int8 file, as the quantize stage wrote it;
 2. what costs no float layers: calibrating on :data:`MORE_CALIBRATION` times as many training
-   images, and per-tensor instead of per-channel weights; each is kept only when it scores better;
+   images, per-tensor instead of per-channel weights, and bias correction (each layer's mean error
+   against the float32 file on the calibration images taken out of its int32 bias,
+   :mod:`pipeline.bias_correction`); each is kept only when it scores better, and a kept bias
+   correction is made again on every file the next steps try;
 3. TensorFlow Lite's quantization debugger (``tf.lite.experimental.QuantizationDebugger``) on the
    calibration images ranks the quantised layers by their error in steps of their own scale
    (RMSE / scale, as the debugger's guide does), and the layers are left in float one at a time,
@@ -41,6 +44,7 @@ from typing import Callable, Iterable, Mapping, Sequence
 import numpy as np
 
 import pipeline.quantize as quantize
+from pipeline.bias_correction import BiasCorrectionError
 from pipeline.console import log
 from pipeline.types import Preprocessing, QuantMode
 from pipeline.verify import ACCURACY_DROP_P, loss_p
@@ -48,6 +52,7 @@ from pipeline.verify import ACCURACY_DROP_P, loss_p
 DEFAULT_TARGET = 0.99     # the target agreement when float16 does better (or was not built)
 MORE_CALIBRATION = 4      # the "more calibration images" attempt: this many times the run's count
 DEBUG_IMAGES = 100        # calibration images the debugger runs for its per-layer errors
+BIAS_IMAGES = 100         # calibration images bias correction measures each layer's mean error on
 FLIPS_TO_SEE = 3          # validation flips the target allows, below which the split is too small to tell
 SEE_IMAGES = 1000         # validation inputs (photos and their augmented copies) the search wants at least:
 #                           a 1 % flip rate shows as 10 flips. Copies of one photo are alike, so they
@@ -113,6 +118,7 @@ class Attempt:
     test_agreement: float | None = None
     test_accuracy: float | None = None
     latency_ms: float | None = None
+    bias_corrected: bool = False
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -137,6 +143,7 @@ class RepairResult:
     validation_images: int = 0
     reference: dict = field(default_factory=dict)
     layers: list[dict] = field(default_factory=list)  # the ranking, worst first
+    corrections: list[dict] = field(default_factory=list)  # what bias correction measured, per layer
 
     @property
     def reached(self) -> bool:
@@ -146,7 +153,8 @@ class RepairResult:
         return {"mode": self.mode.value, "variant": REPAIRED[self.mode], "reached": self.reached,
                 "reason": self.reason, "goal": asdict(self.goal), "validation_images": self.validation_images,
                 "reference": self.reference, "chosen": self.chosen.to_dict() if self.chosen else None,
-                "attempts": [a.to_dict() for a in self.attempts], "layers": self.layers}
+                "attempts": [a.to_dict() for a in self.attempts], "layers": self.layers,
+                "bias_correction": self.corrections}
 
 
 class Judge:
@@ -299,10 +307,10 @@ class _Search:
         return self.result.attempts
 
     def attempt(self, step: str, data: bytes, float_layers: Sequence[str], n_cal: int = 0,
-                per_channel: bool = True) -> tuple[Attempt, Score]:
+                per_channel: bool = True, bias_corrected: bool = False) -> tuple[Attempt, Score]:
         score, _ = self.judge.score(data)
         a = Attempt(step, [short_name(t) for t in float_layers], n_cal, per_channel, len(data), score.agreement,
-                    score.accuracy, score.kl, score.meets(self.goal))
+                    score.accuracy, score.kl, score.meets(self.goal), bias_corrected=bias_corrected)
         if self.test_judge is not None:
             test, latency = self.test_judge.score(data, LATENCY_RUNS)
             a.test_agreement, a.test_accuracy, a.latency_ms = test.agreement, test.accuracy, latency
@@ -321,16 +329,19 @@ class _Search:
         return self.result
 
     def float_layers(self, make: Callable[[Sequence[str]], bytes], ranking: Sequence[str], best: Attempt,
-                     best_score: Score, n_cal: int = 0, per_channel: bool = True) -> RepairResult:
+                     best_score: Score, n_cal: int = 0, per_channel: bool = True,
+                     bias_corrected: bool = False) -> RepairResult:
         """Layers of ``ranking`` (worst first) left in float one at a time until the goal, then each
         put back when the file meets the goal and agrees as well without it; stops at the size limit."""
         goal, plain = self.goal, self.attempts[0]
+        also = ", bias-corrected" if bias_corrected else ""
         kept_float: list[str] = []
         met = None
         for layer in ranking:
             kept_float.append(layer)
             data = make(kept_float)
-            a, s = self.attempt(f"{len(kept_float)} layer(s) in float", data, kept_float, n_cal, per_channel)
+            a, s = self.attempt(f"{len(kept_float)} layer(s) in float{also}", data, kept_float, n_cal, per_channel,
+                                bias_corrected)
             if len(data) > goal.max_size_bytes:
                 within = max((x for x in self.attempts if x.size_bytes <= goal.max_size_bytes),
                              key=lambda x: (x.met, x.validation_agreement, -x.validation_kl), default=plain)
@@ -354,8 +365,8 @@ class _Search:
         # → 0.9907, and test agreement fell from 0.9925 to 0.9850.)
         for layer in list(kept_float[:-1]):
             trial = [t for t in kept_float if t != layer]
-            a, s = self.attempt(f"{short_name(layer)} back to {self.result.mode.value}", make(trial), trial, n_cal,
-                                per_channel)
+            a, s = self.attempt(f"{short_name(layer)} back to {self.result.mode.value}{also}", make(trial), trial,
+                                n_cal, per_channel, bias_corrected)
             if a.met and a.validation_agreement >= met.validation_agreement:
                 kept_float, met = trial, a
         names = [short_name(t) for t in kept_float]
@@ -365,7 +376,7 @@ class _Search:
 
 def repair_int8(
     source: "quantize.Source", calibrated: bytes, calibration: Sequence[str], more_calibration: Sequence[str],
-    prep: Preprocessing, judge: Judge, goal: Goal, test_judge: Judge | None = None,
+    prep: Preprocessing, judge: Judge, goal: Goal, test_judge: Judge | None = None, float32: bytes | None = None,
 ) -> RepairResult:
     """Searches for an int8 file that meets ``goal`` on ``judge``'s (validation) images; see the
     module's docstring for the order of attempts.
@@ -375,6 +386,7 @@ def repair_int8(
         calibration: the training images it was calibrated on.
         more_calibration: a larger sample of the training split, for the second attempt.
         test_judge: scores each attempt on the test split for the report (never for a choice).
+        float32: the float32 file the bias correction measures against (converted when None).
     """
     search = _Search(QuantMode.INT8, judge, goal, test_judge)
     plain, best_score = search.attempt("plain int8", quantize_int8(calibrated), [], len(calibration), True)
@@ -392,6 +404,17 @@ def repair_int8(
     a, s = search.attempt("per-tensor weights", quantize_int8(cal, per_channel=False), [], best.calibration_images, False)
     if s.key(goal) > best_score.key(goal):
         best, best_score, per_channel = a, s, False
+    n_cal = best.calibration_images
+    images = (more_calibration if n_cal > len(calibration) else calibration)
+    correct, corrected = _bias_correction(source, float32, images[:BIAS_IMAGES], prep), None
+    try:
+        data, search.result.corrections = correct(quantize_int8(cal, per_channel=per_channel))
+    except BiasCorrectionError as err:
+        log.warning(f"warning: repair: int8: no bias correction: {err}")
+    else:
+        a, s = search.attempt("bias correction", data, [], n_cal, per_channel, True)
+        if s.key(goal) > best_score.key(goal):
+            best, best_score, corrected = a, s, correct
     if best.met:
         return search.finish(best, f"{best.step} meets the target with every layer in int8", True)
 
@@ -399,14 +422,34 @@ def repair_int8(
     # (Ranking by what each layer alone in float does to the validation drift was tried too: on
     # Caltech-101 with mobilenet_v1_0.25_224 it needed 25 float layers for a file that agreed 0.979
     # on test, against 23 layers and 0.990 in this order.)
-    n_cal = best.calibration_images
-    debug_images = (more_calibration if n_cal > len(calibration) else calibration)[:DEBUG_IMAGES]
-    ranking = layer_errors(cal, quantize._images(debug_images, prep))
+    ranking = layer_errors(cal, quantize._images(images[:DEBUG_IMAGES], prep))
     search.result.layers = [{**r, "tensor": short_name(r["tensor"])} for r in ranking]
     log.info(f"repair: int8: the quantization debugger ranked {len(ranking)} layers; worst: "
              + ", ".join(f"{short_name(r['tensor'])} ({r['rmse_per_scale']:.2f} steps RMSE)" for r in ranking[:3]))
-    return search.float_layers(lambda layers: quantize_int8(cal, layers, per_channel), [r["tensor"] for r in ranking],
-                               best, best_score, n_cal, per_channel)
+
+    def make(layers: Sequence[str]) -> bytes:
+        data = quantize_int8(cal, layers, per_channel)
+        return data if corrected is None else corrected(data)[0]
+
+    return search.float_layers(make, [r["tensor"] for r in ranking], best, best_score, n_cal, per_channel,
+                               corrected is not None)
+
+
+def _bias_correction(source: "quantize.Source", float32: bytes | None, images: Sequence[str], prep: Preprocessing):
+    """A function that bias-corrects an int8 file of ``source`` against ``float32`` (converted when
+    None) on ``images`` (decoded once), giving the file and what was measured per layer."""
+    from pipeline.bias_correction import correct_biases
+
+    made: dict = {}
+
+    def correct(data: bytes) -> tuple[bytes, list[dict]]:
+        if not made:
+            made["float32"] = float32 if float32 is not None else quantize.convert_tflite(source, QuantMode.FLOAT32)
+            made["images"] = [np.asarray(img, np.float32) for img in quantize._images(images, prep)()]
+        fixed, layers = correct_biases(data, made["float32"], made["images"])
+        return fixed, [{**c.to_dict(), "tensor": short_name(c.tensor)} for c in layers]
+
+    return correct
 
 
 def dynamic_layers(float32: bytes) -> list[str]:
@@ -586,7 +629,8 @@ def repair_run(savedmodel: Path, files: dict, calibration: Sequence[str], more_c
                                        judge.holdout.labels is not None, runners=judge.runners)
                 if mode is QuantMode.INT8:
                     calibrated = quantize.calibrate(source, quantize._images(calibration, prep))
-                    result = repair_int8(source, calibrated, calibration, more_calibration, prep, judge, goal, test_judge)
+                    result = repair_int8(source, calibrated, calibration, more_calibration, prep, judge, goal, test_judge,
+                                         f32)
                 else:
                     result = repair_dynamic(f32, Path(files[mode]).read_bytes(), judge, goal, test_judge)
                 out[mode] = (result, {"needed": True, "reached": result.reached, "reason": result.reason,
