@@ -9,7 +9,11 @@ pointwise layer's by up to 0.42. This is the empirical bias correction of Nagel 
 Quantization Through Weight Equalization and Bias Correction" (ICCV 2019, section 4.2), applied to
 the file TensorFlow's converter wrote: the layers are corrected in order, each measured with every
 earlier one already corrected, so a layer's correction also takes out what reaches it from above.
-The file keeps its size, its ops and its speed; only int32 bias values change.
+The file keeps its size, its ops and its speed; only bias values change.
+
+Dynamic-range files are corrected the same way: their ops keep int8 weights and quantise their
+inputs at run time, but add a float32 bias to a float32 output, and the mean error of the int8
+weights goes out of that bias.
 
 The error is measured only where neither output is clipped, by the fused activation (ReLU6's 0 and 6)
 or by the int8 range: there the activation is the identity, so the mean error is the bias's; where
@@ -44,7 +48,7 @@ class LayerCorrection:
         op: its TFLite op.
         channels: output channels; ``corrected`` of them had enough unclipped values to measure.
         max_error: the largest channel's mean error before the correction, in the output's units.
-        max_steps: the same in steps of the output's int8 scale.
+        max_steps: the same in steps of the output's int8 scale; None for a float32 output.
     """
 
     tensor: str
@@ -52,7 +56,7 @@ class LayerCorrection:
     channels: int
     corrected: int
     max_error: float
-    max_steps: float
+    max_steps: float | None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -60,8 +64,8 @@ class LayerCorrection:
 
 def correct_biases(quantized: bytes, float32: bytes, images: Iterable[np.ndarray],
                    positions: int = POSITIONS) -> tuple[bytes, list[LayerCorrection]]:
-    """``quantized`` (an int8 file with float or integer I/O, from the same SavedModel as
-    ``float32``) with each quantised CONV_2D / DEPTHWISE_CONV_2D / FULLY_CONNECTED bias corrected;
+    """``quantized`` (an int8 or dynamic-range file, from the same SavedModel as ``float32``) with
+    the bias of each CONV_2D / DEPTHWISE_CONV_2D / FULLY_CONNECTED with int8 weights corrected;
     layers left in float are passed over.
 
     Args:
@@ -81,9 +85,7 @@ def correct_biases(quantized: bytes, float32: bytes, images: Iterable[np.ndarray
     layers, twins = _weighted(model), _weighted(reference)
     _check_twins(model, layers, reference, twins)
     tensors = model.subgraphs[0].tensors
-    todo = [k for k, (_, op) in enumerate(layers)
-            if len(op.inputs) > 2 and op.inputs[2] >= 0 and _is_int(tensors[op.inputs[2]], "INT32")
-            and _is_int(tensors[op.outputs[0]], "INT8") and _activation(op) in IDENTITY_RANGE]
+    todo = [k for k, (_, op) in enumerate(layers) if _correctable(tensors, op)]
     rng = np.random.default_rng(0)
     rows: dict[int, list[np.ndarray]] = {k: [] for k in todo}
     expected: dict[int, list[np.ndarray]] = {k: [] for k in todo}
@@ -103,7 +105,8 @@ def correct_biases(quantized: bytes, float32: bytes, images: Iterable[np.ndarray
         measured = counts >= MIN_VALUES
         _shift_bias(model, op, np.where(measured, error, 0.0))
         worst = float(np.max(np.abs(error[measured]))) if measured.any() else 0.0
-        done.append(LayerCorrection(_name(out), layers[k][0], len(error), int(measured.sum()), worst, worst / step))
+        done.append(LayerCorrection(_name(out), layers[k][0], len(error), int(measured.sum()), worst,
+                                    None if step is None else worst / step))
     return bytes(fbu.convert_object_to_bytearray(model)), done
 
 
@@ -130,10 +133,20 @@ def _check_twins(model, layers, reference, twins) -> None:
                                       f"in the int8 file and {list(f[twin.outputs[0]].shape)} in the float32 file")
 
 
-def _is_int(tensor, kind: str) -> bool:
+def _is_type(tensor, kind: str) -> bool:
     from tensorflow.lite.python import schema_py_generated as schema
 
     return tensor.type == getattr(schema.TensorType, kind)
+
+
+def _correctable(tensors, op) -> bool:
+    """A weighted op with a bias and an activation that is the identity somewhere, either quantised
+    (int32 bias, int8 output) or dynamic-range (int8 weights, float32 bias and output)."""
+    if len(op.inputs) < 3 or op.inputs[2] < 0 or _activation(op) not in IDENTITY_RANGE:
+        return False
+    weights, bias, out = (tensors[i] for i in (op.inputs[1], op.inputs[2], op.outputs[0]))
+    return (_is_type(bias, "INT32") and _is_type(out, "INT8")) or \
+        (_is_type(weights, "INT8") and _is_type(bias, "FLOAT32") and _is_type(out, "FLOAT32"))
 
 
 def _activation(op) -> int:
@@ -178,13 +191,15 @@ def _outputs(data: bytes, images: list[np.ndarray], indices: list[int]):
         yield values
 
 
-def _mean_error(got: np.ndarray, expected: np.ndarray, out, activation: int) -> tuple[np.ndarray, np.ndarray, float]:
+def _mean_error(got: np.ndarray, expected: np.ndarray, out, activation: int) -> tuple[np.ndarray, np.ndarray, float | None]:
     """Per channel: the mean of ``got - expected`` where neither is clipped, the number of such
-    values, and the output's scale."""
-    scale, zero = float(out.quantization.scale[0]), int(out.quantization.zeroPoint[0])
+    values, and the output's int8 scale (None for a float output)."""
     low, high = IDENTITY_RANGE[activation]
-    # Half a step inside the int8 range's ends: a value there may have been clipped to it.
-    low, high = max(low, (-128 - zero + 0.5) * scale), min(high, (127 - zero - 0.5) * scale)
+    scale = None
+    if out.quantization is not None and out.quantization.scale is not None and len(out.quantization.scale):
+        scale, zero = float(out.quantization.scale[0]), int(out.quantization.zeroPoint[0])
+        # Half a step inside the int8 range's ends: a value there may have been clipped to it.
+        low, high = max(low, (-128 - zero + 0.5) * scale), min(high, (127 - zero - 0.5) * scale)
     inside = (got > low) & (got < high) & (expected > low) & (expected < high)
     counts = inside.sum(0)
     error = np.where(inside, got - expected, 0.0).sum(0) / np.maximum(counts, 1)
@@ -192,16 +207,21 @@ def _mean_error(got: np.ndarray, expected: np.ndarray, out, activation: int) -> 
 
 
 def _shift_bias(model, op, error: np.ndarray) -> None:
-    """Takes ``error`` (per output channel, in the output's units) out of the op's int32 bias, in
-    steps of the bias's own scale; a bias buffer shared with another tensor is copied first."""
+    """Takes ``error`` (per output channel, in the output's units) out of the op's bias: an int32
+    one in steps of its own scale, a float32 one as it is. A bias buffer shared with another tensor
+    is copied first."""
     from tensorflow.lite.python import schema_py_generated as schema
 
     tensors = model.subgraphs[0].tensors
     bias = tensors[op.inputs[2]]
-    scale = np.asarray(bias.quantization.scale, np.float64)
-    values = np.frombuffer(np.asarray(model.buffers[bias.buffer].data, np.uint8).tobytes(), np.int32).astype(np.int64)
-    info = np.iinfo(np.int32)
-    values = np.clip(values - np.round(error / scale).astype(np.int64), info.min, info.max).astype(np.int32)
+    raw = np.asarray(model.buffers[bias.buffer].data, np.uint8).tobytes()
+    if _is_type(bias, "FLOAT32"):
+        values = (np.frombuffer(raw, np.float32) - error).astype(np.float32)
+    else:
+        scale = np.asarray(bias.quantization.scale, np.float64)
+        info = np.iinfo(np.int32)
+        values = np.clip(np.frombuffer(raw, np.int32).astype(np.int64) - np.round(error / scale).astype(np.int64),
+                         info.min, info.max).astype(np.int32)
     if sum(t.buffer == bias.buffer for t in tensors) > 1:
         buffer = schema.BufferT()
         model.buffers.append(buffer)

@@ -435,7 +435,7 @@ def repair_int8(
                                corrected is not None)
 
 
-def _bias_correction(source: "quantize.Source", float32: bytes | None, images: Sequence[str], prep: Preprocessing):
+def _bias_correction(source: "quantize.Source | None", float32: bytes | None, images: Sequence[str], prep: Preprocessing):
     """A function that bias-corrects an int8 file of ``source`` against ``float32`` (converted when
     None) on ``images`` (decoded once), giving the file and what was measured per layer."""
     from pipeline.bias_correction import correct_biases
@@ -486,12 +486,14 @@ def quantize_dynamic(float32: bytes, float_layers: Sequence[str] = ()) -> bytes:
         return bytes(qt.quantize().quantized_model)
 
 
-def repair_dynamic(float32: bytes, plain: bytes, judge: Judge, goal: Goal, test_judge: Judge | None = None) -> RepairResult:
+def repair_dynamic(float32: bytes, plain: bytes, judge: Judge, goal: Goal, test_judge: Judge | None = None,
+                   calibration: Sequence[str] = (), prep: Preprocessing | None = None) -> RepairResult:
     """Searches for a dynamic-range file that meets ``goal`` on ``judge``'s (validation) images.
 
     TensorFlow's converter cannot leave single layers of a dynamic-range model in float, so the
-    files come from ai-edge-quantizer: its legacy recipe first (no float layer), then layers left in
-    float one at a time, worst first. There is no quantization debugger for dynamic range (nothing
+    files come from ai-edge-quantizer: its legacy recipe first (no float layer), then, with
+    ``calibration`` images, the plain file bias-corrected on them (kept when it scores better, and
+    then made again on every later file), then layers left in float one at a time, worst first. There is no quantization debugger for dynamic range (nothing
     is calibrated): each layer's drift is measured as the validation KL divergence of a file with that
     layer alone quantised and every other one in float, so that no other layer's drift hides it.
     (Ranking by the drift left with each layer alone in float, the other way round, was tried first:
@@ -507,6 +509,17 @@ def repair_dynamic(float32: bytes, plain: bytes, judge: Judge, goal: Goal, test_
     a, s = search.attempt("ai-edge-quantizer's dynamic-range recipe", quantize_dynamic(float32), [])
     if s.key(goal) > best_score.key(goal):
         best, best_score = a, s
+    corrected = None
+    if calibration and not best.met:
+        correct = _bias_correction(None, float32, list(calibration)[:BIAS_IMAGES], prep)
+        try:
+            data, search.result.corrections = correct(plain)
+        except BiasCorrectionError as err:
+            log.warning(f"warning: repair: dynamic: no bias correction: {err}")
+        else:
+            a, s = search.attempt("bias correction", data, [], bias_corrected=True)
+            if s.key(goal) > best_score.key(goal):
+                best, best_score, corrected = a, s, correct
     if best.met:
         return search.finish(best, f"{best.step} meets the target with every layer quantised", True)
     layers = dynamic_layers(float32)
@@ -518,8 +531,12 @@ def repair_dynamic(float32: bytes, plain: bytes, judge: Judge, goal: Goal, test_
     search.result.layers = [{**r, "tensor": short_name(r["tensor"])} for r in ranking]
     log.info(f"repair: dynamic: ranked {len(ranking)} layers by the validation drift of each alone quantised; worst: "
              + ", ".join(f"{short_name(r['tensor'])} (KL {r['alone_quantised_kl']:.4f})" for r in ranking[:3]))
-    return search.float_layers(lambda layers: quantize_dynamic(float32, layers), [r["tensor"] for r in ranking],
-                               best, best_score)
+    def make(float_layers: Sequence[str]) -> bytes:
+        data = quantize_dynamic(float32, float_layers)
+        return data if corrected is None else corrected(data)[0]
+
+    return search.float_layers(make, [r["tensor"] for r in ranking], best, best_score,
+                               bias_corrected=corrected is not None)
 
 
 def plot_attempts(result: RepairResult, path: Path) -> Path:
@@ -632,7 +649,8 @@ def repair_run(savedmodel: Path, files: dict, calibration: Sequence[str], more_c
                     result = repair_int8(source, calibrated, calibration, more_calibration, prep, judge, goal, test_judge,
                                          f32)
                 else:
-                    result = repair_dynamic(f32, Path(files[mode]).read_bytes(), judge, goal, test_judge)
+                    result = repair_dynamic(f32, Path(files[mode]).read_bytes(), judge, goal, test_judge, calibration,
+                                            prep)
                 out[mode] = (result, {"needed": True, "reached": result.reached, "reason": result.reason,
                                       "attempts": len(result.attempts)})
         finally:

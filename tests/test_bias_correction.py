@@ -98,8 +98,9 @@ def test_the_corrected_file_agrees_with_the_savedmodel_more_on_photos_it_never_s
     fixed, _ = correct_biases(imagenet["plain"], imagenet["float32"], imagenet["images"])
     plain, _ = imagenet["judge"].score(imagenet["plain"])
     corrected, _ = imagenet["judge"].score(fixed)
+    # Measured: agreement 0.775 -> 0.9375 of 80 photos over 1,001 classes, KL 0.55 -> 0.33.
     assert corrected.kl < 0.7 * plain.kl, (plain.kl, corrected.kl)
-    assert corrected.agreement >= plain.agreement
+    assert corrected.agreement >= plain.agreement + 0.1, (plain.agreement, corrected.agreement)
     assert abs(len(fixed) - len(imagenet["plain"])) < 1024
 
 
@@ -147,3 +148,21 @@ def test_the_repair_tries_bias_correction_before_any_float_layer(imagenet):
     assert steps[3:] == ["1 layer(s) in float, bias-corrected"] and result.attempts[3].bias_corrected
     assert len(result.corrections) == 28 and result.to_dict()["bias_correction"][0]["tensor"].endswith("Conv2d_0/Relu6")
     assert not result.reached and result.reason.startswith("stopped at the size limit")
+
+
+def test_a_dynamic_range_file_is_corrected_in_its_float_biases(imagenet):
+    """Dynamic range keeps int8 weights and a float32 bias: the weights' mean error goes out of it."""
+    plain = convert_tflite(imagenet["source"], QuantMode.DYNAMIC)
+    fixed, layers = correct_biases(plain, imagenet["float32"], imagenet["images"])
+    assert len(layers) == 19 and all(c.max_steps is None for c in layers)  # the ops with 1,024 weights or more
+    before, after = imagenet["judge"].score(plain)[0], imagenet["judge"].score(fixed)[0]
+    # Measured: agreement 0.85 -> 0.9625, KL 0.112 -> 0.0043.
+    assert after.kl < 0.2 * before.kl and after.agreement >= before.agreement + 0.05, (before, after)
+    assert abs(len(fixed) - len(plain)) < 1024
+
+    result = repair.repair_dynamic(imagenet["float32"], plain, imagenet["judge"], repair.Goal(0.95, None, 10 ** 8), None,
+                                   imagenet["calibration"], imagenet["prep"])
+    assert [a.step for a in result.attempts] == ["plain dynamic-range", "ai-edge-quantizer's dynamic-range recipe",
+                                                 "bias correction"]
+    assert result.reached and result.chosen.bias_corrected and result.chosen.float_layers == []
+    assert result.reason == "bias correction meets the target with every layer quantised"
