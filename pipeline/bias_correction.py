@@ -82,6 +82,7 @@ def correct_biases(quantized: bytes, float32: bytes, images: Iterable[np.ndarray
 
     images = [np.asarray(img, np.float32) for img in images]
     model, reference = fbu.convert_bytearray_to_object(quantized), fbu.convert_bytearray_to_object(float32)
+    _inline_buffers(model, quantized)
     layers, twins = _weighted(model), _weighted(reference)
     _check_twins(model, layers, reference, twins)
     tensors = model.subgraphs[0].tensors
@@ -108,6 +109,15 @@ def correct_biases(quantized: bytes, float32: bytes, images: Iterable[np.ndarray
         done.append(LayerCorrection(_name(out), layers[k][0], len(error), int(measured.sum()), worst,
                                     None if step is None else worst / step))
     return bytes(fbu.convert_object_to_bytearray(model)), done
+
+
+def _inline_buffers(model, data: bytes) -> None:
+    """Moves buffers stored after the flatbuffer (``offset``/``size``, as ai-edge-quantizer writes
+    some files) into it: written again, the flatbuffer would move and those offsets point elsewhere."""
+    for buffer in model.buffers:
+        if buffer.offset and buffer.offset > 1:
+            buffer.data = np.frombuffer(data[buffer.offset:buffer.offset + buffer.size], np.uint8)
+            buffer.offset, buffer.size = 0, 0
 
 
 def _weighted(model) -> list[tuple[str, object]]:
