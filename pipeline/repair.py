@@ -527,19 +527,21 @@ def repair_dynamic(float32: bytes, plain: bytes, judge: Judge, goal: Goal, test_
                 best, best_score, corrected = a, s, correct
     if best.met:
         return search.finish(best, f"{best.step} meets the target with every layer quantised", True)
+
+    def make(float_layers: Sequence[str]) -> bytes:
+        data = quantize_dynamic(float32, float_layers)
+        return data if corrected is None else corrected(data)[0]
+
+    # Each layer's drift as the files are built: bias-corrected when the correction was kept.
     layers = dynamic_layers(float32)
     ranking = []
     for layer in layers:
-        alone, _ = judge.score(quantize_dynamic(float32, [x for x in layers if x != layer]))
+        alone, _ = judge.score(make([x for x in layers if x != layer]))
         ranking.append({"tensor": layer, "alone_quantised_kl": alone.kl, "alone_quantised_agreement": alone.agreement})
     ranking.sort(key=lambda r: -r["alone_quantised_kl"])
     search.result.layers = [{**r, "tensor": short_name(r["tensor"])} for r in ranking]
     log.info(f"repair: dynamic: ranked {len(ranking)} layers by the validation drift of each alone quantised; worst: "
              + ", ".join(f"{short_name(r['tensor'])} (KL {r['alone_quantised_kl']:.4f})" for r in ranking[:3]))
-    def make(float_layers: Sequence[str]) -> bytes:
-        data = quantize_dynamic(float32, float_layers)
-        return data if corrected is None else corrected(data)[0]
-
     return search.float_layers(make, [r["tensor"] for r in ranking], best, best_score,
                                bias_corrected=corrected is not None)
 
