@@ -177,6 +177,8 @@ def _outputs(data: bytes, images: list[np.ndarray], indices: list[int]):
 
     from ai_edge_litert.interpreter import Interpreter
 
+    from pipeline.runners.tflite import dequantise, quantise
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "preserve_all_tensors is intended for debugging": as here
         interpreter = Interpreter(model_content=data, experimental_preserve_all_tensors=True)
@@ -184,21 +186,9 @@ def _outputs(data: bytes, images: list[np.ndarray], indices: list[int]):
     feed = interpreter.get_input_details()[0]
     details = {d["index"]: d for d in interpreter.get_tensor_details()}
     for img in images:
-        x = img.reshape(feed["shape"])
-        if feed["dtype"] != np.float32:
-            scale, zero = feed["quantization"]
-            info = np.iinfo(feed["dtype"])
-            x = np.clip(np.round(x / scale + zero), info.min, info.max).astype(feed["dtype"])
-        interpreter.set_tensor(feed["index"], x)
+        interpreter.set_tensor(feed["index"], quantise(img.reshape(feed["shape"]), feed))
         interpreter.invoke()
-        values = []
-        for i in indices:
-            v = interpreter.get_tensor(i)
-            if v.dtype != np.float32:
-                q = details[i]["quantization_parameters"]
-                v = (v.astype(np.float32) - q["zero_points"][0]) * q["scales"][0]
-            values.append(np.array(v, np.float32))
-        yield values
+        yield [np.array(dequantise(interpreter.get_tensor(i), details[i]), np.float32) for i in indices]
 
 
 def _mean_error(got: np.ndarray, expected: np.ndarray, out, activation: int) -> tuple[np.ndarray, np.ndarray, float | None]:

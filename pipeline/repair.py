@@ -49,7 +49,7 @@ from typing import Callable, Iterable, Mapping, Sequence
 import numpy as np
 
 import pipeline.quantize as quantize
-from pipeline.bias_correction import BiasCorrectionError
+from pipeline.bias_correction import WEIGHTED_OPS, BiasCorrectionError
 from pipeline.console import log
 from pipeline.types import Preprocessing, QuantMode
 from pipeline.verify import ACCURACY_DROP_P, loss_p
@@ -67,8 +67,7 @@ SEE_IMAGES = 1000         # validation inputs (photos and their augmented copies
 MAX_COPIES = 15           # augmented copies of each validation image, at most, when there are fewer
 LATENCY_RUNS = 20         # single-image calls timed per attempt (one thread, after a warm-up)
 REPAIRED = {QuantMode.INT8: "int8-repaired", QuantMode.DYNAMIC: "dynamic-repaired"}  # each repairable mode's variant
-WEIGHTED_OPS = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED")  # what dynamic-range quantisation touches
-MIN_DYNAMIC_WEIGHTS = 1024  # ... when they have this many weights (TensorFlow's converter and the legacy recipe)
+MIN_DYNAMIC_WEIGHTS = 1024  # weighted ops (WEIGHTED_OPS) dynamic-range quantisation touches have this many weights
 
 
 @dataclass(frozen=True)
@@ -411,7 +410,8 @@ def repair_int8(
         best, best_score, per_channel = a, s, False
     n_cal = best.calibration_images
     images = more_calibration if n_cal > len(calibration) else calibration
-    correct, corrected = _bias_correction(source, float32, images[:BIAS_IMAGES], prep), None
+    float32 = float32 if float32 is not None else quantize.convert_tflite(source, QuantMode.FLOAT32)
+    correct, corrected = _bias_correction(float32, images[:BIAS_IMAGES], prep), None
     try:
         data, search.result.corrections = correct(quantize_int8(cal, per_channel=per_channel))
     except BiasCorrectionError as err:
@@ -440,19 +440,15 @@ def repair_int8(
                                corrected is not None)
 
 
-def _bias_correction(source: "quantize.Source | None", float32: bytes | None, images: Sequence[str], prep: Preprocessing):
-    """A function that bias-corrects an int8 or dynamic-range file of ``source`` against ``float32``
-    (converted from ``source`` when None) on ``images`` (decoded once), giving the file and what was
-    measured per layer."""
+def _bias_correction(float32: bytes, images: Sequence[str], prep: Preprocessing):
+    """A function that bias-corrects an int8 or dynamic-range file against ``float32`` on ``images``
+    (decoded once, here), giving the file and what was measured per layer."""
     from pipeline.bias_correction import correct_biases
 
-    made: dict = {}
+    decoded = [np.asarray(img, np.float32) for img in quantize._images(images, prep)()]
 
     def correct(data: bytes) -> tuple[bytes, list[dict]]:
-        if not made:
-            made["float32"] = float32 if float32 is not None else quantize.convert_tflite(source, QuantMode.FLOAT32)
-            made["images"] = [np.asarray(img, np.float32) for img in quantize._images(images, prep)()]
-        fixed, layers = correct_biases(data, made["float32"], made["images"])
+        fixed, layers = correct_biases(data, float32, decoded)
         return fixed, [{**c.to_dict(), "tensor": short_name(c.tensor)} for c in layers]
 
     return correct
@@ -520,7 +516,7 @@ def repair_dynamic(float32: bytes, plain: bytes, judge: Judge, goal: Goal, test_
         best, best_score = a, s
     corrected = None
     if calibration and not best.met:
-        correct = _bias_correction(None, float32, list(calibration)[:BIAS_IMAGES], prep)
+        correct = _bias_correction(float32, list(calibration)[:BIAS_IMAGES], prep)
         try:
             data, search.result.corrections = correct(plain)
         except BiasCorrectionError as err:

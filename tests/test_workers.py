@@ -24,12 +24,12 @@ def _in_process(model, images: np.ndarray) -> np.ndarray:
     """The same file run image by image in this process, as the reference for the worker."""
     from ai_edge_litert.interpreter import Interpreter
 
-    from pipeline.runners.tflite import _dequantise, _quantise
+    from pipeline.runners.tflite import dequantise, quantise
 
     runner = Interpreter(model_path=str(model)).get_signature_runner("serving_default")
     name, detail = next(iter(runner.get_input_details().items()))
     out = runner.get_output_details()["probabilities"]
-    return np.concatenate([_dequantise(runner(**{name: _quantise(img[None], detail)})["probabilities"], out)
+    return np.concatenate([dequantise(runner(**{name: quantise(img[None], detail)})["probabilities"], out)
                            for img in images])
 
 

@@ -78,7 +78,7 @@ def status(runtime: Runtime, **options):
                          "" if version else "not installed", "make setup")
 
 
-def _quantise(x: np.ndarray, detail: dict) -> np.ndarray:
+def quantise(x: np.ndarray, detail: dict) -> np.ndarray:
     dtype = np.dtype(detail["dtype"])
     if dtype.kind == "f":
         return x.astype(dtype)
@@ -89,7 +89,7 @@ def _quantise(x: np.ndarray, detail: dict) -> np.ndarray:
     return np.clip(np.round(x / scale + zero), info.min, info.max).astype(dtype)
 
 
-def _dequantise(y: np.ndarray, detail: dict) -> np.ndarray:
+def dequantise(y: np.ndarray, detail: dict) -> np.ndarray:
     if np.dtype(detail["dtype"]).kind == "f":
         return y
     scale, zero = detail["quantization"]
@@ -156,11 +156,11 @@ class _Model:
         self.in_detail, self.out_detail = details[self.input], details[self.output]
 
     def set(self, images: np.ndarray) -> None:
-        self.interp.set_tensor(self.input, _quantise(images, self.in_detail))
+        self.interp.set_tensor(self.input, quantise(images, self.in_detail))
 
     def __call__(self) -> np.ndarray:
         self.interp.invoke()
-        return _dequantise(self.interp.get_tensor(self.output), self.out_detail)
+        return dequantise(self.interp.get_tensor(self.output), self.out_detail)
 
 
 def _batched(interpreter_mod, job: dict, batch: int) -> "_Model | None":
