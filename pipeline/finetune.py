@@ -162,6 +162,9 @@ def resolve_cut(graph_def, spec: BackboneSpec, blocks: Sequence[str], fine_tune:
             raise ConfigError(f"{asked}: {why}; nearest valid cuts: {_nearest(tensor, cuts, nodes, last)}")
         return Cut(tensor, (), _cut_shape(graph_def, spec, tensor), asked)
     asked = f"--fine-tune {fine_tune}"
+    if not blocks:
+        raise ConfigError(f"{asked}: the catalog names no blocks for {spec.name}; cut it yourself with "
+                          f"--fine-tune-from TENSOR, e.g. {_nearest(spec.bottleneck_tensor, cuts, nodes, last=True)}")
     chosen = tuple(blocks[:fine_tune])
     inside = {name for name in between if any(name.startswith(p) for p in chosen)}
     missing = [p for p in chosen if not any(name.startswith(p) for name in inside)]

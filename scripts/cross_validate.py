@@ -103,7 +103,7 @@ def main() -> int:
     spec = BackboneSpec.from_dict(fetch["info"]["spec"])
     graph, sha = run.resolve(fetch["outputs"]["graph"]["path"]), fetch["outputs"]["graph"]["sha256"]
     cache = Path(base.bottleneck_cache or Path(base.cache_dir or default_cache_dir()) / "bottlenecks")
-    blocks = fine_tune_blocks(base.catalog_row)
+    blocks = fine_tune_blocks(pipeline.load_config(run.root).catalog_row)  # as fetch recognised the graph
     whole = build_dataset(Path(args.images), Path(args.test_images) if args.test_images else None, 0.0, 0.0)
 
     def train_and_score(ds: Dataset, cfg) -> tuple[list[dict], int, float]:

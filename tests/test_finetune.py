@@ -131,6 +131,16 @@ def test_a_bad_cut_is_one_line_naming_it_and_the_nearest_valid_cuts(v1, asked, w
         assert LAST_BLOCK_CUT.replace("12_pointwise", "13_pointwise") in suggested  # the last block's output
 
 
+def test_blocks_asked_of_a_graph_the_catalog_names_none_for_are_one_line_naming_valid_cuts(v1):
+    _, graph_def, spec, _ = v1
+    with pytest.raises(ConfigError) as err:
+        resolve_cut(graph_def, spec, (), fine_tune=2)
+    text = str(err.value)
+    assert "\n" not in text and text.startswith("--fine-tune 2: the catalog names no blocks for")
+    suggested = text.split("e.g. ")[1].split(", ")
+    assert suggested and all(s in valid_cuts(graph_def, spec) for s in suggested)
+
+
 @pytest.mark.slow  # a process of its own: 5-8 s
 def test_a_bad_cut_on_the_command_line_exits_2_before_any_extraction(tmp_path, monkeypatch):
     needs_shared(MIRROR)
