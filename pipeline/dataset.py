@@ -59,6 +59,13 @@ def normalise_class_name(folder: str) -> str:
     return re.sub(r"[\W_]+", " ", name).strip()
 
 
+def name_hash(filename: str) -> int:
+    """A hash of a file's name alone: the part before ``_nohash_`` decides, so
+    ``photo_nohash_1.jpg`` and ``photo_nohash_2.jpg`` hash the same."""
+    stem = re.sub(r"_nohash_.*$", "", os.path.basename(filename))
+    return int(hashlib.sha1(stem.encode("utf-8")).hexdigest(), 16)
+
+
 def split_of(filename: str, validation_pct: float, test_pct: float) -> str:
     """The split of one file, from a hash of its name alone.
 
@@ -66,9 +73,7 @@ def split_of(filename: str, validation_pct: float, test_pct: float) -> str:
     ``photo_nohash_1.jpg`` and ``photo_nohash_2.jpg`` land in the same split. Adding or removing
     other images never moves this one.
     """
-    stem = re.sub(r"_nohash_.*$", "", os.path.basename(filename))
-    digest = int(hashlib.sha1(stem.encode("utf-8")).hexdigest(), 16)
-    pct = (digest % (_MAX_PER_CLASS + 1)) * (100.0 / _MAX_PER_CLASS)
+    pct = (name_hash(filename) % (_MAX_PER_CLASS + 1)) * (100.0 / _MAX_PER_CLASS)
     if pct < validation_pct:
         return "validation"
     if pct < validation_pct + test_pct:

@@ -3,10 +3,10 @@
 
 On flowers8 the 160 test photos move accuracy in steps of 0.6 points, and trying settings until one
 scores well on them fits the settings to those photos. This script scores each setting on the
-training folder alone: the folder is split into K folds by a hash of each file's name, and each fold
-in turn is held out while a head (and the fine-tuned blocks) trains on the other K-1, through
-edgepipe's own ``retrain`` and bottleneck cache. Every training photo is then predicted once by a
-model that never saw it.
+training folder alone: the folder is split into K folds by the hash of each file's name that the
+split uses, and each fold in turn is held out while a head (and the fine-tuned blocks) trains on
+the other K-1, through edgepipe's own ``retrain`` and bottleneck cache. Every training photo is
+then predicted once by a model that never saw it.
 
   per setting  held-out errors / photos (CV accuracy), the folds' errors, the seconds it took
   chosen       the setting with the fewest held-out errors (ties: the one listed first, so list
@@ -28,7 +28,6 @@ Usage: .venv/bin/python scripts/cross_validate.py --images DIR [--graph PB | --b
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import sys
@@ -56,8 +55,11 @@ def parse_try(text: str) -> tuple[str, dict]:
 
 
 def fold_of(path: str, folds: int) -> int:
-    """The fold of one training photo, from a hash of its name alone (as the split is)."""
-    return int(hashlib.sha1(os.path.basename(path).encode("utf-8")).hexdigest(), 16) % folds
+    """The fold of one training photo, from the hash of its name that the split uses (so
+    ``_nohash_`` near-duplicates share a fold, as they share a split)."""
+    from pipeline.dataset import name_hash
+
+    return name_hash(path) % folds
 
 
 def main() -> int:
@@ -85,7 +87,7 @@ def main() -> int:
     from pipeline.fetch import default_cache_dir
     from pipeline.retrain import retrain
     from pipeline.rundir import RunDir, read_json
-    from pipeline.types import BackboneSpec
+    from pipeline.stages import Context
 
     out = Path(args.out)
     base = pipeline.RunConfig(out=out / "fetch").with_options(images=args.images, graph=args.graph,
@@ -99,9 +101,9 @@ def main() -> int:
             sys.exit(f"error: --try {name!r}: {err}")
     pipeline.run(base, until="fetch")
     run = RunDir(out / "fetch")
-    fetch = read_json(run.root / "manifest.json")["stages"]["fetch"]
-    spec = BackboneSpec.from_dict(fetch["info"]["spec"])
-    graph, sha = run.resolve(fetch["outputs"]["graph"]["path"]), fetch["outputs"]["graph"]["sha256"]
+    ctx = Context(base, run, read_json(run.root / "manifest.json"))
+    spec, graph = ctx.spec(), ctx.graph_path()
+    sha = ctx.stage_info("fetch")["outputs"]["graph"]["sha256"]
     cache = Path(base.bottleneck_cache or Path(base.cache_dir or default_cache_dir()) / "bottlenecks")
     blocks = fine_tune_blocks(pipeline.load_config(run.root).catalog_row)  # as fetch recognised the graph
     whole = build_dataset(Path(args.images), Path(args.test_images) if args.test_images else None, 0.0, 0.0)

@@ -52,3 +52,11 @@ def test_a_setting_that_is_not_key_value_is_refused_in_one_line(tmp_path, tiny_i
     assert done.stderr.strip() == "error: --try 'ft2: fine_tune': 'fine_tune' is not key=value (e.g. fine_tune=2)"
     assert not (tmp_path / "cv").exists()
     assert os.listdir(tmp_path) == []
+
+
+def test_near_duplicates_named_nohash_share_a_fold():
+    sys.path.insert(0, str(REPO / "scripts"))
+    from cross_validate import fold_of
+
+    assert fold_of("/x/a/rose_nohash_1.jpg", 5) == fold_of("/y/b/rose_nohash_2.jpg", 5)
+    assert len({fold_of(f"photo_{i}.jpg", 5) for i in range(50)}) == 5
