@@ -205,11 +205,18 @@ def _retrain_adopted(ctx: Context) -> tuple[dict[str, Path], dict]:
                      "unlabelled_reason": result.unlabelled_reason, "skipped": len(result.skipped)}
 
 
+def bottleneck_root(c: RunConfig):
+    """Where the run's bottleneck entries live: ``--bottleneck-cache`` (a folder or a URL, kept as
+    given) or CACHE_DIR/bottlenecks."""
+    from pipeline.fetch import default_cache_dir
+
+    return c.bottleneck_cache or Path(c.cache_dir or default_cache_dir()) / "bottlenecks"
+
+
 FINE_TUNE_PROGRESS = "fine-tune-progress.npz"  # RUN/retrain/: the joint phase's state while it trains
 
 
 def _retrain_run(ctx: Context) -> tuple[dict[str, Path], dict]:
-    from pipeline.fetch import default_cache_dir
     from pipeline.retrain import retrain
 
     c, out = ctx.cfg, ctx.run.stage("retrain")
@@ -225,7 +232,7 @@ def _retrain_run(ctx: Context) -> tuple[dict[str, Path], dict]:
     result = retrain(
         build_dataset(c.images, c.test_images, c.validation_pct, c.test_pct), ctx.graph_path(), ctx.spec(),
         ctx.stage_info("fetch")["outputs"]["graph"]["sha256"],
-        c.bottleneck_cache or Path(c.cache_dir or default_cache_dir()) / "bottlenecks",
+        bottleneck_root(c),
         c.train, c.augment, progress=c.progress, summaries_dir=summaries, images_dir=c.images, beam=c.beam,
         checkpoint_dir=out / "checkpoints" if c.train.checkpoint_every else None,
         fine_tune_blocks=fine_tune_blocks(c.catalog_row), resume_path=out / FINE_TUNE_PROGRESS)

@@ -84,10 +84,9 @@ def main() -> int:
     import pipeline
     from pipeline.catalog import fine_tune_blocks
     from pipeline.dataset import Dataset, Example, build_dataset
-    from pipeline.fetch import default_cache_dir
     from pipeline.retrain import retrain
     from pipeline.rundir import RunDir, read_json
-    from pipeline.stages import Context
+    from pipeline.stages import Context, bottleneck_root
 
     out = Path(args.out)
     base = pipeline.RunConfig(out=out / "fetch").with_options(images=args.images, graph=args.graph,
@@ -104,7 +103,7 @@ def main() -> int:
     ctx = Context(base, run, read_json(run.root / "manifest.json"))
     spec, graph = ctx.spec(), ctx.graph_path()
     sha = ctx.stage_info("fetch")["outputs"]["graph"]["sha256"]
-    cache = Path(base.bottleneck_cache or Path(base.cache_dir or default_cache_dir()) / "bottlenecks")
+    cache = bottleneck_root(base)
     blocks = fine_tune_blocks(pipeline.load_config(run.root).catalog_row)  # as fetch recognised the graph
     whole = build_dataset(Path(args.images), Path(args.test_images) if args.test_images else None, 0.0, 0.0)
 
